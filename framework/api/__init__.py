@@ -1,0 +1,3 @@
+from framework.api.llm import LLM
+
+__all__ = ["LLM"]

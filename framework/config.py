@@ -1,0 +1,151 @@
+"""Typed configuration: one dataclass per config group, and the glue that turns every registered
+implementation into a Hydra config-group option.
+
+`scheduler=<name>` accepts any capacity-scheduler or micro-batch-scheduler name (the option sets
+that one and keeps the default for the other); `kv_cache=`, `decoder=` and `engine=` accept their
+kind's registered names; `model=` takes YAML presets (conf/model/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins as HydraPlugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a Hugging Face checkpoint folder; None: the shipped SmolLM2-135M-Instruct
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    seed: int = 0  # seed of the engine-wide sampling generator
+
+
+@dataclass
+class SchedulerConfig:
+    capacity: str = "guaranteed_no_evict"
+    micro_batch: str = "fcfs"
+    max_batch_size: int = 64
+    max_num_tokens: int = 2048  # token budget of one step (prefill chunks + decode tokens)
+
+
+@dataclass
+class KVCacheConfig:
+    name: str = "paged"
+    block_size: int = 16
+    max_tokens: int | None = None  # pool size in tokens; None: sized from memory_fraction
+    memory_fraction: float = 0.05  # of the device's total memory (CPU RAM or GPU memory)
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class DecoderConfig:
+    name: str = "sampling"
+
+
+@dataclass
+class EngineConfig:
+    name: str = "pytorch"
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+
+@dataclass
+class RunConfig:
+    """What `python -m framework` does with the engine."""
+
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "The capital of France is",
+            "Write a haiku about the sea.",
+            "What is 2 + 2?",
+        ]
+    )
+    chat: bool = True  # wrap prompts in the checkpoint's chat template
+    max_tokens: int = 48
+    temperature: float = 0.0
+
+
+# group -> (config dataclass, field holding the implementation name, registry kinds)
+GROUPS: dict[str, tuple[type, dict[str, str]]] = {
+    "scheduler": (SchedulerConfig, {"capacity_scheduler": "capacity", "micro_batch_scheduler": "micro_batch"}),
+    "kv_cache": (KVCacheConfig, {"kv_cache_manager": "name"}),
+    "decoder": (DecoderConfig, {"decoder": "name"}),
+    "engine": (EngineConfig, {"model_engine": "name"}),
+}
+
+
+@dataclass
+class FrameworkConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # typed by the selected option's own dataclass (see register_configs)
+    scheduler: Any = None
+    kv_cache: Any = None
+    decoder: Any = None
+    engine: Any = None
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _option_node(base: type, name_field: str, name: str, own_config: type | None) -> Any:
+    """A config-group option: the group's dataclass with the implementation selected, extended by
+    the implementation's own config dataclass (its fields sit flat in the group)."""
+    if own_config is None:
+        return base(**{name_field: name})
+    cls = dataclasses.make_dataclass(
+        f"{base.__name__}_{name}",
+        [(f.name, f.type, f) for f in dataclasses.fields(own_config)],
+        bases=(base,),
+    )
+    return cls(**{name_field: name})
+
+
+def component_config(group_cfg: Any, own_config: type | None) -> Any:
+    """The implementation's own settings, as an instance of its config dataclass."""
+    if own_config is None:
+        return None
+    names = {f.name for f in dataclasses.fields(own_config)}
+    return own_config(**{k: v for k, v in dict(group_cfg).items() if k in names})
+
+
+class _FrameworkSearchPath(SearchPathPlugin):
+    """Adds the config search paths of installed plugins (their YAML presets)."""
+
+    paths: list[str] = []
+
+    def manipulate_search_path(self, search_path) -> None:
+        for path in self.paths:
+            search_path.append(provider="framework-plugin", path=path)
+
+
+def register_configs(plugins) -> None:
+    """Put every registered implementation into Hydra's ConfigStore as a group option."""
+    cs = ConfigStore.instance()
+    cs.store(name="framework_schema", node=FrameworkConfig)
+    for group, (base, name_fields) in GROUPS.items():
+        for kind, name_field in name_fields.items():
+            for entry in plugins[kind]:
+                cs.store(
+                    group=group,
+                    name=entry.name,
+                    node=_option_node(base, name_field, entry.name, entry.config),
+                    provider=entry.provider,
+                )
+    _FrameworkSearchPath.paths = plugins.config_search_paths()
+    hydra_plugins = HydraPlugins.instance()
+    hydra_plugins.register(_FrameworkSearchPath)
+
+
+def compose(overrides: list[str], plugins) -> Any:
+    """Compose the same config the CLI would see for these overrides (used by the Python API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs(plugins)
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="framework.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)

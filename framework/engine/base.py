@@ -1,0 +1,30 @@
+"""The model-engine seam: one packed forward per step."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from framework.request import LlmRequest
+from framework.resources.base import KVCacheSpec, ResourceManager
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: Any  # [len(sampled), vocab] float32 tensor: one row per request that samples this step
+    sampled: list[LlmRequest]  # requests whose scheduled chunk reached their last token
+
+
+class ModelEngine(ABC):
+    vocab_size: int
+    max_model_len: int
+
+    @abstractmethod
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """Shape, dtype and device of the KV cache this engine's model reads and writes."""
+
+    @abstractmethod
+    def forward(self, scheduled: list[LlmRequest], resource_manager: ResourceManager) -> ForwardOutput:
+        """Compute each request's `num_scheduled_tokens` tokens, starting at its
+        `num_computed_tokens`, writing their K/V into the cache."""

@@ -1,0 +1,110 @@
+"""The built-in model engine: packs a step's tokens into one ragged batch, builds the attention
+metadata from the block tables, and runs the model."""
+
+from __future__ import annotations
+
+import torch
+
+from framework.engine.base import ForwardOutput, ModelEngine
+from framework.layers.attention import AttentionMetadata
+from framework.models.checkpoint import iter_weights, load_hf_config
+from framework.resources.base import KVCacheSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on CPU (exact, and what transformers uses by default), bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+class PyTorchModelEngine(ModelEngine):
+    def __init__(self, engine_config, config, model_config, checkpoint_dir, model_registry):
+        if engine_config.num_threads:
+            torch.set_num_threads(engine_config.num_threads)
+        self.device = resolve_device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.hf_config = load_hf_config(checkpoint_dir)
+        architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
+        model_cls = model_registry.get(architectures[0]).load()
+        with torch.device("meta"):
+            model = model_cls(self.hf_config)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.load_weights(iter_weights(checkpoint_dir))
+        self.model = model.eval()
+        self.vocab_size = self.hf_config.vocab_size
+        self.max_model_len = model_config.max_model_len or self.hf_config.max_position_embeddings
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(
+            num_layers=len(self.model.layers),
+            num_kv_heads=self.model.num_kv_heads,
+            head_dim=self.model.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=self.max_model_len,
+        )
+
+    def prepare_inputs(self, scheduled, kv_cache_manager):
+        """Token ids, positions and attention metadata of the packed batch, plus the packed index
+        of each sampled request's last token."""
+        bs = kv_cache_manager.block_size
+        device = self.device
+        input_ids: list[int] = []
+        starts, lengths, tables, sample_index, sampled = [], [], [], [], []
+        for request in scheduled:
+            start, n = request.num_computed_tokens, request.num_scheduled_tokens
+            input_ids.extend(request.tokens(start, start + n))
+            starts.append(start)
+            lengths.append(n)
+            tables.append(kv_cache_manager.get_block_table(request))
+            if start + n == request.num_tokens:
+                sample_index.append(len(input_ids) - 1)
+                sampled.append(request)
+        max_blocks = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
+        starts_t = torch.tensor(starts, dtype=torch.long)
+        lengths_t = torch.tensor(lengths, dtype=torch.long)
+        num_tokens = len(input_ids)
+        batch = len(scheduled)
+        request_of_token = torch.repeat_interleave(torch.arange(batch), lengths_t)
+        first_token = torch.cumsum(lengths_t, 0) - lengths_t
+        offset = torch.arange(num_tokens) - first_token[request_of_token]  # index within the chunk
+        positions = starts_t[request_of_token] + offset
+        slots = block_tables[request_of_token, positions // bs] * bs + positions % bs
+        max_query_len = int(lengths_t.max())
+        query_positions = starts_t[:, None] + torch.arange(max_query_len)[None, :]  # [B, max_q]
+        key_positions = torch.arange(max_blocks * bs)
+        attn_mask = key_positions[None, None, :] <= query_positions[:, :, None]
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(device),
+            block_tables=block_tables.to(device),
+            query_slot=(request_of_token * max_query_len + offset).to(device),
+            attn_mask=attn_mask.unsqueeze(1).to(device),
+            max_query_len=max_query_len,
+        )
+        return (
+            torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions.to(device),
+            meta,
+            torch.tensor(sample_index, dtype=torch.long, device=device),
+            sampled,
+        )
+
+    @torch.inference_mode()
+    def forward(self, scheduled, resource_manager):
+        kv = resource_manager.kv_cache_manager
+        input_ids, positions, meta, sample_index, sampled = self.prepare_inputs(scheduled, kv)
+        hidden = self.model(input_ids, positions, meta, kv.get_kv_caches())
+        logits = self.model.compute_logits(hidden[sample_index]).float()
+        return ForwardOutput(logits=logits, sampled=sampled)

@@ -1,0 +1,56 @@
+"""Attention over a packed batch and the paged KV cache.
+
+A step's tokens are packed (no padding) as `[T, heads, head_dim]`. Each request's new K/V are
+written into its cache blocks through `slot_mapping`; each request's queries then attend to its whole
+cached context, gathered through its block table, with a causal mask on absolute positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] block ids (padding rows point at a real block)
+    query_slot: torch.Tensor  # [T] index of each token in the padded [B * max_query_len] query
+    attn_mask: torch.Tensor  # [B, 1, max_query_len, max_blocks * block_size], True where visible
+    max_query_len: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_tables.shape[0]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+    batch = meta.batch_size
+    keys = k_cache[meta.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[meta.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    if meta.max_query_len == 1:  # decode-only: the packed queries are already one per request
+        queries = q.view(batch, 1, num_heads, head_dim)
+    else:
+        queries = q.new_zeros(batch * meta.max_query_len, num_heads, head_dim)
+        queries[meta.query_slot] = q
+        queries = queries.view(batch, meta.max_query_len, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys, values, attn_mask=meta.attn_mask, scale=scale, enable_gqa=True
+    )
+    out = out.transpose(1, 2).reshape(batch * meta.max_query_len, num_heads, head_dim)
+    return out if meta.max_query_len == 1 else out[meta.query_slot]

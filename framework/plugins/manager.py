@@ -1,0 +1,138 @@
+"""Building the plugin manager and the registries it fills.
+
+Built-in components register through the very hooks a third-party package implements; external
+packages are found through the `framework.plugins` entry-point group. Environment switches:
+
+- FRAMEWORK_DISABLE_PLUGIN_AUTOLOAD=1   load no external plugin
+- FRAMEWORK_PLUGINS=a,b                 load only these external plugins (entry-point names)
+- FRAMEWORK_BLOCK_PLUGINS=c             never load these
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+from dataclasses import dataclass, field
+from functools import partial
+
+import pluggy
+
+from framework.plugins.hookspecs import FrameworkHookSpecs
+from framework.plugins.registry import Registry
+
+ENTRY_POINT_GROUP = "framework.plugins"
+
+# kind -> hook that fills its registry
+KINDS = {
+    "capacity_scheduler": "register_capacity_schedulers",
+    "micro_batch_scheduler": "register_micro_batch_schedulers",
+    "kv_cache_manager": "register_kv_cache_managers",
+    "decoder": "register_decoders",
+    "model_engine": "register_model_engines",
+    "model": "register_models",
+}
+
+BUILTIN_MODULES = (
+    "framework.scheduler.builtins",
+    "framework.resources.builtins",
+    "framework.decoder.builtins",
+    "framework.engine.builtins",
+    "framework.models.builtins",
+)
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded or validated; the message names its distribution."""
+
+
+@dataclass
+class Plugins:
+    manager: pluggy.PluginManager
+    registries: dict[str, Registry]
+    providers: dict[str, str] = field(default_factory=dict)  # plugin name -> "dist version"
+
+    def __getitem__(self, kind: str) -> Registry:
+        return self.registries[kind]
+
+    def config_search_paths(self) -> list[str]:
+        paths: list[str] = []
+        for result in self.manager.hook.config_search_path():
+            paths.extend([result] if isinstance(result, str) else list(result or []))
+        return paths
+
+    def describe(self) -> list[dict]:
+        """What each loaded plugin provides, for `--list-plugins`."""
+        rows = []
+        for name, plugin in self.manager.list_name_plugin():
+            provides = {
+                kind: [e.name for e in reg if e.provider == self.providers.get(name, name)]
+                for kind, reg in self.registries.items()
+            }
+            rows.append(
+                {
+                    "name": name,
+                    "distribution": self.providers.get(name, name),
+                    "builtin": name.startswith("framework."),
+                    "provides": {k: v for k, v in provides.items() if v},
+                }
+            )
+        return rows
+
+
+def _env_list(var: str) -> set[str] | None:
+    value = os.environ.get(var)
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _autoload_enabled() -> bool:
+    return os.environ.get("FRAMEWORK_DISABLE_PLUGIN_AUTOLOAD", "").lower() not in ("1", "true", "yes")
+
+
+def _load_entry_points(pm: pluggy.PluginManager, providers: dict[str, str]) -> None:
+    allow = _env_list("FRAMEWORK_PLUGINS")
+    block = _env_list("FRAMEWORK_BLOCK_PLUGINS") or set()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in block or (allow is not None and ep.name not in allow):
+            continue
+        if pm.has_plugin(ep.name):
+            continue
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.name
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(f"plugin {ep.name!r} (distribution {dist}) failed to import: {exc!r}") from exc
+        pm.register(plugin, name=ep.name)
+        providers[ep.name] = dist
+
+
+def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plugins:
+    """Make a plugin manager with the built-ins, the installed plugins and `extra_plugins`
+    (objects or modules with hook implementations, e.g. from a test), and fill the registries."""
+    import importlib
+
+    pm = pluggy.PluginManager("framework")
+    pm.add_hookspecs(FrameworkHookSpecs)
+    providers: dict[str, str] = {}
+    for module_name in BUILTIN_MODULES:
+        pm.register(importlib.import_module(module_name), name=module_name)
+        providers[module_name] = "framework"
+    if autoload if autoload is not None else _autoload_enabled():
+        _load_entry_points(pm, providers)
+    for plugin in extra_plugins:
+        name = pm.register(plugin)
+        providers[name] = getattr(plugin, "__name__", None) or type(plugin).__name__
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        who = providers.get(pm.get_name(exc.plugin), "?")
+        raise PluginError(f"plugin from {who} is invalid: {exc}") from exc
+
+    registries = {kind: Registry(kind.replace("_", " ")) for kind in KINDS}
+    for kind, hook_name in KINDS.items():
+        hook = getattr(pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            provider = providers.get(impl.plugin_name, impl.plugin_name)
+            impl.function(register=partial(registries[kind].register, provider=provider))
+    return Plugins(pm, registries, providers)

@@ -1,0 +1,91 @@
+"""The request as the engine sees it: token ids, a chunk cursor and a state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from framework.sampling_params import SamplingParams
+
+
+class RequestState(enum.IntEnum):
+    QUEUED = 0  # waiting for admission (new, or preempted and waiting to be recomputed)
+    CONTEXT = 1  # admitted; catching up its prompt (possibly over several chunks)
+    GENERATION = 2  # producing one token per step
+    FINISHED = 3
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(eq=False)
+class LlmRequest:
+    """A sequence being generated.
+
+    The cursor `num_computed_tokens` counts the tokens whose K/V sit in the cache. Prefill, chunked
+    prefill, decode and recompute after preemption are one mechanism: each step a request computes
+    some of its `num_tokens - num_computed_tokens` missing tokens; when it has none left after a step,
+    the logits of its last token are sampled and the new token appended.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_scheduled_tokens: int = 0  # set by the micro-batch scheduler for the current step
+    state: RequestState = RequestState.QUEUED
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_missing_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens the cache must hold if the request runs to max_tokens."""
+        return self.prompt_len + self.sampling_params.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end) of prompt + output, without copying the rest."""
+        n = self.prompt_len
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: drop the cache cursor; prompt and outputs so far are recomputed later."""
+        self.num_computed_tokens = 0
+        self.state = RequestState.QUEUED
+        self.num_preemptions += 1

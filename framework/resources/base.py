@@ -1,0 +1,125 @@
+"""Resource managers: per-request resources prepared before each forward and released at the end.
+
+The ResourceManager holds BaseResourceManagers in order; prepare and update run in that order and
+free runs in reverse. The KV cache manager is the last one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from framework.request import LlmRequest
+
+
+class BaseResourceManager(ABC):
+    @abstractmethod
+    def prepare_resources(self, scheduled: list[LlmRequest]) -> None:
+        """Before the forward: make room for each request's `num_scheduled_tokens`."""
+
+    @abstractmethod
+    def update_resources(self, scheduled: list[LlmRequest]) -> None:
+        """After the step: the scheduled tokens are computed (cursors already advanced)."""
+
+    @abstractmethod
+    def free_resources(self, request: LlmRequest) -> None:
+        """The request finished, failed or was preempted: release all it holds."""
+
+    @abstractmethod
+    def get_max_resource_count(self) -> int: ...
+
+    @abstractmethod
+    def get_needed_resource_to_completion(self, request: LlmRequest) -> int: ...
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What the model needs from a KV cache; given to the KV cache manager by the model engine."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: Any  # torch.dtype
+    device: Any  # torch.device
+    max_model_len: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        import torch
+
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    num_blocks: int
+    num_free_blocks: int  # allocatable now, cached-but-unreferenced included
+    num_used_blocks: int  # referenced by at least one request
+    num_cached_blocks: int  # unreferenced, holding a reusable prefix
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
+
+
+class KVCacheManager(BaseResourceManager):
+    """The paged KV cache. Schedulers use only the capacity queries (see
+    `framework.scheduler.base.KVCacheCapacity`); the model engine uses the block tables and the
+    per-layer cache tensors."""
+
+    block_size: int
+
+    # capacity queries (the scheduler's view)
+    @property
+    @abstractmethod
+    def num_free_blocks(self) -> int: ...
+
+    @abstractmethod
+    def blocks_needed(self, request: LlmRequest, num_new_tokens: int) -> int: ...
+
+    @abstractmethod
+    def num_exclusive_blocks(self, request: LlmRequest) -> int: ...
+
+    # the engine's view
+    @abstractmethod
+    def get_block_table(self, request: LlmRequest) -> list[int]: ...
+
+    @abstractmethod
+    def get_kv_caches(self) -> list[tuple[Any, Any]]:
+        """Per layer (K, V), each `[num_blocks, block_size, num_kv_heads, head_dim]`."""
+
+    @abstractmethod
+    def stats(self) -> KVCacheStats: ...
+
+
+class ResourceManager:
+    """An ordered container of resource managers, the KV cache manager last."""
+
+    def __init__(self, managers: dict[str, BaseResourceManager]):
+        self.managers = dict(managers)
+
+    @property
+    def kv_cache_manager(self) -> KVCacheManager:
+        return next(m for m in reversed(self.managers.values()) if isinstance(m, KVCacheManager))
+
+    def get(self, name: str) -> BaseResourceManager:
+        return self.managers[name]
+
+    def prepare_resources(self, scheduled: list[LlmRequest]) -> None:
+        for manager in self.managers.values():
+            manager.prepare_resources(scheduled)
+
+    def update_resources(self, scheduled: list[LlmRequest]) -> None:
+        for manager in self.managers.values():
+            manager.update_resources(scheduled)
+
+    def free_resources(self, request: LlmRequest) -> None:
+        for manager in reversed(self.managers.values()):
+            manager.free_resources(request)

@@ -1,0 +1,71 @@
+"""The pool of KV blocks: reference counts, the prefix-hash index and LRU eviction. Plain Python,
+no tensors; the cache tensors live in the KV cache manager."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+
+class NoFreeBlocksError(RuntimeError):
+    pass
+
+
+class BlockPool:
+    """Block ids 0..num_blocks-1. A block is in exactly one of three places:
+
+    - `free`: unreferenced, no reusable content; allocated first, lowest ids first at start;
+    - `evictable`: unreferenced but holding a cached full block (a hash); least recently released
+      first, evicted only when `free` is empty;
+    - in use: referenced by one or more requests (ref_count > 0).
+    """
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: deque[int] = deque(range(num_blocks))
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.cached: dict[int, int] = {}  # hash -> block id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def allocate(self) -> int:
+        if self.free:
+            block = self.free.popleft()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = None
+        else:
+            raise NoFreeBlocksError("no free KV blocks")
+        self.ref_counts[block] = 1
+        return block
+
+    def lookup(self, block_hash: int) -> int | None:
+        return self.cached.get(block_hash)
+
+    def acquire(self, block: int) -> None:
+        """Take one more reference to a cached block (a prefix hit)."""
+        if self.ref_counts[block] == 0:
+            del self.evictable[block]
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} released more often than acquired"
+        if self.ref_counts[block] == 0:
+            if self.block_hash[block] is None:
+                self.free.append(block)
+            else:
+                self.evictable[block] = None
+
+    def commit(self, block: int, block_hash: int) -> None:
+        """`block` is full and its content is identified by `block_hash`: make it reusable. If an
+        identical block is already cached, this one stays private and is freed normally."""
+        if block_hash not in self.cached and self.block_hash[block] is None:
+            self.cached[block_hash] = block
+            self.block_hash[block] = block_hash

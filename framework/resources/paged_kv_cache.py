@@ -1,0 +1,162 @@
+"""The built-in KV cache manager: a paged pool with automatic prefix reuse."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from framework.request import LlmRequest, RequestState
+from framework.resources.base import KVCacheManager, KVCacheSpec, KVCacheStats
+from framework.resources.block_pool import BlockPool
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class PagedKVCacheManager(KVCacheManager):
+    """Per layer K and V tensors of `[num_blocks, block_size, kv_heads, head_dim]`, a block table per
+    request, and prefix reuse: every full block is identified by a hash chained over all tokens up
+    to its end, so a new request whose prompt starts with cached blocks takes them instead of
+    recomputing them."""
+
+    def __init__(self, kv_config, config, spec: KVCacheSpec):
+        self.block_size = kv_config.block_size
+        if self.block_size < 1:
+            raise ValueError(f"kv_cache.block_size must be >= 1, got {self.block_size}")
+        self.enable_prefix_caching = kv_config.enable_prefix_caching
+        self.spec = spec
+        if kv_config.max_tokens is not None:
+            num_blocks = _ceil_div(kv_config.max_tokens, self.block_size)
+        else:
+            budget = kv_config.memory_fraction * _device_memory(spec.device)
+            num_blocks = int(budget // (spec.bytes_per_token * self.block_size))
+        self.pool = BlockPool(num_blocks)
+        shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=spec.dtype, device=spec.device), torch.zeros(shape, dtype=spec.dtype, device=spec.device))
+            for _ in range(spec.num_layers)
+        ]
+        self.block_tables: dict[str, list[int]] = {}
+        self.block_hashes: dict[str, list[int]] = {}  # hashes of each request's full blocks, in order
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # ---- capacity queries --------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def get_max_resource_count(self) -> int:
+        return self.pool.num_blocks
+
+    def _held(self, request: LlmRequest) -> int:
+        return len(self.block_tables.get(request.request_id, ()))
+
+    def blocks_needed(self, request, num_new_tokens):
+        end = request.num_computed_tokens + num_new_tokens
+        return max(0, _ceil_div(end, self.block_size) - self._held(request))
+
+    def max_cached_tokens(self, request: LlmRequest) -> int:
+        """Tokens the cache holds for `request` once it has produced its last possible token (that
+        last token is sampled, never computed)."""
+        return min(request.max_total_tokens, self.spec.max_model_len) - 1
+
+    def get_needed_resource_to_completion(self, request):
+        return max(0, _ceil_div(self.max_cached_tokens(request), self.block_size) - self._held(request))
+
+    def num_exclusive_blocks(self, request):
+        refs = self.pool.ref_counts
+        return sum(1 for b in self.block_tables.get(request.request_id, ()) if refs[b] == 1)
+
+    # ---- the engine's view -------------------------------------------------------------------
+    def get_block_table(self, request):
+        return self.block_tables[request.request_id]
+
+    def get_kv_caches(self):
+        return self.kv_caches
+
+    def stats(self):
+        pool = self.pool
+        return KVCacheStats(
+            num_blocks=pool.num_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            num_used_blocks=pool.num_blocks - pool.num_free_blocks,
+            num_cached_blocks=len(pool.evictable),
+            prefix_queried_tokens=self.prefix_queried_tokens,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+        )
+
+    # ---- the resource-manager protocol -------------------------------------------------------
+    def prepare_resources(self, scheduled):
+        # Reuse first, for every request, so that no allocation below evicts a block that a later
+        # request of the same step could have reused.
+        if self.enable_prefix_caching:
+            for request in scheduled:
+                if request.state is RequestState.CONTEXT:
+                    self._reuse_prefix(request)
+        for request in scheduled:
+            table = self.block_tables.setdefault(request.request_id, [])
+            for _ in range(self.blocks_needed(request, request.num_scheduled_tokens)):
+                table.append(self.pool.allocate())
+
+    def _block_hash(self, request: LlmRequest, index: int, parent: int | None) -> int:
+        bs = self.block_size
+        return hash((parent, tuple(request.tokens(index * bs, (index + 1) * bs))))
+
+    def _reuse_prefix(self, request: LlmRequest) -> None:
+        """Extend the request's table with cached blocks, up to the end of its scheduled chunk and
+        always leaving at least its last token to compute (its logits are needed)."""
+        table = self.block_tables.setdefault(request.request_id, [])
+        hashes = self.block_hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        if request.num_computed_tokens != len(table) * bs or len(hashes) != len(table):
+            return  # the last held block is partial: the prefix has already diverged
+        end = request.num_computed_tokens + request.num_scheduled_tokens
+        limit = min(end, request.num_tokens - 1) // bs
+        if not table:
+            self.prefix_queried_tokens += request.num_tokens
+        parent = hashes[-1] if hashes else None
+        matched = 0
+        for index in range(len(table), limit):
+            block_hash = self._block_hash(request, index, parent)
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            self.pool.acquire(block)
+            table.append(block)
+            hashes.append(block_hash)
+            parent = block_hash
+            matched += 1
+        if matched:
+            self.prefix_hit_tokens += matched * bs
+            request.num_computed_tokens = len(table) * bs
+            request.num_scheduled_tokens = end - request.num_computed_tokens
+
+    def update_resources(self, scheduled):
+        if not self.enable_prefix_caching:
+            return
+        for request in scheduled:
+            table = self.block_tables.get(request.request_id)
+            if table is None:
+                continue
+            hashes = self.block_hashes.setdefault(request.request_id, [])
+            parent = hashes[-1] if hashes else None
+            for index in range(len(hashes), request.num_computed_tokens // self.block_size):
+                parent = self._block_hash(request, index, parent)
+                self.pool.commit(table[index], parent)
+                hashes.append(parent)
+
+    def free_resources(self, request):
+        # Released tail first: the end of a sequence is the least likely to be shared, so its
+        # blocks are evicted before its prefix.
+        for block in reversed(self.block_tables.pop(request.request_id, [])):
+            self.pool.release(block)
+        self.block_hashes.pop(request.request_id, None)

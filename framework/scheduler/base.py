@@ -1,0 +1,73 @@
+"""The two scheduler seams. Each step the executor asks the CapacityScheduler which active requests
+get resources, then the MicroBatchScheduler which of those run and how many tokens each computes.
+
+Schedulers see requests and the KV cache only through `KVCacheCapacity`; never tensors, the model
+or the pool's internals.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from framework.request import LlmRequest, RequestState
+
+
+class KVCacheCapacity(Protocol):
+    """What a scheduler may ask of the KV cache manager."""
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now (free ones and evictable cached ones)."""
+
+    def blocks_needed(self, request: LlmRequest, num_new_tokens: int) -> int:
+        """New blocks `request` needs to compute `num_new_tokens` more tokens."""
+
+    def get_needed_resource_to_completion(self, request: LlmRequest) -> int:
+        """New blocks `request` needs to run to its last possible token."""
+
+    def num_exclusive_blocks(self, request: LlmRequest) -> int:
+        """Blocks that would return to the pool if `request` released its cache now."""
+
+    def get_max_resource_count(self) -> int:
+        """Blocks in the whole pool."""
+
+
+@dataclass
+class CapacityOutput:
+    fitting: list[LlmRequest] = field(default_factory=list)  # admitted or kept, in priority order
+    preempted: list[LlmRequest] = field(default_factory=list)  # to release and recompute later
+
+
+def running(active: list[LlmRequest]) -> list[LlmRequest]:
+    return [r for r in active if RequestState.CONTEXT <= r.state <= RequestState.GENERATION]
+
+
+def queued(active: list[LlmRequest]) -> list[LlmRequest]:
+    return [r for r in active if r.state is RequestState.QUEUED]
+
+
+class CapacityScheduler(ABC):
+    """Decides which requests hold KV resources this step. `active` is in arrival order."""
+
+    def __init__(self, scheduler_config, config=None):
+        self.max_batch_size = scheduler_config.max_batch_size
+        self.max_num_tokens = scheduler_config.max_num_tokens
+        self.config = config
+
+    @abstractmethod
+    def schedule(self, active: list[LlmRequest], kv_cache: KVCacheCapacity) -> CapacityOutput: ...
+
+
+class MicroBatchScheduler(ABC):
+    """Chooses, among fitting requests, the ones that run this step, and sets each one's
+    `num_scheduled_tokens` (a prompt chunk, a recompute chunk or one decode token)."""
+
+    def __init__(self, scheduler_config, config=None):
+        self.max_batch_size = scheduler_config.max_batch_size
+        self.max_num_tokens = scheduler_config.max_num_tokens
+        self.config = config
+
+    @abstractmethod
+    def schedule(self, fitting: list[LlmRequest]) -> list[LlmRequest]: ...
