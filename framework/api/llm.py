@@ -97,7 +97,7 @@ class LLM:
         params = request.sampling_params
         text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=params.skip_special_tokens)
         reason = request.finish_reason.value if request.finish_reason else None
-        metrics = {"arrival_time": request.arrival_time}
+        metrics = {"arrival_time": request.arrival_time, "num_preemptions": request.num_preemptions}
         if request.first_token_time is not None:
             metrics["first_token_time"] = request.first_token_time
         if request.finish_time is not None:

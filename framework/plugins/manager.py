@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import os
 from dataclasses import dataclass, field
-from functools import partial
 
 import pluggy
 
@@ -50,6 +49,7 @@ class Plugins:
     manager: pluggy.PluginManager
     registries: dict[str, Registry]
     providers: dict[str, str] = field(default_factory=dict)  # plugin name -> "dist version"
+    provides: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # plugin -> kind -> names
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
@@ -62,21 +62,15 @@ class Plugins:
 
     def describe(self) -> list[dict]:
         """What each loaded plugin provides, for `--list-plugins`."""
-        rows = []
-        for name, plugin in self.manager.list_name_plugin():
-            provides = {
-                kind: [e.name for e in reg if e.provider == self.providers.get(name, name)]
-                for kind, reg in self.registries.items()
+        return [
+            {
+                "name": name,
+                "distribution": self.providers.get(name, name),
+                "builtin": name in BUILTIN_MODULES,
+                "provides": self.provides.get(name, {}),
             }
-            rows.append(
-                {
-                    "name": name,
-                    "distribution": self.providers.get(name, name),
-                    "builtin": name.startswith("framework."),
-                    "provides": {k: v for k, v in provides.items() if v},
-                }
-            )
-        return rows
+            for name, _ in self.manager.list_name_plugin()
+        ]
 
 
 def _env_list(var: str) -> set[str] | None:
@@ -130,9 +124,20 @@ def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plu
         raise PluginError(f"plugin from {who} is invalid: {exc}") from exc
 
     registries = {kind: Registry(kind.replace("_", " ")) for kind in KINDS}
+    provides: dict[str, dict[str, list[str]]] = {}
     for kind, hook_name in KINDS.items():
-        hook = getattr(pm.hook, hook_name)
-        for impl in hook.get_hookimpls():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
             provider = providers.get(impl.plugin_name, impl.plugin_name)
-            impl.function(register=partial(registries[kind].register, provider=provider))
-    return Plugins(pm, registries, providers)
+            names = provides.setdefault(impl.plugin_name, {}).setdefault(kind, [])
+
+            def register(name, factory, config=None, _names=names, _provider=provider, _kind=kind):
+                registries[_kind].register(name, factory, config, provider=_provider)
+                _names.append(name)
+
+            try:
+                impl.function(register=register)
+            except (PluginError, ValueError, TypeError):
+                raise
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin_name!r} ({provider}) failed in {hook_name}: {exc!r}") from exc
+    return Plugins(pm, registries, providers, provides)

@@ -1,0 +1,132 @@
+"""`python -m framework [overrides]`: generate for a few prompts with the configured components.
+
+`--list-plugins` is answered before Hydra parses the command line; everything else (`--help`,
+`--cfg job`, `-m` sweeps, overrides) is Hydra's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+USER_ERROR_EXIT = 2
+
+
+def _fail(message: str) -> None:
+    print(f"framework: error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def list_plugins(plugins) -> str:
+    from framework import __version__
+
+    kinds = {
+        kind: [{"name": e.name, "provider": e.provider} for e in registry]
+        for kind, registry in plugins.registries.items()
+    }
+    return json.dumps({"framework": __version__, "plugins": plugins.describe(), "components": kinds}, indent=2)
+
+
+def yaml_presets(group: str, plugins) -> dict[str, str]:
+    """YAML options of `group` shipped by the framework's conf/ and by plugins' search paths."""
+    from importlib import resources
+
+    found: dict[str, str] = {}
+    for path in ["pkg://framework.conf", *plugins.config_search_paths()]:
+        if not path.startswith("pkg://"):
+            continue
+        module = path[len("pkg://") :].replace("/", ".")
+        try:
+            folder = resources.files(module) / group
+            names = [entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml")]
+        except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            found.setdefault(name[: -len(".yaml")], module)
+    return found
+
+
+def check_group_overrides(argv: list[str], plugins) -> None:
+    """Reject `group=name` overrides naming no installed option, before Hydra or any model loads."""
+    from framework.config import GROUPS
+
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS or value.startswith(("choice(", "range(", "glob(")):
+            continue
+        options = {e.name: e.provider for kind in GROUPS[key][1] for e in plugins[kind]}
+        for name, module in yaml_presets(key, plugins).items():
+            options.setdefault(name, f"preset in {module}")
+        for name in value.split(","):
+            if name not in options:
+                listing = ", ".join(f"{n} ({p})" for n, p in options.items())
+                _fail(f"unknown {key} {name!r}; available: {listing}")
+
+
+def run(cfg, plugins) -> None:
+    from framework.api.llm import LLM
+    from framework.models.checkpoint import CheckpointError
+    from framework.plugins.registry import UnknownNameError
+    from framework.sampling_params import SamplingParams
+
+    started = time.perf_counter()
+    try:
+        llm = LLM(config=cfg, plugins=plugins)
+        params = SamplingParams(max_tokens=cfg.run.max_tokens, temperature=cfg.run.temperature)
+    except (UnknownNameError, CheckpointError, ValueError, TypeError) as exc:
+        _fail(str(exc))
+    loaded = time.perf_counter()
+    prompts = list(cfg.run.prompts)
+    inputs = [
+        llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        if cfg.run.chat
+        else p
+        for p in prompts
+    ]
+    try:
+        outputs = llm.generate(inputs, params, use_tqdm=False)
+    except ValueError as exc:
+        _fail(str(exc))
+    finished = time.perf_counter()
+    for prompt, out in zip(prompts, outputs):
+        print(f"### {prompt}\n{out.outputs[0].text.strip()}\n")
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    stats = llm.kv_cache_stats
+    s, engine = cfg.scheduler, llm.executor.model_engine
+    print(
+        f"[framework] {len(outputs)} requests, {generated} tokens in {finished - loaded:.2f}s "
+        f"({generated / max(finished - loaded, 1e-9):.1f} tok/s); load {loaded - started:.2f}s; "
+        f"scheduler {s.capacity}+{s.micro_batch}, kv_cache {cfg.kv_cache.name} "
+        f"({stats.num_blocks} blocks of {cfg.kv_cache.block_size}, prefix hit rate {stats.prefix_hit_rate:.0%}), "
+        f"decoder {cfg.decoder.name}, engine {cfg.engine.name} on {engine.device} {str(engine.dtype).replace('torch.', '')}"
+    )
+
+
+def main() -> None:
+    from framework.plugins.manager import PluginError, create_plugin_manager
+
+    argv = sys.argv[1:]
+    try:
+        plugins = create_plugin_manager()
+    except PluginError as exc:
+        _fail(str(exc))
+    if "--list-plugins" in argv:
+        print(list_plugins(plugins))
+        return
+    check_group_overrides(argv, plugins)
+
+    import hydra
+
+    from framework.config import register_configs
+
+    register_configs(plugins)
+
+    @hydra.main(version_base="1.3", config_path="pkg://framework.conf", config_name="config")
+    def app(cfg) -> None:
+        run(cfg, plugins)
+
+    app()
