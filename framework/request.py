@@ -37,6 +37,7 @@ class LlmRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     prompt: str | None = None
+    priority: int | None = None  # for priority-aware schedulers (lower is more important); None: unset
     eos_token_ids: tuple[int, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-TINY_VOCAB = 512
+TINY_VOCAB = 49152  # SmolLM2's tokenizer, so text prompts work too
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +21,7 @@ def smol_dir():
 
 
 def make_tiny_checkpoint(path, smol_dir, *, seed=0, tie=False, rope_parameters=None, **overrides):
-    """A random Llama saved as a Hugging Face folder, with SmolLM2's tokenizer (ids < TINY_VOCAB
-    decode to real text)."""
+    """A random Llama saved as a Hugging Face folder, with SmolLM2's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(

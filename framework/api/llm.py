@@ -80,7 +80,7 @@ class LLM:
         self._ids = itertools.count()
 
     # ---- requests ----------------------------------------------------------------------------
-    def _make_request(self, prompt: Prompt, params: SamplingParams) -> LlmRequest:
+    def _make_request(self, prompt: Prompt, params: SamplingParams, priority: int | None = None) -> LlmRequest:
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -90,6 +90,7 @@ class LLM:
             prompt_token_ids=token_ids,
             sampling_params=params,
             prompt=text,
+            priority=priority,
             eos_token_ids=self.eos_token_ids,
         )
 
@@ -117,9 +118,11 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt (text or token ids) or a list of them. Every prompt is checked
-        before any runs: a bad one raises ValueError and leaves the engine as it was."""
+        before any runs: a bad one raises ValueError and leaves the engine as it was. `priority`
+        (one int per prompt, lower is more important) is read by priority-aware schedulers."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -128,7 +131,10 @@ class LLM:
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
-        requests = [self._make_request(p, sp) for p, sp in zip(prompts, params)]
+        priorities = list(priority) if priority is not None else [None] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(priorities)} priorities")
+        requests = [self._make_request(p, sp, pr) for p, sp, pr in zip(prompts, params, priorities)]
         for i, request in enumerate(requests):
             request.sampling_params.validate()
             error = self.executor.validate(request)

@@ -115,6 +115,8 @@ def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plu
     if autoload if autoload is not None else _autoload_enabled():
         _load_entry_points(pm, providers)
     for plugin in extra_plugins:
+        if pm.is_registered(plugin) or pm.has_plugin(getattr(plugin, "__name__", "")):
+            continue  # already loaded through its entry point
         name = pm.register(plugin)
         providers[name] = getattr(plugin, "__name__", None) or type(plugin).__name__
     try:

@@ -32,7 +32,7 @@ class EqualProgressMicroBatchScheduler(MicroBatchScheduler):
     def schedule(self, fitting):
         decoding = [r for r in fitting if r.state is RequestState.GENERATION and r.num_missing_tokens == 1]
         catching_up = [r for r in fitting if r not in decoding]
-        batch = decoding[: self.max_batch_size]
+        batch = decoding[: min(self.max_batch_size, self.max_num_tokens)]
         for request in batch:
             request.num_scheduled_tokens = 1
         budget = self.max_num_tokens - len(batch)
