@@ -1,0 +1,198 @@
+"""Shared helpers for the CPU-only unit tests: tiny KV cache managers, requests, and a model-free
+driver that runs the executor's step loop (schedule -> prepare -> compute -> sample -> update ->
+free) with a fake "sampler".
+
+The helpers are plain functions and classes exposed through the `h` fixture, so that test files do
+not import this module by name.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from framework.request import LlmRequest, RequestState
+from framework.resources.base import KVCacheSpec
+from framework.resources.paged_kv_cache import PagedKVCacheManager
+from framework.sampling_params import SamplingParams
+
+
+def new_request(request_id: str, prompt, max_tokens: int = 8) -> LlmRequest:
+    return LlmRequest(
+        request_id=request_id,
+        prompt_token_ids=list(prompt),
+        sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
+
+
+def kv_config(block_size=4, max_tokens=32, enable_prefix_caching=True, memory_fraction=0.0):
+    return types.SimpleNamespace(
+        block_size=block_size,
+        max_tokens=max_tokens,
+        memory_fraction=memory_fraction,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+
+
+def kv_spec(num_layers=1, max_model_len=128) -> KVCacheSpec:
+    return KVCacheSpec(
+        num_layers=num_layers,
+        num_kv_heads=1,
+        head_dim=2,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        max_model_len=max_model_len,
+    )
+
+
+def new_kv(max_tokens=32, block_size=4, enable_prefix_caching=True, max_model_len=128, num_layers=1):
+    return PagedKVCacheManager(
+        kv_config(block_size, max_tokens, enable_prefix_caching),
+        None,
+        kv_spec(num_layers, max_model_len),
+    )
+
+
+def sample_token(request: LlmRequest) -> int:
+    """The fake sampler: deterministic, independent of the batch."""
+    return 500 + len(request.output_token_ids)
+
+
+def prepare(kv, chunks: dict) -> list[LlmRequest]:
+    """The executor's half-step up to the forward: admitted requests enter CONTEXT, each gets its
+    chunk (`num_scheduled_tokens`), then `prepare_resources` runs (prefix hits may shrink chunks)."""
+    scheduled = list(chunks)
+    for request, n in chunks.items():
+        if request.state is RequestState.QUEUED:
+            request.state = RequestState.CONTEXT
+        request.num_scheduled_tokens = n
+    kv.prepare_resources(scheduled)
+    return scheduled
+
+
+def complete(kv, scheduled: list[LlmRequest], outputs: dict | None = None) -> list[LlmRequest]:
+    """The executor's half-step after `prepare_resources`: cursors advance by the (possibly
+    shrunk) chunks, a request that has computed all its tokens samples one (from `outputs` or the
+    fake sampler) and enters GENERATION, then `update_resources` runs and chunks reset.
+    Returns the requests that sampled."""
+    outputs = outputs or {}
+    batch = [r for r in scheduled if r.num_scheduled_tokens > 0]
+    sampled = [r for r in batch if r.num_computed_tokens + r.num_scheduled_tokens == r.num_tokens]
+    for request in batch:
+        request.num_computed_tokens += request.num_scheduled_tokens
+    for request in sampled:
+        request.output_token_ids.append(outputs.get(request, sample_token(request)))
+        request.state = RequestState.GENERATION
+    kv.update_resources(scheduled)
+    for request in scheduled:
+        request.num_scheduled_tokens = 0
+    return sampled
+
+
+def step(kv, chunks: dict, outputs: dict | None = None) -> list[LlmRequest]:
+    return complete(kv, prepare(kv, chunks), outputs)
+
+
+def finish(kv, request: LlmRequest) -> None:
+    request.state = RequestState.FINISHED
+    kv.free_resources(request)
+
+
+def assert_pool_idle(kv) -> None:
+    """Every block is back: unreferenced, in exactly one of free / evictable, no tables left."""
+    pool = kv.pool
+    assert pool.ref_counts == [0] * pool.num_blocks
+    assert len(pool.free) + len(pool.evictable) == pool.num_blocks
+    assert set(pool.free) | set(pool.evictable) == set(range(pool.num_blocks))
+    assert all(pool.block_hash[b] is None for b in pool.free)
+    assert all(pool.block_hash[b] is not None for b in pool.evictable)
+    assert sorted(pool.cached.values()) == sorted(pool.evictable)
+    assert kv.block_tables == {}
+    assert kv.block_hashes == {}
+    assert kv.num_free_blocks == pool.num_blocks
+
+
+@dataclass
+class StepRecord:
+    fitting: list[str]
+    preempted: list[str]
+    chunks: dict[str, int]  # as chosen by the micro-batch scheduler, before prefix hits
+    computed: dict[str, int]  # tokens actually computed (after prefix hits)
+    finished: list[str] = field(default_factory=list)
+
+
+class MiniExecutor:
+    """`PyExecutor.step` without a model: same order of calls on the schedulers and the KV cache
+    manager, a fake sampler, finishing on max_tokens / max_model_len."""
+
+    def __init__(self, capacity, micro_batch, kv):
+        self.capacity = capacity
+        self.micro_batch = micro_batch
+        self.kv = kv
+        self.active: list[LlmRequest] = []
+        self.done: list[LlmRequest] = []
+        self.records: list[StepRecord] = []
+
+    def add(self, *requests: LlmRequest) -> None:
+        self.active.extend(requests)
+
+    def step(self) -> StepRecord:
+        out = self.capacity.schedule(self.active, self.kv)
+        for request in out.preempted:
+            self.kv.free_resources(request)
+            request.reset_for_recompute()
+        for request in out.fitting:
+            if request.state is RequestState.QUEUED:
+                request.state = RequestState.CONTEXT
+        scheduled = self.micro_batch.schedule(out.fitting)
+        chunks = {r.request_id: r.num_scheduled_tokens for r in scheduled}
+        self.kv.prepare_resources(scheduled)
+        computed = {r.request_id: r.num_scheduled_tokens for r in scheduled}
+        finished = []
+        for request in complete(self.kv, scheduled):
+            if (
+                len(request.output_token_ids) >= request.sampling_params.max_tokens
+                or request.num_tokens >= self.kv.spec.max_model_len
+            ):
+                request.state = RequestState.FINISHED
+                self.kv.free_resources(request)
+                finished.append(request.request_id)
+        self.done += [r for r in self.active if r.is_finished]
+        self.active = [r for r in self.active if not r.is_finished]
+        record = StepRecord(
+            fitting=[r.request_id for r in out.fitting],
+            preempted=[r.request_id for r in out.preempted],
+            chunks=chunks,
+            computed=computed,
+            finished=finished,
+        )
+        self.records.append(record)
+        return record
+
+    def run(self, max_steps: int = 200) -> list[StepRecord]:
+        for _ in range(max_steps):
+            if not self.active:
+                return self.records
+            self.step()
+        raise AssertionError(f"not done after {max_steps} steps: {[r.request_id for r in self.active]}")
+
+
+@pytest.fixture
+def h():
+    """The helpers above, as one namespace."""
+    return types.SimpleNamespace(
+        request=new_request,
+        kv=new_kv,
+        kv_config=kv_config,
+        kv_spec=kv_spec,
+        prepare=prepare,
+        complete=complete,
+        step=step,
+        finish=finish,
+        sample_token=sample_token,
+        assert_pool_idle=assert_pool_idle,
+        MiniExecutor=MiniExecutor,
+    )

@@ -1,0 +1,514 @@
+"""PagedKVCacheManager on CPU with tiny sizes (block_size=4), driven as the executor drives it:
+exact block ids, reference counts, free / evictable order and eviction order after each call."""
+
+from collections import deque
+
+import pytest
+import torch
+
+from framework.request import RequestState
+from framework.resources.base import KVCacheStats
+from framework.resources.paged_kv_cache import PagedKVCacheManager
+
+
+def tokens(start, end):
+    return list(range(start, end))
+
+
+# ---- sizing and the engine's view ----------------------------------------------------------------
+def test_pool_size_from_max_tokens_rounds_up_to_whole_blocks(h):
+    kv = h.kv(max_tokens=30, num_layers=2)
+    assert kv.pool.num_blocks == 8
+    assert kv.get_max_resource_count() == 8
+    assert kv.num_free_blocks == 8
+    caches = kv.get_kv_caches()
+    assert len(caches) == 2
+    for k, v in caches:
+        assert k.shape == v.shape == (8, 4, 1, 2)
+        assert k.dtype == v.dtype == torch.float32
+        assert k.data_ptr() != v.data_ptr()
+        assert not k.any() and not v.any()
+
+
+def test_pool_size_from_memory_fraction(h, monkeypatch):
+    import framework.resources.paged_kv_cache as paged
+
+    monkeypatch.setattr(paged, "_device_memory", lambda device: 6400)
+    # 2 (K and V) * 1 layer * 1 head * 2 dims * 4 bytes = 16 bytes per token, 64 per block
+    kv = PagedKVCacheManager(h.kv_config(max_tokens=None, memory_fraction=0.5), None, h.kv_spec())
+    assert kv.pool.num_blocks == 50
+
+
+def test_invalid_sizes_raise(h):
+    with pytest.raises(ValueError, match="block_size"):
+        PagedKVCacheManager(h.kv_config(block_size=0), None, h.kv_spec())
+    with pytest.raises(ValueError, match="at least one block"):
+        PagedKVCacheManager(h.kv_config(max_tokens=None, memory_fraction=0.0), None, h.kv_spec())
+
+
+def test_initial_stats(h):
+    kv = h.kv()
+    stats = kv.stats()
+    assert stats == KVCacheStats(8, 8, 0, 0, 0, 0)
+    assert stats.prefix_hit_rate == 0.0
+    assert stats.usage == 0.0
+
+
+# ---- allocation ----------------------------------------------------------------------------------
+def test_allocation_order_commit_of_full_blocks_and_decode_growth(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 11), max_tokens=8)  # 10 tokens: 2 full blocks + 2 tokens
+
+    scheduled = h.prepare(kv, {a: 10})
+    assert a.state is RequestState.CONTEXT
+    assert kv.get_block_table(a) == [0, 1, 2]
+    assert kv.pool.ref_counts == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert kv.pool.free == deque([3, 4, 5, 6, 7])
+    assert a.num_scheduled_tokens == 10  # nothing cached: the chunk is unchanged
+    h.complete(kv, scheduled)
+    assert a.num_computed_tokens == 10
+    assert a.output_token_ids == [500]
+    # only the full blocks are committed
+    assert len(kv.block_hashes["a"]) == 2
+    assert kv.pool.block_hash[0] is not None and kv.pool.block_hash[1] is not None
+    assert kv.pool.block_hash[2] is None
+    assert sorted(kv.pool.cached.values()) == [0, 1]
+
+    h.step(kv, {a: 1})  # token 11 fits block 2
+    assert kv.get_block_table(a) == [0, 1, 2]
+    assert kv.pool.block_hash[2] is None
+    h.step(kv, {a: 1})  # token 12 fills block 2, which is committed
+    assert kv.get_block_table(a) == [0, 1, 2]
+    assert kv.pool.block_hash[2] is not None
+    assert len(kv.block_hashes["a"]) == 3
+    h.step(kv, {a: 1})  # token 13 needs a fourth block
+    assert kv.get_block_table(a) == [0, 1, 2, 3]
+    assert kv.pool.ref_counts == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert kv.pool.free == deque([4, 5, 6, 7])
+    assert a.num_computed_tokens == 13
+    assert a.output_token_ids == [500, 501, 502, 503]
+
+    h.finish(kv, a)
+    assert kv.pool.free == deque([4, 5, 6, 7, 3])
+    assert list(kv.pool.evictable) == [2, 1, 0]
+    h.assert_pool_idle(kv)
+
+
+def test_free_releases_tail_first_into_the_lru(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 13))  # 12 tokens: 3 full blocks
+    h.step(kv, {a: 12})
+    h.step(kv, {a: 1})  # the sampled token goes into a fourth, partial block
+    assert kv.get_block_table(a) == [0, 1, 2, 3]
+    kv.free_resources(a)
+    # the partial (uncached) block goes to the free queue, the cached ones tail first into the LRU
+    assert kv.pool.free == deque([4, 5, 6, 7, 3])
+    assert list(kv.pool.evictable) == [2, 1, 0]
+    assert kv.stats() == KVCacheStats(
+        num_blocks=8, num_free_blocks=8, num_used_blocks=0, num_cached_blocks=3,
+        prefix_queried_tokens=12, prefix_hit_tokens=0,
+    )
+    h.assert_pool_idle(kv)
+
+
+# ---- prefix reuse --------------------------------------------------------------------------------
+def test_prefix_hit_shares_full_blocks(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 11))  # 10 tokens
+    h.step(kv, {a: 10})
+    b = h.request("b", tokens(1, 9) + [50, 51, 52])  # shares a's two full blocks
+
+    scheduled = h.prepare(kv, {b: 11})
+    assert kv.get_block_table(b) == [0, 1, 3]
+    assert kv.pool.ref_counts == [2, 2, 1, 1, 0, 0, 0, 0]
+    assert b.num_computed_tokens == 8
+    assert b.num_scheduled_tokens == 3
+    assert kv.block_hashes["b"] == kv.block_hashes["a"]
+    stats = kv.stats()
+    assert stats == KVCacheStats(
+        num_blocks=8, num_free_blocks=4, num_used_blocks=4, num_cached_blocks=0,
+        prefix_queried_tokens=21, prefix_hit_tokens=8,
+    )
+    assert stats.prefix_hit_rate == pytest.approx(8 / 21)
+    assert stats.usage == 0.5
+    h.complete(kv, scheduled)
+    assert b.num_computed_tokens == 11
+    assert b.output_token_ids == [500]
+
+    h.finish(kv, a)
+    assert kv.pool.ref_counts == [1, 1, 0, 1, 0, 0, 0, 0]
+    assert kv.pool.free == deque([4, 5, 6, 7, 2])
+    assert list(kv.pool.evictable) == []
+    h.finish(kv, b)
+    assert kv.pool.free == deque([4, 5, 6, 7, 2, 3])
+    assert list(kv.pool.evictable) == [1, 0]
+    assert kv.stats().num_cached_blocks == 2
+    h.assert_pool_idle(kv)
+
+
+def test_a_hit_never_covers_the_last_prompt_token(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 9))  # 8 tokens, exactly 2 full blocks
+    h.step(kv, {a: 8})
+    assert kv.get_block_table(a) == [0, 1]
+
+    b = h.request("b", tokens(1, 9))  # the same prompt: its last token must still be computed
+    scheduled = h.prepare(kv, {b: 8})
+    assert kv.get_block_table(b) == [0, 2]
+    assert b.num_computed_tokens == 4
+    assert b.num_scheduled_tokens == 4
+    assert kv.pool.ref_counts == [2, 1, 1, 0, 0, 0, 0, 0]
+    h.complete(kv, scheduled)
+    # b recomputed block 1's content into block 2; the cached copy stays a's block 1
+    assert kv.pool.block_hash[2] is None
+    assert sorted(kv.pool.cached.values()) == [0, 1]
+    assert kv.block_hashes["b"] == kv.block_hashes["a"]
+
+    c = h.request("c", tokens(1, 10))  # one token more: both blocks are hits
+    h.prepare(kv, {c: 9})
+    assert kv.get_block_table(c) == [0, 1, 3]
+    assert c.num_computed_tokens == 8
+    assert c.num_scheduled_tokens == 1
+    assert kv.pool.ref_counts == [3, 2, 1, 1, 0, 0, 0, 0]
+    h.complete(kv, [c])
+
+    for r in (a, b, c):
+        h.finish(kv, r)
+    assert kv.pool.free == deque([4, 5, 6, 7, 2, 3])
+    assert list(kv.pool.evictable) == [1, 0]
+    h.assert_pool_idle(kv)
+
+
+def test_a_partial_last_block_is_never_shared(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 7))  # 6 tokens: block 1 holds 2
+    h.step(kv, {a: 6})
+    assert kv.get_block_table(a) == [0, 1]
+    assert kv.pool.block_hash[1] is None
+
+    b = h.request("b", tokens(1, 7) + [60, 61, 62])  # matches all of a's 6 tokens
+    h.prepare(kv, {b: 9})
+    assert kv.get_block_table(b) == [0, 2, 3]
+    assert b.num_computed_tokens == 4
+    assert kv.pool.ref_counts == [2, 1, 1, 1, 0, 0, 0, 0]
+    h.complete(kv, [b])
+    h.finish(kv, a)
+    h.finish(kv, b)
+    h.assert_pool_idle(kv)
+
+
+def test_full_blocks_of_generated_tokens_are_reusable(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 7))  # 6 tokens
+    h.step(kv, {a: 6})
+    h.step(kv, {a: 1})
+    h.step(kv, {a: 1})  # block 1 = [5, 6, 500, 501] is now full and committed
+    assert a.output_token_ids == [500, 501, 502]
+    assert kv.pool.block_hash[1] is not None
+
+    c = h.request("c", tokens(1, 7) + [500, 501, 502])
+    h.prepare(kv, {c: 9})
+    assert kv.get_block_table(c) == [0, 1, 2]
+    assert c.num_computed_tokens == 8
+    assert c.num_scheduled_tokens == 1
+    assert kv.pool.ref_counts[:3] == [2, 2, 1]
+    h.complete(kv, [c])
+    h.finish(kv, a)
+    h.finish(kv, c)
+    h.assert_pool_idle(kv)
+
+
+def test_prefix_caching_disabled_shares_nothing(h):
+    kv = h.kv(max_tokens=32, enable_prefix_caching=False)
+    a = h.request("a", tokens(1, 11))
+    b = h.request("b", tokens(1, 11))
+    h.step(kv, {a: 10})
+    assert kv.pool.cached == {}
+    assert kv.pool.block_hash == [None] * 8
+    scheduled = h.prepare(kv, {b: 10})
+    assert kv.get_block_table(b) == [3, 4, 5]
+    assert b.num_computed_tokens == 0
+    assert b.num_scheduled_tokens == 10
+    assert kv.pool.ref_counts == [1, 1, 1, 1, 1, 1, 0, 0]
+    h.complete(kv, scheduled)
+    assert kv.pool.cached == {}
+    assert kv.stats().prefix_queried_tokens == 0
+    assert kv.stats().prefix_hit_tokens == 0
+
+    h.finish(kv, a)
+    h.finish(kv, b)
+    assert kv.pool.free == deque([6, 7, 2, 1, 0, 5, 4, 3])
+    assert list(kv.pool.evictable) == []
+    h.assert_pool_idle(kv)
+
+
+def test_identical_prompts_in_one_step_do_not_share(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 10))  # 9 tokens
+    b = h.request("b", tokens(1, 10))
+    h.step(kv, {a: 9, b: 9})  # nothing is cached when the step is prepared
+    assert kv.get_block_table(a) == [0, 1, 2]
+    assert kv.get_block_table(b) == [3, 4, 5]
+    # the first commit wins; b's identical blocks stay private
+    assert sorted(kv.pool.cached.values()) == [0, 1]
+    assert kv.pool.block_hash[3] is None and kv.pool.block_hash[4] is None
+    h.finish(kv, b)
+    assert kv.pool.free == deque([6, 7, 5, 4, 3])
+    assert list(kv.pool.evictable) == []
+    h.finish(kv, a)
+    assert list(kv.pool.evictable) == [1, 0]
+
+    c = h.request("c", tokens(1, 10))
+    h.prepare(kv, {c: 9})
+    assert kv.get_block_table(c) == [0, 1, 6]
+    h.complete(kv, [c])
+    h.finish(kv, c)
+    h.assert_pool_idle(kv)
+
+
+def test_prefix_hit_covering_a_whole_chunk_advances_the_cursor(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 13))  # 12 tokens, 3 full blocks
+    h.step(kv, {a: 12})
+    b = h.request("b", tokens(1, 13) + [90, 91, 92, 93])  # 16 tokens, chunks of 4
+
+    for expected_table in ([0], [0, 1], [0, 1, 2]):
+        scheduled = h.prepare(kv, {b: 4})
+        assert b.num_scheduled_tokens == 0  # the whole chunk was a hit: nothing to compute
+        assert b.num_computed_tokens == 4 * len(expected_table)
+        assert kv.get_block_table(b) == expected_table
+        assert kv.pool.free == deque([3, 4, 5, 6, 7])  # no allocation
+        assert h.complete(kv, scheduled) == []  # nothing sampled
+        assert b.num_computed_tokens == 4 * len(expected_table)
+        assert b.state is RequestState.CONTEXT
+    assert kv.pool.ref_counts[:3] == [2, 2, 2]
+
+    scheduled = h.prepare(kv, {b: 4})  # the last chunk holds the last token: computed
+    assert b.num_scheduled_tokens == 4
+    assert kv.get_block_table(b) == [0, 1, 2, 3]
+    assert h.complete(kv, scheduled) == [b]
+    assert b.num_computed_tokens == 16
+    assert kv.pool.block_hash[3] is not None
+    assert kv.stats().prefix_queried_tokens == 12 + 16  # queried once per request, at its start
+    assert kv.stats().prefix_hit_tokens == 12
+
+    h.finish(kv, a)
+    h.finish(kv, b)
+    assert list(kv.pool.evictable) == [3, 2, 1, 0]
+    h.assert_pool_idle(kv)
+
+
+def test_prefix_hit_partly_covering_a_chunk_and_no_reuse_after_a_partial_block(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 13))
+    h.step(kv, {a: 12})
+    b = h.request("b", tokens(1, 13) + [90, 91, 92, 93])
+
+    h.prepare(kv, {b: 6})  # [0, 6): block 0 is a hit, tokens 4..5 are computed
+    assert kv.get_block_table(b) == [0, 3]
+    assert b.num_computed_tokens == 4
+    assert b.num_scheduled_tokens == 2
+    h.complete(kv, [b])
+    assert b.num_computed_tokens == 6
+
+    h.prepare(kv, {b: 6})  # [6, 12): b's block 1 is partial, so no lookup even though a has it
+    assert kv.get_block_table(b) == [0, 3, 4]
+    assert b.num_computed_tokens == 6
+    assert b.num_scheduled_tokens == 6
+    h.complete(kv, [b])
+    assert kv.pool.block_hash[3] is None and kv.pool.block_hash[4] is None  # duplicates stay private
+    assert kv.pool.ref_counts[:5] == [2, 1, 1, 1, 1]
+
+    h.prepare(kv, {b: 4})
+    assert kv.get_block_table(b) == [0, 3, 4, 5]
+    h.complete(kv, [b])
+    assert kv.stats().prefix_hit_tokens == 4
+    h.finish(kv, b)
+    h.finish(kv, a)
+    h.assert_pool_idle(kv)
+
+
+# ---- eviction ------------------------------------------------------------------------------------
+def test_eviction_takes_free_blocks_first_then_lru_cached_blocks_and_drops_their_hash(h):
+    kv = h.kv(max_tokens=48)  # 12 blocks
+    a = h.request("a", tokens(1, 13))  # 12 tokens
+    h.step(kv, {a: 12})
+    h.step(kv, {a: 1})
+    h.finish(kv, a)
+    assert kv.pool.free == deque([4, 5, 6, 7, 8, 9, 10, 11, 3])
+    assert list(kv.pool.evictable) == [2, 1, 0]
+
+    c = h.request("c", tokens(100, 136))  # 9 blocks: exactly the free queue
+    h.step(kv, {c: 36})
+    assert kv.get_block_table(c) == [4, 5, 6, 7, 8, 9, 10, 11, 3]
+    assert list(kv.pool.evictable) == [2, 1, 0]  # nothing evicted yet
+    cached_before = dict(kv.pool.cached)
+
+    e = h.request("e", tokens(200, 204))  # one block: evicts a's tail block 2
+    h.prepare(kv, {e: 4})
+    assert kv.get_block_table(e) == [2]
+    assert list(kv.pool.evictable) == [1, 0]
+    assert kv.pool.block_hash[2] is None
+    assert 2 not in kv.pool.cached.values()
+    assert len(kv.pool.cached) == len(cached_before) - 1
+    h.complete(kv, [e])
+
+    h.finish(kv, c)  # c's blocks, all cached, enter the LRU tail first
+    assert list(kv.pool.evictable) == [1, 0, 3, 11, 10, 9, 8, 7, 6, 5, 4]
+
+    d = h.request("d", tokens(1, 13) + [99])  # a's prompt: blocks 0 and 1 hit, block 2 is gone
+    h.prepare(kv, {d: 13})
+    assert d.num_computed_tokens == 8
+    assert d.num_scheduled_tokens == 5
+    assert kv.get_block_table(d) == [0, 1, 3, 11]  # two evictions, least recently released first
+    assert list(kv.pool.evictable) == [10, 9, 8, 7, 6, 5, 4]
+    assert kv.pool.block_hash[3] is None and kv.pool.block_hash[11] is None
+    h.complete(kv, [d])
+    h.finish(kv, d)
+    h.finish(kv, e)
+    h.assert_pool_idle(kv)
+
+
+def test_prefix_reuse_happens_before_any_allocation_of_the_step(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 10))  # 9 tokens
+    w = h.request("w", tokens(70, 79))  # 9 tokens
+    h.step(kv, {a: 9})
+    h.step(kv, {w: 9})
+    assert kv.get_block_table(a) == [0, 1, 2]
+    assert kv.get_block_table(w) == [3, 4, 5]
+    h.finish(kv, a)
+    h.finish(kv, w)
+    assert kv.pool.free == deque([6, 7, 2, 5])
+    assert list(kv.pool.evictable) == [1, 0, 4, 3]
+
+    x = h.request("x", tokens(200, 220))  # 5 blocks: one more than the free queue holds
+    y = h.request("y", tokens(1, 9) + [99])  # hits a's blocks 0 and 1
+    h.prepare(kv, {x: 20, y: 9})  # x comes first, yet must not evict y's hits
+    assert kv.get_block_table(y) == [0, 1, 3]
+    assert kv.get_block_table(x) == [6, 7, 2, 5, 4]
+    assert y.num_computed_tokens == 8
+    assert kv.pool.ref_counts == [1] * 8
+    assert kv.pool.free == deque()
+    assert list(kv.pool.evictable) == []
+    assert sorted(kv.pool.cached.values()) == [0, 1]
+    assert kv.num_free_blocks == 0
+    h.complete(kv, [x, y])
+    h.finish(kv, x)
+    h.finish(kv, y)
+    h.assert_pool_idle(kv)
+
+
+# ---- preemption ----------------------------------------------------------------------------------
+def test_preemption_then_resume_reuses_the_cached_blocks(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 11), max_tokens=8)  # 10 tokens
+    h.step(kv, {a: 10})
+    h.step(kv, {a: 1})
+    h.step(kv, {a: 1})  # 12 computed: blocks 0..2 full and cached
+    assert a.output_token_ids == [500, 501, 502]
+    assert kv.get_block_table(a) == [0, 1, 2]
+
+    kv.free_resources(a)
+    a.reset_for_recompute()
+    assert a.state is RequestState.QUEUED
+    assert a.num_computed_tokens == 0
+    assert a.num_preemptions == 1
+    assert a.output_token_ids == [500, 501, 502]  # kept, recomputed as context
+    assert kv.pool.ref_counts == [0] * 8
+    assert kv.pool.free == deque([3, 4, 5, 6, 7])
+    assert list(kv.pool.evictable) == [2, 1, 0]
+    assert kv.blocks_needed(a, a.num_missing_tokens) == 4
+    assert kv.get_needed_resource_to_completion(a) == 5  # (10 + 8 - 1) tokens
+
+    scheduled = h.prepare(kv, {a: 13})
+    assert a.state is RequestState.CONTEXT
+    assert kv.get_block_table(a) == [0, 1, 2, 3]
+    assert a.num_computed_tokens == 12
+    assert a.num_scheduled_tokens == 1
+    assert kv.pool.ref_counts == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert list(kv.pool.evictable) == []
+    assert kv.stats().prefix_queried_tokens == 10 + 13
+    assert kv.stats().prefix_hit_tokens == 12
+    assert h.complete(kv, scheduled) == [a]
+    assert a.num_computed_tokens == 13
+    assert a.output_token_ids == [500, 501, 502, 503]
+    assert a.state is RequestState.GENERATION
+    h.finish(kv, a)
+    h.assert_pool_idle(kv)
+
+
+def test_preemption_without_prefix_caching_recomputes_into_fresh_blocks(h):
+    kv = h.kv(max_tokens=32, enable_prefix_caching=False)
+    a = h.request("a", tokens(1, 11))
+    h.step(kv, {a: 10})
+    h.step(kv, {a: 1})
+    h.step(kv, {a: 1})
+    kv.free_resources(a)
+    a.reset_for_recompute()
+    assert kv.pool.free == deque([3, 4, 5, 6, 7, 2, 1, 0])
+
+    h.prepare(kv, {a: 13})
+    assert kv.get_block_table(a) == [3, 4, 5, 6]
+    assert a.num_computed_tokens == 0
+    assert a.num_scheduled_tokens == 13
+    h.complete(kv, [a])
+    h.finish(kv, a)
+    h.assert_pool_idle(kv)
+
+
+# ---- capacity queries ----------------------------------------------------------------------------
+def test_blocks_needed_to_completion_and_exclusive_blocks(h):
+    kv = h.kv(max_tokens=32)
+    r = h.request("r", tokens(1, 11), max_tokens=5)  # caches at most 10 + 5 - 1 = 14 tokens
+    assert [kv.blocks_needed(r, n) for n in (0, 1, 4, 5, 10, 12, 13)] == [0, 1, 1, 2, 3, 3, 4]
+    assert kv.get_needed_resource_to_completion(r) == 4
+    assert kv.num_exclusive_blocks(r) == 0
+
+    h.step(kv, {r: 10})
+    assert [kv.blocks_needed(r, n) for n in (0, 1, 2, 3)] == [0, 0, 0, 1]
+    assert kv.get_needed_resource_to_completion(r) == 1
+    assert kv.num_exclusive_blocks(r) == 3
+
+    s = h.request("s", tokens(1, 11) + [77], max_tokens=1)  # caches at most 11 tokens
+    assert kv.get_needed_resource_to_completion(s) == 3
+    h.step(kv, {s: 11})
+    assert kv.get_block_table(s) == [0, 1, 3]
+    assert kv.get_needed_resource_to_completion(s) == 0
+    assert kv.num_exclusive_blocks(r) == 1  # blocks 0 and 1 are shared
+    assert kv.num_exclusive_blocks(s) == 1
+    h.finish(kv, r)
+    assert kv.num_exclusive_blocks(s) == 3
+    assert kv.num_exclusive_blocks(r) == 0
+    h.finish(kv, s)
+    h.assert_pool_idle(kv)
+
+
+@pytest.mark.parametrize(
+    "prompt_len, max_tokens, max_model_len, blocks",
+    [
+        (8, 1, 128, 2),  # the only output token is sampled, never cached
+        (9, 1, 128, 3),
+        (8, 2, 128, 3),
+        (10, 5, 128, 4),
+        (10, 5, 12, 3),  # capped by the model's length: 11 tokens cached
+        (10, 100, 17, 4),
+    ],
+)
+def test_needed_to_completion(h, prompt_len, max_tokens, max_model_len, blocks):
+    kv = h.kv(max_tokens=32, max_model_len=max_model_len)
+    r = h.request("r", tokens(1, prompt_len + 1), max_tokens=max_tokens)
+    assert kv.get_needed_resource_to_completion(r) == blocks
+
+
+def test_a_request_runs_within_its_needed_to_completion(h):
+    kv = h.kv(max_tokens=32)
+    r = h.request("r", tokens(1, 10), max_tokens=6)  # 9 + 6 - 1 = 14 tokens: 4 blocks
+    need = kv.get_needed_resource_to_completion(r)
+    h.step(kv, {r: 9})
+    while len(r.output_token_ids) < 6:
+        h.step(kv, {r: 1})
+    assert len(kv.get_block_table(r)) == need == 4
+    assert kv.get_needed_resource_to_completion(r) == 0
+    h.finish(kv, r)
+    h.assert_pool_idle(kv)
