@@ -138,8 +138,6 @@ def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plu
 
             try:
                 impl.function(register=register)
-            except (PluginError, ValueError, TypeError):
-                raise
             except Exception as exc:
-                raise PluginError(f"plugin {impl.plugin_name!r} ({provider}) failed in {hook_name}: {exc!r}") from exc
+                raise PluginError(f"plugin {impl.plugin_name!r} ({provider}) failed in {hook_name}: {exc}") from exc
     return Plugins(pm, registries, providers, provides)

@@ -1,0 +1,194 @@
+"""Plugins end to end: registered in-process, installed for real, and broken in the usual ways."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from framework import LLM, SamplingParams
+from framework.plugins.hookspecs import hookimpl
+from framework.plugins.manager import PluginError, create_plugin_manager
+from framework.scheduler.capacity import GuaranteedNoEvictScheduler
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_PLUGIN = REPO / "plugins" / "framework-priority"
+
+
+class CountingScheduler(GuaranteedNoEvictScheduler):
+    calls = 0
+
+    def schedule(self, active, kv_cache):
+        CountingScheduler.calls += 1
+        return super().schedule(active, kv_cache)
+
+
+class InTestPlugin:
+    @hookimpl
+    def register_capacity_schedulers(self, register):
+        register("counting", CountingScheduler)
+
+
+def test_in_process_plugin_is_selected_by_config(tiny_dir):
+    plugins = create_plugin_manager(extra_plugins=[InTestPlugin()], autoload=False)
+    assert "counting" in plugins["capacity_scheduler"]
+    CountingScheduler.calls = 0
+    llm = LLM(str(tiny_dir), plugins=plugins, scheduler="counting", dtype="float32", **{"kv_cache.max_tokens": 256})
+    assert isinstance(llm.executor.capacity_scheduler, CountingScheduler)
+    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert CountingScheduler.calls >= 4
+
+
+def test_duplicate_names_name_both_providers():
+    class Clash:
+        @hookimpl
+        def register_micro_batch_schedulers(self, register):
+            register("fcfs", CountingScheduler)
+
+    with pytest.raises(PluginError, match=r"'fcfs' is registered twice: by framework and by Clash"):
+        create_plugin_manager(extra_plugins=[Clash()], autoload=False)
+
+
+def test_misspelt_hook_fails_loudly():
+    class Misspelt:
+        @hookimpl
+        def register_capacity_scheduler(self, register):  # missing the final "s"
+            register("x", CountingScheduler)
+
+    with pytest.raises(PluginError, match="register_capacity_scheduler"):
+        create_plugin_manager(extra_plugins=[Misspelt()], autoload=False)
+
+
+def test_unknown_name_from_python_lists_the_choices(tiny_dir):
+    with pytest.raises(LookupError, match=r"unknown decoder 'nope'; available: sampling \(framework\), greedy \(framework\)"):
+        LLM(str(tiny_dir), **{"decoder.name": "nope"})
+
+
+def test_unknown_python_option_is_a_clear_error(tiny_dir):
+    with pytest.raises(TypeError, match="unknown option 'max_batch'"):
+        LLM(str(tiny_dir), max_batch=4)
+
+
+def test_every_hook_is_documented():
+    from framework.plugins.hookspecs import FrameworkHookSpecs
+
+    doc = (REPO / "docs" / "plugin-hooks.md").read_text()
+    hooks = [name for name in vars(FrameworkHookSpecs) if not name.startswith("_")]
+    assert hooks
+    for name in hooks:
+        assert f"## {name}" in doc, f"docs/plugin-hooks.md has no section for {name}"
+
+
+# ---- a real installation, in subprocesses -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The example plugin installed with pip into a private folder (no network needed)."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE_PLUGIN)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path_factory.mktemp("build"),
+    )
+    return target
+
+
+def cli(args, site, cwd, **env):
+    full_env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", **env}
+    for var in ("FRAMEWORK_DISABLE_PLUGIN_AUTOLOAD", "FRAMEWORK_PLUGINS", "FRAMEWORK_BLOCK_PLUGINS"):
+        if var not in env:
+            full_env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "framework", *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def listed_capacity(result):
+    assert result.returncode == 0, result.stderr
+    return {c["name"]: c["provider"] for c in json.loads(result.stdout)["components"]["capacity_scheduler"]}
+
+
+def test_installed_plugin_is_listed_and_runs(installed, tiny_dir, tmp_path):
+    assert listed_capacity(cli(["--list-plugins"], installed, tmp_path))["priority"] == "framework-priority 0.1.0"
+    run = cli(
+        [f"model.path={tiny_dir}", "run.chat=false", "run.max_tokens=4", "kv_cache.max_tokens=256", "scheduler=priority", 'run.prompts=["Hi"]'],
+        installed,
+        tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "scheduler priority+fcfs" in run.stdout
+    preset = cli(["--cfg", "job", "scheduler=priority_preempt"], installed, tmp_path)
+    assert preset.returncode == 0, preset.stderr
+    assert "capacity: priority" in preset.stdout and "preempt: true" in preset.stdout
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"FRAMEWORK_DISABLE_PLUGIN_AUTOLOAD": "1"}, {"FRAMEWORK_BLOCK_PLUGINS": "framework_priority"}, {"FRAMEWORK_PLUGINS": "something_else"}],
+)
+def test_switched_off_plugin_is_absent_and_rejected(installed, tmp_path, env):
+    assert "priority" not in listed_capacity(cli(["--list-plugins"], installed, tmp_path, **env))
+    rejected = cli(["scheduler=priority"], installed, tmp_path, **env)
+    assert rejected.returncode == 2
+    assert "unknown scheduler 'priority'" in rejected.stderr and "guaranteed_no_evict (framework)" in rejected.stderr
+    assert "Traceback" not in rejected.stderr
+
+
+def fake_distribution(site: Path, name: str, module_source: str) -> None:
+    """A minimally installed distribution: a module plus its dist-info with one entry point."""
+    module = name.replace("-", "_")
+    (site / f"{module}.py").write_text(module_source)
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[framework.plugins]\n{module} = {module}\n")
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("raise ImportError('needs a missing library')", "failed to import"),
+        (
+            "from framework.plugins.hookspecs import hookimpl\n"
+            "@hookimpl\ndef register_decoder(register):\n    pass\n",
+            "register_decoder",
+        ),
+    ],
+)
+def test_broken_plugin_fails_loudly_with_its_distribution(tmp_path, source, message):
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_distribution(site, "broken-plugin", source)
+    result = cli(["--list-plugins"], site, tmp_path)
+    assert result.returncode == 2
+    assert "broken-plugin 1.0" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+    # the switch to block it gets the user going again
+    assert cli(["--list-plugins"], site, tmp_path, FRAMEWORK_BLOCK_PLUGINS="broken_plugin").returncode == 0
+
+
+def test_conf_ships_inside_the_wheel(tmp_path):
+    """The CLI works from a non-editable install: conf/ travels as framework.conf."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(REPO)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    assert (target / "framework" / "conf" / "config.yaml").is_file()
+    assert (target / "framework" / "conf" / "model" / "llama.yaml").is_file()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.argv=['framework','--cfg','job']; import framework, framework.cli; "
+         "assert framework.__file__.startswith(sys.argv[0]) or True; print(framework.__file__); framework.cli.main()"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith(str(target))
+    assert "capacity: guaranteed_no_evict" in result.stdout
