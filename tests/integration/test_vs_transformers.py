@@ -96,7 +96,7 @@ def test_other_capacity_policies_match(tiny_dir, tiny_ref, capacity):
     assert all(o.metrics["num_preemptions"] == 0 for o in outs)
 
 
-def test_untied_and_llama3_rope_checkpoint(tmp_path, smol_dir):
+def test_tied_embeddings_and_llama3_rope_checkpoint(tmp_path, tokenizer_dir):
     from tests.conftest import make_tiny_checkpoint
 
     rope = {
@@ -107,7 +107,7 @@ def test_untied_and_llama3_rope_checkpoint(tmp_path, smol_dir):
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,
     }
-    path = make_tiny_checkpoint(tmp_path / "l3", smol_dir, seed=7, tie=True, rope_parameters=rope)
+    path = make_tiny_checkpoint(tmp_path / "l3", tokenizer_dir, seed=7, tie=True, rope_parameters=rope)
     ref = reference_model(path)
     llm = make_llm(path, **{"kv_cache.max_tokens": 1024})
     prompts = random_prompts([100, 150], seed=6)
