@@ -31,40 +31,20 @@ def list_plugins(plugins) -> str:
     return json.dumps({"framework": __version__, "plugins": plugins.describe(), "components": kinds}, indent=2)
 
 
-def yaml_presets(group: str, plugins) -> dict[str, str]:
-    """YAML options of `group` shipped by the framework's conf/ and by plugins' search paths."""
-    from importlib import resources
-
-    found: dict[str, str] = {}
-    for path in ["pkg://framework.conf", *plugins.config_search_paths()]:
-        if not path.startswith("pkg://"):
-            continue
-        module = path[len("pkg://") :].replace("/", ".")
-        try:
-            folder = resources.files(module) / group
-            names = [entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml")]
-        except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-            continue
-        for name in names:
-            found.setdefault(name[: -len(".yaml")], module)
-    return found
-
-
 def check_group_overrides(argv: list[str], plugins) -> None:
     """Reject `group=name` overrides naming no installed option, before Hydra or any model loads."""
-    from framework.config import GROUPS
+    from framework.config import GROUPS, check_choice
+    from framework.plugins.registry import UnknownNameError
 
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in GROUPS or value.startswith(("choice(", "range(", "glob(")):
+        if not sep or key not in (*GROUPS, "model") or value.startswith(("choice(", "range(", "glob(")):
             continue
-        options = {e.name: e.provider for kind in GROUPS[key][1] for e in plugins[kind]}
-        for name, module in yaml_presets(key, plugins).items():
-            options.setdefault(name, f"preset in {module}")
         for name in value.split(","):
-            if name not in options:
-                listing = ", ".join(f"{n} ({p})" for n, p in options.items())
-                _fail(f"unknown {key} {name!r}; available: {listing}")
+            try:
+                check_choice(key, name, plugins)
+            except UnknownNameError as exc:
+                _fail(str(exc))
 
 
 def run(cfg, plugins) -> None:
@@ -77,7 +57,7 @@ def run(cfg, plugins) -> None:
     try:
         llm = LLM(config=cfg, plugins=plugins)
         params = SamplingParams(max_tokens=cfg.run.max_tokens, temperature=cfg.run.temperature)
-    except (UnknownNameError, CheckpointError, ValueError, TypeError) as exc:
+    except (UnknownNameError, CheckpointError, ImportError, ValueError, TypeError) as exc:
         _fail(str(exc))
     loaded = time.perf_counter()
     prompts = list(cfg.run.prompts)
@@ -123,7 +103,10 @@ def main() -> None:
 
     from framework.config import register_configs
 
-    register_configs(plugins)
+    try:
+        register_configs(plugins)
+    except PluginError as exc:
+        _fail(str(exc))
 
     @hydra.main(version_base="1.3", config_path="pkg://framework.conf", config_name="config")
     def app(cfg) -> None:

@@ -111,6 +111,45 @@ def component_config(group_cfg: Any, own_config: type | None) -> Any:
     return own_config(**{k: v for k, v in dict(group_cfg).items() if k in names})
 
 
+def yaml_presets(group: str, plugins) -> dict[str, str]:
+    """YAML options of `group` in the framework's conf/ and in plugins' search paths."""
+    from importlib import resources
+    from pathlib import Path
+
+    found: dict[str, str] = {}
+    for path in ["pkg://framework.conf", *plugins.config_search_paths()]:
+        try:
+            if path.startswith("pkg://"):
+                where = path[len("pkg://") :].replace("/", ".")
+                folder = resources.files(where) / group
+            else:
+                where = path[len("file://") :] if path.startswith("file://") else path
+                folder = Path(where) / group
+            names = [entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml")]
+        except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            found.setdefault(name[: -len(".yaml")], f"preset in {where}")
+    return found
+
+
+def group_options(group: str, plugins) -> dict[str, str]:
+    """Every option of a config group, with who provides it."""
+    options = {e.name: e.provider for kind in GROUPS.get(group, (None, {}))[1] for e in plugins[kind]}
+    for name, provider in yaml_presets(group, plugins).items():
+        options.setdefault(name, provider)
+    return options
+
+
+def check_choice(group: str, name: str, plugins) -> None:
+    from framework.plugins.registry import UnknownNameError
+
+    options = group_options(group, plugins)
+    if name not in options:
+        listing = ", ".join(f"{n} ({p})" for n, p in options.items())
+        raise UnknownNameError(f"unknown {group} {name!r}; available: {listing}")
+
+
 class _FrameworkSearchPath(SearchPathPlugin):
     """Adds the config search paths of installed plugins (their YAML presets)."""
 
@@ -126,6 +165,17 @@ def register_configs(plugins) -> None:
     cs = ConfigStore.instance()
     cs.store(name="framework_schema", node=FrameworkConfig)
     for group, (base, name_fields) in GROUPS.items():
+        seen: dict[str, str] = {}
+        for kind in name_fields:
+            for entry in plugins[kind]:
+                if entry.name in seen:
+                    from framework.plugins.manager import PluginError
+
+                    raise PluginError(
+                        f"{group} option {entry.name!r} is provided twice: as a {seen[entry.name]} and as a "
+                        f"{kind.replace('_', ' ')} (by {entry.provider}); names must be unique within a group"
+                    )
+                seen[entry.name] = kind.replace("_", " ")
         for kind, name_field in name_fields.items():
             for entry in plugins[kind]:
                 cs.store(

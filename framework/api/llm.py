@@ -45,11 +45,17 @@ def options_to_overrides(model: str | None, options: dict[str, Any]) -> list[str
     option, `max_num_tokens=256` sets the one field of that name, `**{"kv_cache.block_size": 8}`
     sets a dotted key."""
     overrides = []
+    if "max_tokens" in options:
+        raise TypeError(
+            "max_tokens is a per-request setting (SamplingParams.max_tokens); the KV cache size is kv_cache.max_tokens"
+        )
     if model is not None:
         overrides.append(f"model.path={_override_value(str(model))}")
     owners = _field_owners()
     for key, value in options.items():
-        if key in GROUPS and isinstance(value, str):
+        if key in GROUPS:
+            if not isinstance(value, str):
+                raise TypeError(f"{key} selects an implementation by name; got {value!r}")
             overrides.append(f"{key}={value}")
         elif "." in key:
             overrides.append(f"{key}={_override_value(value)}")
@@ -70,8 +76,17 @@ class LLM:
         from framework.executor.builder import build_executor, validate_names
         from framework.models.checkpoint import resolve_checkpoint
 
+        from framework.config import check_choice
+
         self.plugins = plugins or create_plugin_manager()
-        self.config = config if config is not None else compose(options_to_overrides(model, options), self.plugins)
+        if config is not None and (model is not None or options):
+            raise TypeError("pass either a composed config or model/options, not both")
+        if config is None:
+            for group in GROUPS:
+                if isinstance(options.get(group), str):
+                    check_choice(group, options[group], self.plugins)
+            config = compose(options_to_overrides(model, options), self.plugins)
+        self.config = config
         validate_names(self.config, self.plugins)
         checkpoint_dir = resolve_checkpoint(self.config.model.path)
         self.tokenizer = _load_tokenizer(checkpoint_dir)

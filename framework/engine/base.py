@@ -19,6 +19,8 @@ class ForwardOutput:
 class ModelEngine(ABC):
     vocab_size: int
     max_model_len: int
+    device: Any  # torch.device the model runs on
+    dtype: Any  # torch.dtype of weights and KV cache
 
     @abstractmethod
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -24,10 +24,10 @@ class BlockPool:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[object | None] = [None] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[object, int] = {}  # block key (hashable) -> block id
 
     @property
     def num_free_blocks(self) -> int:
@@ -45,7 +45,7 @@ class BlockPool:
         self.ref_counts[block] = 1
         return block
 
-    def lookup(self, block_hash: int) -> int | None:
+    def lookup(self, block_hash) -> int | None:
         return self.cached.get(block_hash)
 
     def acquire(self, block: int) -> None:
@@ -63,7 +63,7 @@ class BlockPool:
             else:
                 self.evictable[block] = None
 
-    def commit(self, block: int, block_hash: int) -> None:
+    def commit(self, block: int, block_hash) -> None:
         """`block` is full and its content is identified by `block_hash`: make it reusable. If an
         identical block is already cached, this one stays private and is freed normally."""
         if block_hash not in self.cached and self.block_hash[block] is None:

@@ -45,7 +45,7 @@ class PagedKVCacheManager(KVCacheManager):
             for _ in range(spec.num_layers)
         ]
         self.block_tables: dict[str, list[int]] = {}
-        self.block_hashes: dict[str, list[int]] = {}  # hashes of each request's full blocks, in order
+        self.block_hashes: dict[str, list[tuple]] = {}  # keys of each request's full blocks, in order
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -107,9 +107,11 @@ class PagedKVCacheManager(KVCacheManager):
             for _ in range(self.blocks_needed(request, request.num_scheduled_tokens)):
                 table.append(self.pool.allocate())
 
-    def _block_hash(self, request: LlmRequest, index: int, parent: int | None) -> int:
+    def _block_hash(self, request: LlmRequest, index: int, parent: tuple | None) -> tuple:
+        """The key of a full block: its own tokens plus a hash of its parent's key. Lookups compare
+        the tokens exactly, so only a collision of the (64-bit) parent hash could alias two blocks."""
         bs = self.block_size
-        return hash((parent, tuple(request.tokens(index * bs, (index + 1) * bs))))
+        return (hash(parent), tuple(request.tokens(index * bs, (index + 1) * bs)))
 
     def _reuse_prefix(self, request: LlmRequest) -> None:
         """Extend the request's table with cached blocks, up to the end of its scheduled chunk and

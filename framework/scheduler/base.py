@@ -48,12 +48,20 @@ def queued(active: list[LlmRequest]) -> list[LlmRequest]:
     return [r for r in active if r.state is RequestState.QUEUED]
 
 
+def _limits(scheduler_config) -> tuple[int, int]:
+    batch, tokens = scheduler_config.max_batch_size, scheduler_config.max_num_tokens
+    if batch < 1:
+        raise ValueError(f"scheduler.max_batch_size must be >= 1, got {batch}")
+    if tokens < 1:
+        raise ValueError(f"scheduler.max_num_tokens must be >= 1, got {tokens}")
+    return batch, tokens
+
+
 class CapacityScheduler(ABC):
     """Decides which requests hold KV resources this step. `active` is in arrival order."""
 
     def __init__(self, scheduler_config, config=None):
-        self.max_batch_size = scheduler_config.max_batch_size
-        self.max_num_tokens = scheduler_config.max_num_tokens
+        self.max_batch_size, self.max_num_tokens = _limits(scheduler_config)
         self.config = config
 
     @abstractmethod
@@ -65,8 +73,7 @@ class MicroBatchScheduler(ABC):
     `num_scheduled_tokens` (a prompt chunk, a recompute chunk or one decode token)."""
 
     def __init__(self, scheduler_config, config=None):
-        self.max_batch_size = scheduler_config.max_batch_size
-        self.max_num_tokens = scheduler_config.max_num_tokens
+        self.max_batch_size, self.max_num_tokens = _limits(scheduler_config)
         self.config = config
 
     @abstractmethod

@@ -38,7 +38,7 @@ class StaticBatchScheduler(GuaranteedNoEvictScheduler):
 
 class MaxUtilizationScheduler(CapacityScheduler):
     """Admits greedily: a request needs blocks only for its next step. When the running requests
-    cannot all get their next step's blocks, the most recently admitted one is preempted (its blocks
+    cannot all get their next step's blocks, the most recently arrived one is preempted (its blocks
     are released and it is recomputed later, from its prompt and the tokens it already produced)."""
 
     def _next_step_blocks(self, request: LlmRequest, kv_cache: KVCacheCapacity) -> int:

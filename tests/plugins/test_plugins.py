@@ -192,3 +192,27 @@ def test_conf_ships_inside_the_wheel(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith(str(target))
     assert "capacity: guaranteed_no_evict" in result.stdout
+
+
+def test_python_api_rejects_bad_options_clearly(tiny_dir):
+    with pytest.raises(LookupError, match=r"unknown scheduler 'nope'; available: .*max_utilization \(framework\)"):
+        LLM(str(tiny_dir), scheduler="nope")
+    with pytest.raises(TypeError, match="kv_cache.max_tokens"):
+        LLM(str(tiny_dir), max_tokens=10)
+    with pytest.raises(TypeError, match="selects an implementation by name"):
+        LLM(str(tiny_dir), decoder=3)
+    with pytest.raises(ValueError, match="max_num_tokens must be >= 1"):
+        LLM(str(tiny_dir), max_num_tokens=0)
+
+
+def test_a_name_shared_by_both_scheduler_kinds_is_refused():
+    from framework.config import register_configs
+
+    class Both:
+        @hookimpl
+        def register_micro_batch_schedulers(self, register):
+            register("max_utilization", CountingScheduler)
+
+    plugins = create_plugin_manager(extra_plugins=[Both()], autoload=False)
+    with pytest.raises(PluginError, match="'max_utilization' is provided twice"):
+        register_configs(plugins)
