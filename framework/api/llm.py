@@ -1,15 +1,24 @@
-"""The user-facing entry point: tokenizer, detokenizer and an executor built from the config."""
+"""The user-facing entry point: tokenizer, detokenizer and an executor built from the config.
+
+The executor runs inline (offline `generate`, `stream`) or on a background thread (`start()`,
+implied by `generate_async`), in which case every caller's requests are batched by that one loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
-import json
 import os
-from typing import Any, Sequence
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
-from framework.config import GROUPS, ModelConfig, compose
-from framework.outputs import CompletionOutput, RequestOutput
+from framework.api.detokenizer import IncrementalDetokenizer, visible_text
+from framework.api.options import options_to_overrides
+from framework.config import GROUPS, check_choice, compose
+from framework.outputs import CompletionOutput, Logprob, RequestOutput
 from framework.plugins.manager import Plugins, create_plugin_manager
 from framework.request import LlmRequest
 from framework.sampling_params import SamplingParams
@@ -19,53 +28,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 Prompt = str | Sequence[int]
 
 
-def _override_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value)
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+@dataclass(eq=False)
+class _Group:
+    """One prompt's `n` completions, reported together under one request id."""
 
+    request_id: str
+    requests: list[LlmRequest]
+    listener: Callable[[RequestOutput], None] | None = None
+    logprob_cache: dict | None = None
 
-def _field_owners() -> dict[str, list[str]]:
-    owners: dict[str, list[str]] = {}
-    groups = {"model": ModelConfig, **{g: base for g, (base, _) in GROUPS.items()}}
-    for group, cls in groups.items():
-        for f in dataclasses.fields(cls):
-            owners.setdefault(f.name, []).append(group)
-    return owners
-
-
-def options_to_overrides(model: str | None, options: dict[str, Any]) -> list[str]:
-    """`LLM(...)` keyword options as Hydra overrides: `scheduler="max_utilization"` selects a group
-    option, `max_num_tokens=256` sets the one field of that name, `**{"kv_cache.block_size": 8}`
-    sets a dotted key."""
-    overrides = []
-    if "max_tokens" in options:
-        raise TypeError(
-            "max_tokens is a per-request setting (SamplingParams.max_tokens); the KV cache size is kv_cache.max_tokens"
-        )
-    if model is not None:
-        overrides.append(f"model.path={_override_value(str(model))}")
-    owners = _field_owners()
-    for key, value in options.items():
-        if key in GROUPS:
-            if not isinstance(value, str):
-                raise TypeError(f"{key} selects an implementation by name; got {value!r}")
-            overrides.append(f"{key}={value}")
-        elif "." in key:
-            overrides.append(f"{key}={_override_value(value)}")
-        elif key in owners and len(owners[key]) == 1:
-            overrides.append(f"{owners[key][0]}.{key}={_override_value(value)}")
-        elif key in owners:
-            raise TypeError(f"option {key!r} is ambiguous; say which: {', '.join(g + '.' + key for g in owners[key])}")
-        else:
-            raise TypeError(f"unknown option {key!r}; options: {', '.join(sorted(owners))} (or 'group.field')")
-    return overrides
+    @property
+    def finished(self) -> bool:
+        return all(r.is_finished for r in self.requests)
 
 
 class LLM:
@@ -75,8 +49,6 @@ class LLM:
     def __init__(self, model: str | None = None, *, config=None, plugins: Plugins | None = None, **options):
         from framework.executor.builder import build_executor, validate_names
         from framework.models.checkpoint import resolve_checkpoint
-
-        from framework.config import check_choice
 
         self.plugins = plugins or create_plugin_manager()
         if config is not None and (model is not None or options):
@@ -90,54 +62,185 @@ class LLM:
         validate_names(self.config, self.plugins)
         checkpoint_dir = resolve_checkpoint(self.config.model.path)
         self.tokenizer = _load_tokenizer(checkpoint_dir)
-        self.executor = build_executor(self.config, self.plugins, checkpoint_dir)
+        self.executor = build_executor(self.config, self.plugins, checkpoint_dir, IncrementalDetokenizer(self.tokenizer))
         self.eos_token_ids = _eos_token_ids(self.executor.model_engine, self.tokenizer)
         self._ids = itertools.count()
+        self._groups: dict[str, _Group] = {}  # by member request id, while running
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
 
-    # ---- requests ----------------------------------------------------------------------------
-    def _make_request(self, prompt: Prompt, params: SamplingParams, priority: int | None = None) -> LlmRequest:
+    # ---- adding requests ---------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, token_ids = None, list(prompt)
-        return LlmRequest(
-            request_id=str(next(self._ids)),
-            prompt_token_ids=token_ids,
-            sampling_params=params,
-            prompt=text,
-            priority=priority,
-            eos_token_ids=self.eos_token_ids,
-        )
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
 
-    def _output(self, request: LlmRequest) -> RequestOutput:
-        params = request.sampling_params
-        text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=params.skip_special_tokens)
-        reason = request.finish_reason.value if request.finish_reason else None
-        metrics = {"arrival_time": request.arrival_time, "num_preemptions": request.num_preemptions}
-        if request.first_token_time is not None:
-            metrics["first_token_time"] = request.first_token_time
-        if request.finish_time is not None:
-            metrics["finish_time"] = request.finish_time
+    def _new_group(self, prompt: Prompt, params: SamplingParams, priority, request_id=None, index=0) -> _Group:
+        """Build and validate (ValueError naming the problem) the requests of one prompt."""
+        params.validate()
+        text, ids = self._prompt_ids(prompt)
+        group_id = str(request_id) if request_id is not None else str(next(self._ids))
+        requests = []
+        for i in range(params.n):
+            member = params if params.n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            requests.append(
+                LlmRequest(
+                    request_id=group_id if params.n == 1 else f"{group_id}-{i}",
+                    prompt_token_ids=ids,
+                    sampling_params=member,
+                    prompt=text,
+                    priority=priority,
+                    eos_token_ids=self.eos_token_ids,
+                    follows=requests[0] if requests else None,
+                )
+            )
+        error = self.executor.validate(requests[0])
+        if error:
+            raise ValueError(f"prompt {index}: {error}")
+        return _Group(group_id, requests)
+
+    def _submit(self, groups: list[_Group]) -> None:
+        with self._lock:
+            for group in groups:
+                for request in group.requests:
+                    if request.request_id in self._groups:
+                        raise ValueError(f"request id {request.request_id!r} is already running")
+            for group in groups:
+                for request in group.requests:
+                    self._groups[request.request_id] = group
+        for group in groups:
+            for request in group.requests:
+                self.executor.enqueue(request)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a running request (all its completions); its KV blocks return to the pool at once."""
+        with self._lock:
+            members = [r.request_id for r in next((g.requests for g in self._groups.values() if g.request_id == request_id), [])]
+        for member in members:
+            self.executor.abort(member)
+        self._wake.set()
+
+    # ---- stepping ----------------------------------------------------------------------------
+    def _step(self) -> list[_Group]:
+        """One executor step; returns the groups that changed (finished ones are forgotten)."""
+        changed: dict[int, _Group] = {}
+        for request in self.executor.step():
+            with self._lock:
+                group = self._groups.get(request.request_id)
+            if group is not None:
+                changed[id(group)] = group
+        groups = list(changed.values())
+        with self._lock:
+            for group in groups:
+                if group.finished:
+                    for request in group.requests:
+                        self._groups.pop(request.request_id, None)
+        for group in groups:
+            if group.listener is not None:
+                group.listener(self._output(group))
+        return groups
+
+    def _updates(self, groups: list[_Group]) -> Iterator[RequestOutput]:
+        """Outputs of `groups` as they change, until all have finished."""
+        pending = {id(g) for g in groups if not g.finished}
+        if self._thread is not None:
+            inbox: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+            owners = {}
+            for group in groups:
+                group.listener = inbox.put
+                owners[group.request_id] = group
+            self._submit(groups)
+            while pending:
+                out = inbox.get()
+                if out.finished:
+                    pending.discard(id(owners[out.request_id]))
+                yield out
+            return
+        self._submit(groups)
+        while pending:
+            for group in self._step():
+                if id(group) in pending:
+                    if group.finished:
+                        pending.discard(id(group))
+                    yield self._output(group)
+            if pending and not self.executor.has_work():
+                raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
+
+    # ---- the background loop (serving) -------------------------------------------------------
+    def start(self) -> None:
+        """Run the executor on a background thread; requests from any thread are batched by it."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="framework-executor", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping = True
+            self._wake.set()
+            thread.join()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.executor.has_work():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            self._step()
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def _logprobs(self, raw: list[dict] | None, cache: list) -> list[dict[int, Logprob]] | None:
+        if raw is None:
+            return None
+        for position in raw[len(cache) :]:
+            cache.append(
+                None
+                if position is None
+                else {t: Logprob(lp, rank, self.tokenizer.decode([t])) for t, (lp, rank) in position.items()}
+            )
+        return list(cache)
+
+    def _output(self, group: _Group) -> RequestOutput:
+        if group.logprob_cache is None:
+            group.logprob_cache = {"prompt": [], **{i: [] for i in range(len(group.requests))}}
+        outputs = []
+        for i, request in enumerate(group.requests):
+            outputs.append(
+                CompletionOutput(
+                    index=i,
+                    text=visible_text(request),
+                    token_ids=list(request.output_token_ids),
+                    logprobs=self._logprobs(request.logprobs, group.logprob_cache[i]),
+                    finish_reason=request.finish_reason.value if request.finish_reason else None,
+                    stop_reason=request.stop_reason,
+                )
+            )
+        first = group.requests[0]
+        metrics = {"arrival_time": first.arrival_time, "num_preemptions": sum(r.num_preemptions for r in group.requests)}
+        firsts = [r.first_token_time for r in group.requests if r.first_token_time is not None]
+        if firsts:
+            metrics["first_token_time"] = min(firsts)
+        if group.finished:
+            metrics["finish_time"] = max(r.finish_time for r in group.requests)
+        errors = [r.error for r in group.requests if r.error]
         return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=[CompletionOutput(0, text, list(request.output_token_ids), reason, request.stop_reason)],
-            finished=request.is_finished,
-            error=request.error,
+            request_id=group.request_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=outputs,
+            finished=group.finished,
+            prompt_logprobs=self._logprobs(first.prompt_logprobs, group.logprob_cache["prompt"]),
+            error=errors[0] if errors else None,
             metrics=metrics,
         )
 
-    def generate(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
-        priority: Sequence[int] | None = None,
-    ) -> list[RequestOutput]:
-        """Generate for one prompt (text or token ids) or a list of them. Every prompt is checked
-        before any runs: a bad one raises ValueError and leaves the engine as it was. `priority`
-        (one int per prompt, lower is more important) is read by priority-aware schedulers."""
+    # ---- the public API ----------------------------------------------------------------------
+    def _groups_for(self, prompts, sampling_params, priority) -> list[_Group]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -149,38 +252,81 @@ class LLM:
         priorities = list(priority) if priority is not None else [None] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(priorities)} priorities")
-        requests = [self._make_request(p, sp, pr) for p, sp, pr in zip(prompts, params, priorities)]
-        for i, request in enumerate(requests):
-            request.sampling_params.validate()
-            error = self.executor.validate(request)
-            if error:
-                raise ValueError(f"prompt {i}: {error}")
-        for request in requests:
-            self.executor.enqueue(request)
-        self._run(requests, use_tqdm)
-        return [self._output(r) for r in requests]
+        return [self._new_group(p, sp, pr, index=i) for i, (p, sp, pr) in enumerate(zip(prompts, params, priorities))]
 
-    def _run(self, requests: list[LlmRequest], use_tqdm: bool) -> None:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for one prompt (text or token ids) or a list of them. Every prompt is checked
+        before any runs: a bad one raises ValueError and leaves the engine as it was. `priority`
+        (one int per prompt, lower is more important) is read by priority-aware schedulers."""
         from tqdm.auto import tqdm
 
-        pending = {r.request_id for r in requests}
-        with tqdm(total=len(requests), desc="Generating", disable=not use_tqdm or len(requests) < 2) as bar:
-            while pending:
-                for request in self.executor.step():
-                    if request.is_finished and request.request_id in pending:
-                        pending.discard(request.request_id)
-                        bar.update(1)
-                if not self.executor.has_work() and pending:
-                    raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
+        groups = self._groups_for(prompts, sampling_params, priority)
+        finals: dict[str, RequestOutput] = {}
+        with tqdm(total=len(groups), desc="Generating", disable=not use_tqdm or len(groups) < 2) as bar:
+            for out in self._updates(groups):
+                if out.finished:
+                    finals[out.request_id] = out
+                    bar.update(1)
+        return [finals[g.request_id] for g in groups]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, priority: int | None = None) -> Iterator[RequestOutput]:
+        """Partial outputs of one prompt as tokens arrive (text is cumulative); the last has
+        `finished=True`. Closing the iterator early aborts the request."""
+        (group,) = self._groups_for([prompt], sampling_params, None if priority is None else [priority])
+        finished = False
+        try:
+            for out in self._updates([group]):
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(group.request_id)
+
+    async def generate_async(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        *,
+        stream: bool = False,
+        request_id: str | None = None,
+        priority: int | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """`async for out in llm.generate_async(prompt, params, stream=True)`: partial outputs
+        (or only the final one), while the background loop batches all concurrent callers. A
+        consumer that stops iterating aborts its request."""
+        self.start()
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        group = self._new_group(prompt, sampling_params or SamplingParams(), priority, request_id=request_id)
+        group.listener = lambda out: loop.call_soon_threadsafe(inbox.put_nowait, out)
+        self._submit([group])
+        finished = False
+        try:
+            while not finished:
+                out = await inbox.get()
+                finished = out.finished
+                if stream or finished:
+                    yield out
+        finally:
+            if not finished:
+                self.abort(group.request_id)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> RequestOutput:
         """One conversation (a list of {"role", "content"} dicts) through the checkpoint's chat template."""
-        prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-            prompt_ids = prompt_ids["input_ids"]
-        return self.generate([list(prompt_ids)], sampling_params, use_tqdm=use_tqdm)[0]
+        return self.generate([self.chat_prompt(messages)], sampling_params, use_tqdm=use_tqdm)[0]
 
-    # ---- introspection -----------------------------------------------------------------------
+    def chat_prompt(self, messages) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
     @property
     def kv_cache_stats(self):
         return self.executor.kv_cache_manager.stats()

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from framework.request import LlmRequest
+
+
+@dataclass(frozen=True)
+class DecoderOutput:
+    token_ids: list[int]  # one new token per request
+    # per request: {token_id: (logprob, rank)} when its SamplingParams ask for logprobs, else None
+    logprobs: list[dict[int, tuple[float, int]] | None] | None = None
 
 
 class Decoder(ABC):
@@ -13,5 +21,5 @@ class Decoder(ABC):
         self.seed = seed
 
     @abstractmethod
-    def decode(self, requests: list[LlmRequest], logits) -> list[int]:
-        """One new token per request; `logits` is `[len(requests), vocab]` float32."""
+    def decode(self, requests: list[LlmRequest], logits) -> DecoderOutput:
+        """`logits` is `[len(requests), vocab]` float32, one row per request, in order."""

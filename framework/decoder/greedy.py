@@ -1,8 +1,9 @@
-"""A pure-greedy decoder: argmax, whatever the request's temperature."""
+"""A pure-greedy decoder: argmax, whatever the request's sampling settings (a fast path for
+benchmarks and exactness checks)."""
 
-from framework.decoder.base import Decoder
+from framework.decoder.base import Decoder, DecoderOutput
 
 
 class GreedyDecoder(Decoder):
     def decode(self, requests, logits):
-        return logits.argmax(dim=-1).tolist() if requests else []
+        return DecoderOutput(logits.argmax(dim=-1).tolist() if requests else [])

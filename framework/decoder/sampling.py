@@ -1,11 +1,31 @@
-"""The default decoder: greedy for temperature 0, otherwise sampling from softmax(logits / T),
-vectorised over the batch."""
+"""The default decoder: the full sampling set, vectorised over the batch.
+
+Order of operations per row (as documented on SamplingParams): repetition, presence and frequency
+penalties; `min_tokens` (EOS and stop token ids masked while too few tokens exist); temperature;
+top-k; top-p; min-p; then a draw (or the argmax for temperature 0). Each seeded request draws from
+its own generator, so its tokens do not depend on what else is in the batch.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from framework.decoder.base import Decoder
+from framework.decoder.base import Decoder, DecoderOutput
+from framework.decoder.logprobs import top_logprobs
+from framework.request import LlmRequest
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class _PenaltyState:
+    """Per-request token statistics, kept on the request between steps."""
+
+    in_prompt: torch.Tensor  # [vocab] bool
+    counts: torch.Tensor  # [vocab] float, occurrences in the output so far
+    seen_outputs: int  # how many output tokens `counts` includes
 
 
 class SamplingDecoder(Decoder):
@@ -13,21 +33,117 @@ class SamplingDecoder(Decoder):
         super().__init__(decoder_config, config, seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
+    @staticmethod
+    def _request_generator(request: LlmRequest, device: torch.device) -> torch.Generator:
+        if request.generator is None:
+            request.generator = torch.Generator(device=device).manual_seed(request.sampling_params.seed)
+        return request.generator
+
     def decode(self, requests, logits):
         if not requests:
-            return []
+            return DecoderOutput([])
+        params = [r.sampling_params for r in requests]
+        raw = logits
+        logits = logits.clone()
+        if any(p.has_penalties for p in params):
+            self._apply_penalties(requests, logits)
+        self._apply_min_tokens(requests, logits)
+
+        temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+        greedy = temperatures == 0
         tokens = logits.argmax(dim=-1)
-        temperatures = [r.sampling_params.temperature for r in requests]
-        if any(t > 0 for t in temperatures):
-            temps = torch.tensor(temperatures, dtype=logits.dtype, device=logits.device)
-            probs = torch.softmax(logits / temps.clamp_min(1e-6)[:, None], dim=-1)
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
-            noise = torch.empty_like(probs).exponential_(generator=self._generator(logits.device))
-            sampled = (probs / noise).argmax(dim=-1)
-            tokens = torch.where(temps > 0, sampled, tokens)
-        return tokens.tolist()
+        if not bool(greedy.all()):
+            probs = self._filtered_probs(params, logits, temperatures)
+            noise = self._exponential_noise(requests, probs)
+            sampled = (probs / noise).argmax(dim=-1)  # argmax(p / E), E ~ Exp(1), draws from p
+            tokens = torch.where(greedy, tokens, sampled)
+        logprobs = None
+        if any(p.logprobs is not None for p in params):
+            k = max(p.logprobs or 0 for p in params)
+            rows = top_logprobs(raw, tokens, k)
+            logprobs = [
+                None if p.logprobs is None else {t: v for t, v in row.items() if v[1] <= p.logprobs or t == tok}
+                for p, row, tok in zip(params, rows, tokens.tolist())
+            ]
+        self._record(requests, tokens)
+        return DecoderOutput(tokens.tolist(), logprobs)
+
+    # ---- penalties and masks -----------------------------------------------------------------
+    def _state(self, request: LlmRequest, vocab: int, device) -> _PenaltyState:
+        state = request.decoder_state
+        if state is None:
+            in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
+            in_prompt[torch.tensor(request.prompt_token_ids, device=device)] = True
+            state = request.decoder_state = _PenaltyState(in_prompt, torch.zeros(vocab, device=device), 0)
+        missing = request.output_token_ids[state.seen_outputs :]
+        if missing:  # outputs appended since the last step (normally none: _record adds them)
+            state.counts.index_add_(0, torch.tensor(missing, device=device), torch.ones(len(missing), device=device))
+            state.seen_outputs += len(missing)
+        return state
+
+    def _apply_penalties(self, requests, logits) -> None:
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
+        vocab, device = logits.shape[1], logits.device
+        states = [self._state(requests[i], vocab, device) for i in rows]
+        counts = torch.stack([s.counts for s in states])
+        seen = torch.stack([s.in_prompt for s in states]) | (counts > 0)
+        p = [requests[i].sampling_params for i in rows]
+        rep = torch.tensor([x.repetition_penalty for x in p], device=device)[:, None]
+        presence = torch.tensor([x.presence_penalty for x in p], device=device)[:, None]
+        frequency = torch.tensor([x.frequency_penalty for x in p], device=device)[:, None]
+        sub = logits[rows]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - presence * (counts > 0) - frequency * counts
+        logits[rows] = sub
+
+    @staticmethod
+    def _apply_min_tokens(requests, logits) -> None:
+        for i, request in enumerate(requests):
+            p = request.sampling_params
+            if len(request.output_token_ids) < p.min_tokens:
+                blocked = list(p.stop_token_ids) + ([] if p.ignore_eos else list(request.eos_token_ids))
+                if blocked:
+                    logits[i, blocked] = NEG_INF
+
+    @staticmethod
+    def _filtered_probs(params, logits, temperatures) -> torch.Tensor:
+        scaled = logits / torch.where(temperatures > 0, temperatures, 1.0)[:, None]
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k > 0 for k in top_k) or any(tp < 1.0 for tp in top_p):
+            sorted_logits, order = scaled.sort(dim=-1, descending=True)
+            ranks = torch.arange(scaled.shape[1], device=scaled.device)[None, :]
+            k = torch.tensor([k if k > 0 else scaled.shape[1] for k in top_k], device=scaled.device)[:, None]
+            drop = ranks >= k
+            sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, NEG_INF), dim=-1)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ranked above
+            tp = torch.tensor(top_p, device=scaled.device, dtype=scaled.dtype)[:, None]
+            drop |= before >= tp  # keeps the smallest prefix whose mass reaches top_p (at least one)
+            scaled = scaled.scatter(1, order, sorted_logits.masked_fill(drop, NEG_INF))
+        probs = torch.softmax(scaled, dim=-1)
+        min_p = [p.min_p for p in params]
+        if any(m > 0 for m in min_p):
+            threshold = torch.tensor(min_p, device=probs.device, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _exponential_noise(self, requests, probs) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_(generator=self._shared_generator(probs.device))
+        for i, request in enumerate(requests):
+            if request.sampling_params.seed is not None and request.sampling_params.temperature > 0:
+                noise[i].exponential_(generator=self._request_generator(request, probs.device))
+        return noise
+
+    @staticmethod
+    def _record(requests, tokens) -> None:
+        """Count each penalised request's new token now, so the next step need not."""
+        for request, token in zip(requests, tokens.tolist()):
+            state = request.decoder_state
+            if isinstance(state, _PenaltyState):
+                state.counts[token] += 1
+                state.seen_outputs += 1

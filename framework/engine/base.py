@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from framework.request import LlmRequest
@@ -14,6 +14,9 @@ from framework.resources.base import KVCacheSpec, ResourceManager
 class ForwardOutput:
     logits: Any  # [len(sampled), vocab] float32 tensor: one row per request that samples this step
     sampled: list[LlmRequest]  # requests whose scheduled chunk reached their last token
+    # for requests asking for prompt logprobs: (request, first position, logits of every position
+    # of its chunk [num_scheduled_tokens, vocab] float32)
+    prompt_logits: list[tuple[LlmRequest, int, Any]] = field(default_factory=list)
 
 
 class ModelEngine(ABC):

@@ -61,9 +61,11 @@ class PyTorchModelEngine(ModelEngine):
         bs = kv_cache_manager.block_size
         device = self.device
         input_ids: list[int] = []
-        starts, lengths, tables, sample_index, sampled = [], [], [], [], []
+        starts, lengths, tables, sample_index, sampled, chunk_ranges = [], [], [], [], [], []
         for request in scheduled:
             start, n = request.num_computed_tokens, request.num_scheduled_tokens
+            if request.sampling_params.prompt_logprobs is not None and start < request.prompt_len - 1:
+                chunk_ranges.append((request, start, len(input_ids), n))
             input_ids.extend(request.tokens(start, start + n))
             starts.append(start)
             lengths.append(n)
@@ -99,12 +101,17 @@ class PyTorchModelEngine(ModelEngine):
             meta,
             torch.tensor(sample_index, dtype=torch.long, device=device),
             sampled,
+            chunk_ranges,
         )
 
     @torch.inference_mode()
     def forward(self, scheduled, resource_manager):
         kv = resource_manager.kv_cache_manager
-        input_ids, positions, meta, sample_index, sampled = self.prepare_inputs(scheduled, kv)
+        input_ids, positions, meta, sample_index, sampled, chunk_ranges = self.prepare_inputs(scheduled, kv)
         hidden = self.model(input_ids, positions, meta, kv.get_kv_caches())
         logits = self.model.compute_logits(hidden[sample_index]).float()
-        return ForwardOutput(logits=logits, sampled=sampled)
+        prompt_logits = [
+            (request, start, self.model.compute_logits(hidden[offset : offset + n]).float())
+            for request, start, offset, n in chunk_ranges
+        ]
+        return ForwardOutput(logits=logits, sampled=sampled, prompt_logits=prompt_logits)

@@ -27,7 +27,7 @@ def _check(obj, abc, kind, entry):
     return obj
 
 
-def build_executor(cfg, plugins, checkpoint_dir) -> PyExecutor:
+def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor:
     """Each factory is called as factory(group_config, own_config, *context)."""
     chosen = _selected(cfg, plugins)
 
@@ -44,6 +44,7 @@ def build_executor(cfg, plugins, checkpoint_dir) -> PyExecutor:
         resource_manager=ResourceManager({"kv_cache": kv_cache}),
         model_engine=engine,
         decoder=make("decoder", Decoder, seed=cfg.model.seed),
+        detokenizer=detokenizer,
     )
 
 

@@ -33,17 +33,21 @@ class PyExecutor:
         resource_manager: ResourceManager,
         model_engine: ModelEngine,
         decoder: Decoder,
+        detokenizer=None,
     ):
         self.capacity_scheduler = capacity_scheduler
         self.micro_batch_scheduler = micro_batch_scheduler
         self.resource_manager = resource_manager
         self.model_engine = model_engine
         self.decoder = decoder
+        self.detokenizer = detokenizer  # optional: output text and stop strings need one
         self.kv_cache_manager = resource_manager.kv_cache_manager
         self.active: list[LlmRequest] = []  # arrival order
+        self._waiting: list[LlmRequest] = []  # siblings (n > 1) waiting for the first one's prompt
         self._incoming: queue.SimpleQueue[LlmRequest] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._finished_by_abort: list[LlmRequest] = []  # aborted between steps, reported by the next
         self.num_steps = 0
 
     # ---- requests in and out -----------------------------------------------------------------
@@ -51,10 +55,16 @@ class PyExecutor:
         self._incoming.put(request)
 
     def abort(self, request_id: str) -> None:
+        """Abort a request; its blocks are freed now if no step is running, else right after it."""
         self._aborts.put(request_id)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._finished_by_abort.extend(self._fetch_new_requests())
+            finally:
+                self._lock.release()
 
     def has_work(self) -> bool:
-        return bool(self.active) or not self._incoming.empty() or not self._aborts.empty()
+        return bool(self.active or self._waiting or self._finished_by_abort) or not self._incoming.empty() or not self._aborts.empty()
 
     def validate(self, request: LlmRequest) -> str | None:
         """Why `request` cannot run, or None."""
@@ -78,23 +88,31 @@ class PyExecutor:
         return None
 
     def _fetch_new_requests(self) -> list[LlmRequest]:
-        """Admit queued arrivals into `active`; returns those that were rejected or aborted."""
-        done = []
+        """Admit arrivals into `active`; returns those that were rejected or aborted."""
+        done, self._finished_by_abort = self._finished_by_abort, []
         while not self._incoming.empty():
             request = self._incoming.get()
             error = self.validate(request)
             if error is None:
-                self.active.append(request)
+                self._waiting.append(request)
             else:
                 self._finish(request, FinishReason.ERROR, error=error)
                 done.append(request)
+        # A sibling starts once the first request has its prompt in the cache (so it reuses it).
+        ready = [r for r in self._waiting if r.follows is None or r.follows.output_token_ids or r.follows.is_finished]
+        if ready:
+            self.active += ready
+            self._waiting = [r for r in self._waiting if r not in ready]
         aborted = set()
         while not self._aborts.empty():
             aborted.add(self._aborts.get())
         if aborted:
-            for request in self.active:
-                if request.request_id in aborted:
+            for request in self.active + self._waiting:
+                if request.request_id in aborted and not request.is_finished:
                     self._finish(request, FinishReason.ABORT)
+                    if request in self._waiting:
+                        self._waiting.remove(request)
+                        done.append(request)
             done += self._release_finished()
         return done
 
@@ -120,7 +138,9 @@ class PyExecutor:
             batch = [r for r in scheduled if r.num_scheduled_tokens > 0]  # prefix hits may cover a chunk
             try:
                 output = self.model_engine.forward(batch, self.resource_manager) if batch else None
-                tokens = self.decoder.decode(output.sampled, output.logits) if output else []
+                decoded = self.decoder.decode(output.sampled, output.logits) if output else None
+                if output and output.prompt_logits:
+                    self._record_prompt_logprobs(output.prompt_logits)
             except Exception as exc:  # the engine must keep serving: fail this batch, not the process
                 logger.exception("step failed")
                 for request in scheduled:
@@ -128,26 +148,53 @@ class PyExecutor:
                 return updated + self._release_finished()
             for request in batch:
                 request.num_computed_tokens += request.num_scheduled_tokens
-            for request, token in zip(output.sampled if output else (), tokens):
-                self._append_token(request, token)
-                updated.append(request)
+            if decoded is not None:
+                logprobs = decoded.logprobs or [None] * len(decoded.token_ids)
+                for request, token, token_logprobs in zip(output.sampled, decoded.token_ids, logprobs):
+                    self._append_token(request, token, token_logprobs)
+                    updated.append(request)
             self.resource_manager.update_resources(scheduled)
             for request in scheduled:
                 request.num_scheduled_tokens = 0
             self._release_finished()
             return updated
 
-    def _append_token(self, request: LlmRequest, token: int) -> None:
+    def _record_prompt_logprobs(self, prompt_logits) -> None:
+        """Logprobs of prompt tokens from the logits of the positions before them."""
+        import torch
+
+        from framework.decoder.logprobs import top_logprobs
+
+        for request, start, logits in prompt_logits:
+            if request.prompt_logprobs is None:
+                request.prompt_logprobs = [None]  # the first prompt token has no logprob
+            # logits row j predicts the token at position start + j + 1; keep prompt positions not yet seen
+            first = len(request.prompt_logprobs) - 1 - start
+            count = min(logits.shape[0], request.prompt_len - 1 - start) - first
+            if count <= 0:
+                continue
+            targets = torch.tensor(request.prompt_token_ids[start + first + 1 : start + first + 1 + count], device=logits.device)
+            request.prompt_logprobs += top_logprobs(logits[first : first + count], targets, request.sampling_params.prompt_logprobs)
+
+    def _append_token(self, request: LlmRequest, token: int, token_logprobs=None) -> None:
         request.output_token_ids.append(token)
+        if token_logprobs is not None:
+            if request.logprobs is None:
+                request.logprobs = []
+            request.logprobs.append(token_logprobs)
         now = time.monotonic()
         if request.first_token_time is None:
             request.first_token_time = now
         request.state = RequestState.GENERATION
         params = request.sampling_params
-        if not params.ignore_eos and token in request.eos_token_ids:
+        may_stop = len(request.output_token_ids) >= params.min_tokens
+        stop_string = self.detokenizer.update(request, token, may_stop) if self.detokenizer is not None else None
+        if may_stop and not params.ignore_eos and token in request.eos_token_ids:
             self._finish(request, FinishReason.STOP, stop_reason=token)
-        elif token in params.stop_token_ids:
+        elif may_stop and token in params.stop_token_ids:
             self._finish(request, FinishReason.STOP, stop_reason=token)
+        elif may_stop and stop_string is not None:
+            self._finish(request, FinishReason.STOP, stop_reason=stop_string)
         elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.model_engine.max_model_len:
             self._finish(request, FinishReason.LENGTH)
 

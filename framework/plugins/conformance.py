@@ -145,11 +145,12 @@ def check_decoder(factory, config=None):
 
     decoder = factory(SimpleNamespace(name="conformance"), config, seed=0)
     assert isinstance(decoder, Decoder)
-    assert decoder.decode([], torch.zeros(0, 10)) == []
+    assert decoder.decode([], torch.zeros(0, 10)).token_ids == []
     requests = [LlmRequest(str(i), [1], SamplingParams(max_tokens=1, temperature=0.0)) for i in range(3)]
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
-    tokens = decoder.decode(requests, logits)
-    assert tokens == logits.argmax(-1).tolist(), "temperature 0 must be greedy"
+    out = decoder.decode(requests, logits)
+    assert out.token_ids == logits.argmax(-1).tolist(), "temperature 0 must be greedy"
+    assert out.logprobs is None or len(out.logprobs) == 3
 
 
 def check_model_engine(factory, checkpoint_dir, config=None):

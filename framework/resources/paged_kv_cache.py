@@ -100,7 +100,8 @@ class PagedKVCacheManager(KVCacheManager):
         # request of the same step could have reused.
         if self.enable_prefix_caching:
             for request in scheduled:
-                if request.state is RequestState.CONTEXT:
+                # prompt logprobs need every prompt position computed, so such requests reuse nothing
+                if request.state is RequestState.CONTEXT and request.sampling_params.prompt_logprobs is None:
                     self._reuse_prefix(request)
         for request in scheduled:
             table = self.block_tables.setdefault(request.request_id, [])

@@ -174,9 +174,13 @@ def test_broken_plugin_fails_loudly_with_its_distribution(tmp_path, source, mess
 
 def test_conf_ships_inside_the_wheel(tmp_path):
     """The CLI works from a non-editable install: conf/ travels as framework.conf."""
+    import shutil
+
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", ".gpu", "build", "*.egg-info", "__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(REPO)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
         check=True,
         capture_output=True,
         cwd=tmp_path,
