@@ -45,12 +45,14 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
 
-        def integer(name, minimum, allow_none=False):
+        def integer(name, minimum, allow_none=False, maximum=None):
             value = getattr(self, name)
             if value is None and allow_none:
                 return
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            if maximum is not None and value > maximum:
+                raise ValueError(f"{name} must be an integer <= {maximum}, got {value!r}")
 
         def number(name, low, high=None, low_open=False):
             value = getattr(self, name)
@@ -69,7 +71,7 @@ class SamplingParams:
         integer("top_k", 0)
         number("top_p", 0.0, 1.0, low_open=True)
         number("min_p", 0.0, 1.0)
-        integer("seed", -(2**63), allow_none=True)
+        integer("seed", -(2**63), allow_none=True, maximum=2**64 - 1)  # torch.Generator.manual_seed's range
         number("repetition_penalty", 0.0, low_open=True)
         number("presence_penalty", -2.0, 2.0)
         number("frequency_penalty", -2.0, 2.0)

@@ -84,7 +84,7 @@ class LLM:
         group_id = str(request_id) if request_id is not None else str(next(self._ids))
         requests = []
         for i in range(params.n):
-            member = params if params.n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            member = params if params.n == 1 or params.seed is None else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
             requests.append(
                 LlmRequest(
                     request_id=group_id if params.n == 1 else f"{group_id}-{i}",

@@ -59,7 +59,8 @@ class PyExecutor:
         self._aborts.put(request_id)
         if self._lock.acquire(blocking=False):
             try:
-                self._finished_by_abort.extend(self._fetch_new_requests())
+                aborted = self._fetch_new_requests()
+                self._finished_by_abort.extend(aborted)  # reported by the next step
             finally:
                 self._lock.release()
 
@@ -130,12 +131,13 @@ class PyExecutor:
             for request in capacity.fitting:
                 if request.state is RequestState.QUEUED:
                     request.state = RequestState.CONTEXT
+                    self.resource_manager.admit(request)
             scheduled = self.micro_batch_scheduler.schedule(capacity.fitting)
             if not scheduled:
                 return updated
             self.num_steps += 1
             self.resource_manager.prepare_resources(scheduled)
-            batch = [r for r in scheduled if r.num_scheduled_tokens > 0]  # prefix hits may cover a chunk
+            batch = scheduled
             try:
                 output = self.model_engine.forward(batch, self.resource_manager) if batch else None
                 decoded = self.decoder.decode(output.sampled, output.logits) if output else None

@@ -65,6 +65,7 @@ def simulate(capacity, micro_batch, kv, requests, max_num_tokens, max_batch_size
         for request in out.fitting:
             if request.state is RequestState.QUEUED:
                 request.state = RequestState.CONTEXT
+                kv.admit(request)
         scheduled = micro_batch.schedule(out.fitting)
         fitting_ids = {id(r) for r in out.fitting}
         assert all(id(r) in fitting_ids for r in scheduled), "micro-batch scheduled a request that does not fit"

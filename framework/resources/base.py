@@ -14,6 +14,11 @@ from framework.request import LlmRequest
 
 
 class BaseResourceManager(ABC):
+    def admit(self, request: LlmRequest) -> None:
+        """The capacity scheduler admitted `request` (new, or resumed after preemption), before the
+        micro-batch scheduler sees it. A manager may attach resources it already has for the
+        request here; the KV cache manager attaches cached prefix blocks and advances the cursor."""
+
     @abstractmethod
     def prepare_resources(self, scheduled: list[LlmRequest]) -> None:
         """Before the forward: make room for each request's `num_scheduled_tokens`."""
@@ -111,6 +116,10 @@ class ResourceManager:
 
     def get(self, name: str) -> BaseResourceManager:
         return self.managers[name]
+
+    def admit(self, request: LlmRequest) -> None:
+        for manager in self.managers.values():
+            manager.admit(request)
 
     def prepare_resources(self, scheduled: list[LlmRequest]) -> None:
         for manager in self.managers.values():

@@ -23,9 +23,10 @@ def _ceil_div(a: int, b: int) -> int:
 
 class PagedKVCacheManager(KVCacheManager):
     """Per layer K and V tensors of `[num_blocks, block_size, kv_heads, head_dim]`, a block table per
-    request, and prefix reuse: every full block is identified by a hash chained over all tokens up
-    to its end, so a new request whose prompt starts with cached blocks takes them instead of
-    recomputing them."""
+    request, and prefix reuse: every full block is identified by a key chained over all tokens up
+    to its end, so a request admitted with a prompt that starts with cached blocks takes them
+    instead of recomputing them. The capacity queries already count those hits, so schedulers
+    budget only the tokens that will really be computed."""
 
     def __init__(self, kv_config, config, spec: KVCacheSpec):
         self.block_size = kv_config.block_size
@@ -61,6 +62,9 @@ class PagedKVCacheManager(KVCacheManager):
         return len(self.block_tables.get(request.request_id, ()))
 
     def blocks_needed(self, request, num_new_tokens):
+        if request.request_id not in self.block_tables:  # not admitted yet: its prefix may be cached
+            reusable, unreferenced = self._reuse_cost(request)
+            return unreferenced + _ceil_div(num_new_tokens, self.block_size)
         end = request.num_computed_tokens + num_new_tokens
         return max(0, _ceil_div(end, self.block_size) - self._held(request))
 
@@ -70,7 +74,11 @@ class PagedKVCacheManager(KVCacheManager):
         return min(request.max_total_tokens, self.spec.max_model_len) - 1
 
     def get_needed_resource_to_completion(self, request):
-        return max(0, _ceil_div(self.max_cached_tokens(request), self.block_size) - self._held(request))
+        total = _ceil_div(self.max_cached_tokens(request), self.block_size)
+        if request.request_id not in self.block_tables:
+            reusable, unreferenced = self._reuse_cost(request)
+            return unreferenced + total - reusable
+        return max(0, total - self._held(request))
 
     def num_exclusive_blocks(self, request):
         refs = self.pool.ref_counts
@@ -94,54 +102,60 @@ class PagedKVCacheManager(KVCacheManager):
             prefix_hit_tokens=self.prefix_hit_tokens,
         )
 
-    # ---- the resource-manager protocol -------------------------------------------------------
-    def prepare_resources(self, scheduled):
-        # Reuse first, for every request, so that no allocation below evicts a block that a later
-        # request of the same step could have reused.
-        if self.enable_prefix_caching:
-            for request in scheduled:
-                # prompt logprobs need every prompt position computed, so such requests reuse nothing
-                if request.state is RequestState.CONTEXT and request.sampling_params.prompt_logprobs is None:
-                    self._reuse_prefix(request)
-        for request in scheduled:
-            table = self.block_tables.setdefault(request.request_id, [])
-            for _ in range(self.blocks_needed(request, request.num_scheduled_tokens)):
-                table.append(self.pool.allocate())
-
+    # ---- prefix reuse ------------------------------------------------------------------------
     def _block_hash(self, request: LlmRequest, index: int, parent: tuple | None) -> tuple:
         """The key of a full block: its own tokens plus a hash of its parent's key. Lookups compare
         the tokens exactly, so only a collision of the (64-bit) parent hash could alias two blocks."""
         bs = self.block_size
         return (hash(parent), tuple(request.tokens(index * bs, (index + 1) * bs)))
 
-    def _reuse_prefix(self, request: LlmRequest) -> None:
-        """Extend the request's table with cached blocks, up to the end of its scheduled chunk and
-        always leaving at least its last token to compute (its logits are needed)."""
-        table = self.block_tables.setdefault(request.request_id, [])
-        hashes = self.block_hashes.setdefault(request.request_id, [])
-        bs = self.block_size
-        if request.num_computed_tokens != len(table) * bs or len(hashes) != len(table):
-            return  # the last held block is partial: the prefix has already diverged
-        end = request.num_computed_tokens + request.num_scheduled_tokens
-        limit = min(end, request.num_tokens - 1) // bs
-        if not table:
-            self.prefix_queried_tokens += request.num_tokens
-        parent = hashes[-1] if hashes else None
-        matched = 0
-        for index in range(len(table), limit):
-            block_hash = self._block_hash(request, index, parent)
-            block = self.pool.lookup(block_hash)
+    def _reusable(self, request: LlmRequest) -> list[tuple[tuple, int]]:
+        """(key, block) of the cached blocks a request holding nothing could start with, leaving at
+        least its last token to compute (its logits are needed). Read-only."""
+        if (
+            not self.enable_prefix_caching
+            or request.request_id in self.block_tables
+            or request.sampling_params.prompt_logprobs is not None  # needs every prompt position computed
+        ):
+            return []
+        found, parent = [], None
+        for index in range((request.num_tokens - 1) // self.block_size):
+            key = self._block_hash(request, index, parent)
+            block = self.pool.lookup(key)
             if block is None:
                 break
+            found.append((key, block))
+            parent = key
+        return found
+
+    def _reuse_cost(self, request: LlmRequest) -> tuple[int, int]:
+        """(blocks reusable, of which unreferenced): taking an unreferenced cached block uses up a
+        free one, taking a block another request holds costs nothing."""
+        reusable = self._reusable(request)
+        return len(reusable), sum(1 for _, b in reusable if self.pool.ref_counts[b] == 0)
+
+    def admit(self, request):
+        """Start the request's table with every cached block of its prefix; advance its cursor."""
+        if not self.enable_prefix_caching or request.request_id in self.block_tables:
+            return
+        reusable = self._reusable(request)
+        if request.sampling_params.prompt_logprobs is None:
+            self.prefix_queried_tokens += request.num_tokens
+        table = self.block_tables[request.request_id] = []
+        keys = self.block_hashes[request.request_id] = []
+        for key, block in reusable:
             self.pool.acquire(block)
             table.append(block)
-            hashes.append(block_hash)
-            parent = block_hash
-            matched += 1
-        if matched:
-            self.prefix_hit_tokens += matched * bs
-            request.num_computed_tokens = len(table) * bs
-            request.num_scheduled_tokens = end - request.num_computed_tokens
+            keys.append(key)
+        self.prefix_hit_tokens += len(table) * self.block_size
+        request.num_computed_tokens = len(table) * self.block_size
+
+    # ---- the resource-manager protocol -------------------------------------------------------
+    def prepare_resources(self, scheduled):
+        for request in scheduled:
+            table = self.block_tables.setdefault(request.request_id, [])
+            for _ in range(self.blocks_needed(request, request.num_scheduled_tokens)):
+                table.append(self.pool.allocate())
 
     def update_resources(self, scheduled):
         if not self.enable_prefix_caching:
