@@ -47,12 +47,20 @@ def check_group_overrides(argv: list[str], plugins) -> None:
                 _fail(str(exc))
 
 
+def default_model_name(cfg) -> str:
+    from pathlib import Path
+
+    return Path(cfg.model.path).name if cfg.model.path else "SmolLM2-135M-Instruct"
+
+
 def run(cfg, plugins) -> None:
     from framework.api.llm import LLM
     from framework.models.checkpoint import CheckpointError
     from framework.plugins.registry import UnknownNameError
     from framework.sampling_params import SamplingParams
 
+    if cfg.mode not in ("generate", "serve"):
+        _fail(f"mode must be 'generate' or 'serve', got {cfg.mode!r}")
     started = time.perf_counter()
     try:
         llm = LLM(config=cfg, plugins=plugins)
@@ -60,6 +68,14 @@ def run(cfg, plugins) -> None:
     except (UnknownNameError, CheckpointError, ImportError, ValueError, TypeError) as exc:
         _fail(str(exc))
     loaded = time.perf_counter()
+    if cfg.mode == "serve":
+        from framework.server.app import serve
+
+        s = cfg.server
+        name = s.model_name or default_model_name(cfg)
+        print(f"[framework] serving {name} on http://{s.host}:{s.port}/v1 (loaded in {loaded - started:.1f}s)", flush=True)
+        serve(llm, s.host, s.port, name, s.api_key, s.graceful_timeout)
+        return
     prompts = list(cfg.run.prompts)
     inputs = [
         llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)

@@ -55,6 +55,17 @@ class EngineConfig:
 
 
 @dataclass
+class ServerConfig:
+    """`mode=serve`: the OpenAI-compatible HTTP server."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # when set, /v1/* requires `Authorization: Bearer <api_key>`
+    model_name: str | None = None  # the name clients pass as `model`; default: the checkpoint's
+    graceful_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
+
+
+@dataclass
 class RunConfig:
     """What `python -m framework` does with the engine."""
 
@@ -81,6 +92,7 @@ GROUPS: dict[str, tuple[type, dict[str, str]]] = {
 
 @dataclass
 class FrameworkConfig:
+    mode: str = "generate"  # generate | serve
     model: ModelConfig = field(default_factory=ModelConfig)
     # typed by the selected option's own dataclass (see register_configs)
     scheduler: Any = None
@@ -88,6 +100,7 @@ class FrameworkConfig:
     decoder: Any = None
     engine: Any = None
     run: RunConfig = field(default_factory=RunConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 def _option_node(base: type, name_field: str, name: str, own_config: type | None) -> Any:

@@ -56,8 +56,9 @@ def make_tiny_checkpoint(path, tokenizer_dir, *, seed=0, tie=False, rope_paramet
             if p.dim() > 1:
                 p.normal_(0, 0.15)
     model.save_pretrained(str(path))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, path / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
     return path
 
 

@@ -178,7 +178,19 @@ class LLM:
         self._thread = threading.Thread(target=self._loop, name="framework-executor", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, abort_running: bool = False, timeout: float = 10.0) -> None:
+        """Stop the background loop. With `abort_running`, running requests are aborted first and
+        their callers receive their final (aborted) outputs."""
+        import time
+
+        if self._thread is not None and abort_running:
+            with self._lock:
+                group_ids = {g.request_id for g in self._groups.values()}
+            for group_id in group_ids:
+                self.abort(group_id)
+            deadline = time.monotonic() + timeout
+            while self.executor.has_work() and time.monotonic() < deadline:
+                time.sleep(0.01)
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stopping = True
@@ -300,10 +312,15 @@ class LLM:
         """`async for out in llm.generate_async(prompt, params, stream=True)`: partial outputs
         (or only the final one), while the background loop batches all concurrent callers. A
         consumer that stops iterating aborts its request."""
+        group = self._new_group(prompt, sampling_params or SamplingParams(), priority, request_id=request_id)
+        async for out in self.generate_group_async(group, stream=stream):
+            yield out
+
+    async def generate_group_async(self, group: _Group, stream: bool = False) -> AsyncIterator[RequestOutput]:
+        """Run an already validated request group (see `_new_group`) on the background loop."""
         self.start()
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        group = self._new_group(prompt, sampling_params or SamplingParams(), priority, request_id=request_id)
         group.listener = lambda out: loop.call_soon_threadsafe(inbox.put_nowait, out)
         self._submit([group])
         finished = False

@@ -49,6 +49,7 @@ class PyExecutor:
         self._lock = threading.Lock()
         self._finished_by_abort: list[LlmRequest] = []  # aborted between steps, reported by the next
         self.num_steps = 0
+        self.peak_running = 0  # the most requests computed in one step so far
 
     # ---- requests in and out -----------------------------------------------------------------
     def enqueue(self, request: LlmRequest) -> None:
@@ -66,6 +67,13 @@ class PyExecutor:
 
     def has_work(self) -> bool:
         return bool(self.active or self._waiting or self._finished_by_abort) or not self._incoming.empty() or not self._aborts.empty()
+
+    def num_running(self) -> int:
+        return sum(1 for r in self.active if r.state in (RequestState.CONTEXT, RequestState.GENERATION))
+
+    def num_waiting(self) -> int:
+        queued = sum(1 for r in self.active if r.state is RequestState.QUEUED)
+        return queued + len(self._waiting) + self._incoming.qsize()
 
     def validate(self, request: LlmRequest) -> str | None:
         """Why `request` cannot run, or None."""
@@ -136,6 +144,7 @@ class PyExecutor:
             if not scheduled:
                 return updated
             self.num_steps += 1
+            self.peak_running = max(self.peak_running, len(scheduled))
             self.resource_manager.prepare_resources(scheduled)
             batch = scheduled
             try:
