@@ -11,6 +11,15 @@ import pytest
 import torch
 
 TINY_VOCAB = 49152  # SmolLM2's tokenizer, so text prompts work too
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def random_prompts(lengths, seed=0):
+    """Token-id prompts of the given lengths (no special tokens), reproducible from `seed`."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in lengths]
 
 
 @pytest.fixture(scope="session")

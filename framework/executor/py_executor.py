@@ -87,7 +87,7 @@ class PyExecutor:
         bad = [t for t in request.prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             return f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}"
-        need = self.kv_cache_manager.get_needed_resource_to_completion(request)
+        need = self.kv_cache_manager.blocks_at_completion(request)
         total = self.kv_cache_manager.get_max_resource_count()
         if need > total:
             return (

@@ -92,6 +92,11 @@ class KVCacheManager(BaseResourceManager):
     @abstractmethod
     def num_exclusive_blocks(self, request: LlmRequest) -> int: ...
 
+    @abstractmethod
+    def blocks_at_completion(self, request: LlmRequest) -> int:
+        """Blocks the request's table holds once it has produced its last possible token, whether
+        they are shared or not (a request larger than the pool can never run)."""
+
     # the engine's view
     @abstractmethod
     def get_block_table(self, request: LlmRequest) -> list[int]: ...

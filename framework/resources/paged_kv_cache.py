@@ -64,6 +64,8 @@ class PagedKVCacheManager(KVCacheManager):
     def blocks_needed(self, request, num_new_tokens):
         if request.request_id not in self.block_tables:  # not admitted yet: its prefix may be cached
             reusable, unreferenced = self._reuse_cost(request)
+            if reusable:  # after admission fewer tokens are left to compute
+                num_new_tokens = min(num_new_tokens, request.num_tokens - reusable * self.block_size)
             return unreferenced + _ceil_div(num_new_tokens, self.block_size)
         end = request.num_computed_tokens + num_new_tokens
         return max(0, _ceil_div(end, self.block_size) - self._held(request))
@@ -73,8 +75,11 @@ class PagedKVCacheManager(KVCacheManager):
         last token is sampled, never computed)."""
         return min(request.max_total_tokens, self.spec.max_model_len) - 1
 
+    def blocks_at_completion(self, request):
+        return _ceil_div(self.max_cached_tokens(request), self.block_size)
+
     def get_needed_resource_to_completion(self, request):
-        total = _ceil_div(self.max_cached_tokens(request), self.block_size)
+        total = self.blocks_at_completion(request)
         if request.request_id not in self.block_tables:
             reusable, unreferenced = self._reuse_cost(request)
             return unreferenced + total - reusable

@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -120,14 +120,51 @@ def build_app(llm, model_name: str, api_key: str | None = None, default_chat_max
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def recorded(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """`merged`, counting each request in the metrics when it finishes, or as aborted when it
+        is abandoned unfinished (the client went away)."""
+        last: dict[int, RequestOutput] = {}
+        done: set[int] = set()
+        try:
+            async with aclosing(merged(streams)) as outputs:
+                async for i, out in outputs:
+                    last[i] = out
+                    if out.finished:
+                        done.add(i)
+                        metrics.record(out)
+                    yield i, out
+        finally:
+            for i, out in last.items():
+                if i not in done:
+                    metrics.record(out, aborted=True)
+
     async def finals(streams) -> list[RequestOutput]:
         last: dict[int, RequestOutput] = {}
-        async for i, out in merged(streams):
-            last[i] = out
-        outs = [last[i] for i in range(len(streams))]
-        for out in outs:
-            metrics.record(out)
-        return outs
+        async with aclosing(recorded(streams)) as outputs:
+            async for i, out in outputs:
+                last[i] = out
+        return [last[i] for i in range(len(streams))]
+
+    async def unless_disconnected(request: Request, work):
+        """Await `work`, but cancel it (which aborts its engine requests) if the client disconnects
+        first: a non-streaming client that gives up must not keep its sequences running."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnect():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(disconnect())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(watcher, task, return_exceptions=True)
+        if task.cancelled():  # nobody is listening any more
+            return _error("the client disconnected", 499, "client_disconnected")
+        return task.result()
 
     def usage(outs: list[RequestOutput]) -> dict:
         prompt = sum(len(o.prompt_token_ids) for o in outs)
@@ -179,7 +216,9 @@ def build_app(llm, model_name: str, api_key: str | None = None, default_chat_max
         base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         n = params.n
         if not body.stream:
-            outs = await finals(streams)
+            outs = await unless_disconnected(request, finals(streams))
+            if not isinstance(outs, list):
+                return outs
             choices = [
                 {
                     "index": i * n + c.index,
@@ -195,22 +234,21 @@ def build_app(llm, model_name: str, api_key: str | None = None, default_chat_max
         async def events():
             sent = {}  # (prompt, choice) -> (chars, tokens) already sent
             last: dict[int, RequestOutput] = {}
-            async for i, out in merged(streams):
-                last[i] = out
-                for c in out.outputs:
-                    chars, tokens = sent.get((i, c.index), (0, 0))
-                    if len(c.text) == chars and c.finish_reason is None:
-                        continue
-                    sent[(i, c.index)] = (len(c.text), len(c.token_ids))
-                    choice = {
-                        "index": i * n + c.index,
-                        "text": c.text[chars:],
-                        "logprobs": completion_logprobs(c, tokens, chars),
-                        "finish_reason": c.finish_reason,
-                    }
-                    yield _sse({**base, "choices": [choice]})
-                if out.finished:
-                    metrics.record(out)
+            async with aclosing(recorded(streams)) as outputs:
+                async for i, out in outputs:
+                    last[i] = out
+                    for c in out.outputs:
+                        chars, tokens = sent.get((i, c.index), (0, 0))
+                        if len(c.text) == chars and c.finish_reason is None:
+                            continue
+                        sent[(i, c.index)] = (len(c.text), len(c.token_ids))
+                        choice = {
+                            "index": i * n + c.index,
+                            "text": c.text[chars:],
+                            "logprobs": completion_logprobs(c, tokens, chars),
+                            "finish_reason": c.finish_reason,
+                        }
+                        yield _sse({**base, "choices": [choice]})
             if body.include_usage:
                 yield _sse({**base, "choices": [], "usage": usage([last[i] for i in sorted(last)])})
             yield "data: [DONE]\n\n"
@@ -229,7 +267,10 @@ def build_app(llm, model_name: str, api_key: str | None = None, default_chat_max
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": model_name}
         if not body.stream:
-            (out,) = await finals([stream])
+            outs = await unless_disconnected(request, finals([stream]))
+            if not isinstance(outs, list):
+                return outs
+            (out,) = outs
             choices = [
                 {
                     "index": c.index,
@@ -247,18 +288,17 @@ def build_app(llm, model_name: str, api_key: str | None = None, default_chat_max
             final = None
             for i in range(params.n):
                 yield _sse({**base_chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
-            async for _, out in merged([stream]):
-                final = out
-                for c in out.outputs:
-                    chars, tokens = sent.get(c.index, (0, 0))
-                    if len(c.text) == chars and c.finish_reason is None:
-                        continue
-                    sent[c.index] = (len(c.text), len(c.token_ids))
-                    delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
-                    choice = {"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, params.logprobs or 0, tokens), "finish_reason": c.finish_reason}
-                    yield _sse({**base_chunk, "choices": [choice]})
-                if out.finished:
-                    metrics.record(out)
+            async with aclosing(recorded([stream])) as outputs:
+                async for _, out in outputs:
+                    final = out
+                    for c in out.outputs:
+                        chars, tokens = sent.get(c.index, (0, 0))
+                        if len(c.text) == chars and c.finish_reason is None:
+                            continue
+                        sent[c.index] = (len(c.text), len(c.token_ids))
+                        delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
+                        choice = {"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, params.logprobs or 0, tokens), "finish_reason": c.finish_reason}
+                        yield _sse({**base_chunk, "choices": [choice]})
             if body.include_usage and final is not None:
                 yield _sse({**base_chunk, "choices": [], "usage": usage([final])})
             yield "data: [DONE]\n\n"

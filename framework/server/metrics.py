@@ -41,10 +41,11 @@ class ServerMetrics:
         self.ttft = Histogram()
         self.tpot = Histogram()
 
-    def record(self, out: RequestOutput) -> None:
+    def record(self, out: RequestOutput, aborted: bool = False) -> None:
+        """Count a finished request, or (`aborted`) the last output of one its client abandoned."""
         with self._lock:
             reasons = [c.finish_reason for c in out.outputs]
-            kind = "error" if "error" in reasons else "abort" if "abort" in reasons else "ok"
+            kind = "error" if "error" in reasons else "abort" if aborted or "abort" in reasons else "ok"
             self.requests[kind] += 1
             self.prompt_tokens += len(out.prompt_token_ids)
             generated = sum(len(c.token_ids) for c in out.outputs)

@@ -4,20 +4,11 @@ streaming (sync and asyncio), abort."""
 from __future__ import annotations
 
 import asyncio
-import random
-
 import pytest
 import torch
 
 from framework import LLM, SamplingParams
-from tests.conftest import TINY_VOCAB, reference_model
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def prompts(lengths, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in lengths]
+from tests.conftest import GREEDY, random_prompts as prompts, reference_model
 
 
 @pytest.fixture(scope="module")

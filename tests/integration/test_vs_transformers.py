@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from framework import LLM, SamplingParams
-from tests.conftest import TINY_VOCAB, assert_greedy_match, reference_model
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def random_prompts(lengths, seed=0):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in lengths]
+from tests.conftest import GREEDY, assert_greedy_match, random_prompts, reference_model
 
 
 @pytest.fixture(scope="module")

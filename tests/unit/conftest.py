@@ -1,6 +1,6 @@
 """Shared helpers for the CPU-only unit tests: tiny KV cache managers, requests, and a model-free
-driver that runs the executor's step loop (schedule -> prepare -> compute -> sample -> update ->
-free) with a fake "sampler".
+driver that runs the executor's step loop (schedule -> admit -> micro-batch -> prepare -> compute ->
+sample -> update -> free) with a fake "sampler".
 
 The helpers are plain functions and classes exposed through the `h` fixture, so that test files do
 not import this module by name.
@@ -61,27 +61,40 @@ def sample_token(request: LlmRequest) -> int:
     return 500 + len(request.output_token_ids)
 
 
-def prepare(kv, chunks: dict) -> list[LlmRequest]:
-    """The executor's half-step up to the forward: admitted requests enter CONTEXT, each gets its
-    chunk (`num_scheduled_tokens`), then `prepare_resources` runs (prefix hits may shrink chunks)."""
-    scheduled = list(chunks)
-    for request, n in chunks.items():
+def admit(kv, *requests: LlmRequest) -> None:
+    """The executor's admission, right after the capacity scheduler: each request still QUEUED (new,
+    or preempted) enters CONTEXT and `kv.admit` attaches its cached prefix, advancing its cursor.
+    Requests already running are left alone."""
+    for request in requests:
         if request.state is RequestState.QUEUED:
             request.state = RequestState.CONTEXT
+            kv.admit(request)
+
+
+def prepare(kv, chunks: dict) -> list[LlmRequest]:
+    """The executor's half-step up to the forward: every QUEUED request of `chunks` is admitted
+    first (in order, as the executor admits the whole fitting list before the micro-batch scheduler
+    runs), then each gets its chunk (`num_scheduled_tokens`, counted from the cursor after
+    admission: a prefix hit is not part of it), then `prepare_resources` allocates."""
+    scheduled = list(chunks)
+    admit(kv, *scheduled)
+    for request, n in chunks.items():
+        assert 1 <= n <= request.num_missing_tokens, f"chunk {n} of {request.request_id} outside [1, {request.num_missing_tokens}]"
         request.num_scheduled_tokens = n
     kv.prepare_resources(scheduled)
+    for request in scheduled:
+        covered = len(kv.get_block_table(request)) * kv.block_size
+        assert covered >= request.num_computed_tokens + request.num_scheduled_tokens, "a chunk without blocks"
     return scheduled
 
 
 def complete(kv, scheduled: list[LlmRequest], outputs: dict | None = None) -> list[LlmRequest]:
-    """The executor's half-step after `prepare_resources`: cursors advance by the (possibly
-    shrunk) chunks, a request that has computed all its tokens samples one (from `outputs` or the
-    fake sampler) and enters GENERATION, then `update_resources` runs and chunks reset.
-    Returns the requests that sampled."""
+    """The executor's half-step after `prepare_resources`: cursors advance by the chunks, a request
+    that has computed all its tokens samples one (from `outputs` or the fake sampler) and enters
+    GENERATION, then `update_resources` runs and chunks reset. Returns the requests that sampled."""
     outputs = outputs or {}
-    batch = [r for r in scheduled if r.num_scheduled_tokens > 0]
-    sampled = [r for r in batch if r.num_computed_tokens + r.num_scheduled_tokens == r.num_tokens]
-    for request in batch:
+    sampled = [r for r in scheduled if r.num_computed_tokens + r.num_scheduled_tokens == r.num_tokens]
+    for request in scheduled:
         request.num_computed_tokens += request.num_scheduled_tokens
     for request in sampled:
         request.output_token_ids.append(outputs.get(request, sample_token(request)))
@@ -119,14 +132,16 @@ def assert_pool_idle(kv) -> None:
 class StepRecord:
     fitting: list[str]
     preempted: list[str]
-    chunks: dict[str, int]  # as chosen by the micro-batch scheduler, before prefix hits
-    computed: dict[str, int]  # tokens actually computed (after prefix hits)
+    admitted: dict[str, int]  # requests admitted this step (QUEUED -> CONTEXT) -> prefix hit tokens
+    chunks: dict[str, int]  # as chosen by the micro-batch scheduler: all computed (hits are not in them)
     finished: list[str] = field(default_factory=list)
 
 
 class MiniExecutor:
     """`PyExecutor.step` without a model: same order of calls on the schedulers and the KV cache
-    manager, a fake sampler, finishing on max_tokens / max_model_len."""
+    manager (capacity -> free the preempted -> admit -> micro-batch -> prepare -> compute ->
+    update -> free the finished), a fake sampler, finishing on max_tokens / max_model_len. Checks
+    the step's contracts on the way, as `framework.plugins.conformance.simulate` does."""
 
     def __init__(self, capacity, micro_batch, kv):
         self.capacity = capacity
@@ -144,13 +159,18 @@ class MiniExecutor:
         for request in out.preempted:
             self.kv.free_resources(request)
             request.reset_for_recompute()
+        admitted = {}
         for request in out.fitting:
             if request.state is RequestState.QUEUED:
-                request.state = RequestState.CONTEXT
+                admit(self.kv, request)
+                admitted[request.request_id] = request.num_computed_tokens
         scheduled = self.micro_batch.schedule(out.fitting)
+        assert all(1 <= r.num_scheduled_tokens <= r.num_missing_tokens for r in scheduled), "chunk outside [1, missing]"
         chunks = {r.request_id: r.num_scheduled_tokens for r in scheduled}
         self.kv.prepare_resources(scheduled)
-        computed = {r.request_id: r.num_scheduled_tokens for r in scheduled}
+        for request in scheduled:
+            covered = len(self.kv.get_block_table(request)) * self.kv.block_size
+            assert covered >= request.num_computed_tokens + request.num_scheduled_tokens, "a chunk without blocks"
         finished = []
         for request in complete(self.kv, scheduled):
             if (
@@ -165,8 +185,8 @@ class MiniExecutor:
         record = StepRecord(
             fitting=[r.request_id for r in out.fitting],
             preempted=[r.request_id for r in out.preempted],
+            admitted=admitted,
             chunks=chunks,
-            computed=computed,
             finished=finished,
         )
         self.records.append(record)
@@ -188,6 +208,7 @@ def h():
         kv=new_kv,
         kv_config=kv_config,
         kv_spec=kv_spec,
+        admit=admit,
         prepare=prepare,
         complete=complete,
         step=step,

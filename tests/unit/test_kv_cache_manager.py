@@ -3,12 +3,16 @@ exact block ids, reference counts, free / evictable order and eviction order aft
 
 from collections import deque
 
+import types
+
 import pytest
 import torch
 
 from framework.request import RequestState
 from framework.resources.base import KVCacheStats
 from framework.resources.paged_kv_cache import PagedKVCacheManager
+from framework.sampling_params import SamplingParams
+from framework.scheduler.micro_batch import FCFSMicroBatchScheduler
 
 
 def tokens(start, end):
@@ -118,18 +122,27 @@ def test_prefix_hit_shares_full_blocks(h):
     h.step(kv, {a: 10})
     b = h.request("b", tokens(1, 9) + [50, 51, 52])  # shares a's two full blocks
 
-    scheduled = h.prepare(kv, {b: 11})
-    assert kv.get_block_table(b) == [0, 1, 3]
-    assert kv.pool.ref_counts == [2, 2, 1, 1, 0, 0, 0, 0]
+    h.admit(kv, b)  # the hit is attached at admission, before any chunk is chosen
+    assert b.state is RequestState.CONTEXT
+    assert kv.get_block_table(b) == [0, 1]
+    assert kv.pool.ref_counts == [2, 2, 1, 0, 0, 0, 0, 0]
     assert b.num_computed_tokens == 8
-    assert b.num_scheduled_tokens == 3
+    assert b.num_missing_tokens == 3
     assert kv.block_hashes["b"] == kv.block_hashes["a"]
+    assert kv.pool.free == deque([3, 4, 5, 6, 7])  # admission allocates nothing
     stats = kv.stats()
     assert stats == KVCacheStats(
-        num_blocks=8, num_free_blocks=4, num_used_blocks=4, num_cached_blocks=0,
+        num_blocks=8, num_free_blocks=5, num_used_blocks=3, num_cached_blocks=0,
         prefix_queried_tokens=21, prefix_hit_tokens=8,
     )
     assert stats.prefix_hit_rate == pytest.approx(8 / 21)
+
+    scheduled = h.prepare(kv, {b: 3})  # only the uncached tokens are scheduled
+    assert kv.get_block_table(b) == [0, 1, 3]
+    assert kv.pool.ref_counts == [2, 2, 1, 1, 0, 0, 0, 0]
+    assert b.num_scheduled_tokens == 3
+    stats = kv.stats()
+    assert (stats.num_free_blocks, stats.num_used_blocks) == (4, 4)
     assert stats.usage == 0.5
     h.complete(kv, scheduled)
     assert b.num_computed_tokens == 11
@@ -153,10 +166,12 @@ def test_a_hit_never_covers_the_last_prompt_token(h):
     assert kv.get_block_table(a) == [0, 1]
 
     b = h.request("b", tokens(1, 9))  # the same prompt: its last token must still be computed
-    scheduled = h.prepare(kv, {b: 8})
-    assert kv.get_block_table(b) == [0, 2]
+    h.admit(kv, b)
+    assert kv.get_block_table(b) == [0]  # block 1 holds the last token: not taken
     assert b.num_computed_tokens == 4
-    assert b.num_scheduled_tokens == 4
+    assert b.num_missing_tokens == 4
+    scheduled = h.prepare(kv, {b: 4})
+    assert kv.get_block_table(b) == [0, 2]
     assert kv.pool.ref_counts == [2, 1, 1, 0, 0, 0, 0, 0]
     h.complete(kv, scheduled)
     # b recomputed block 1's content into block 2; the cached copy stays a's block 1
@@ -165,12 +180,16 @@ def test_a_hit_never_covers_the_last_prompt_token(h):
     assert kv.block_hashes["b"] == kv.block_hashes["a"]
 
     c = h.request("c", tokens(1, 10))  # one token more: both blocks are hits
-    h.prepare(kv, {c: 9})
-    assert kv.get_block_table(c) == [0, 1, 3]
+    h.admit(kv, c)
+    assert kv.get_block_table(c) == [0, 1]
     assert c.num_computed_tokens == 8
-    assert c.num_scheduled_tokens == 1
+    assert c.num_missing_tokens == 1
+    h.prepare(kv, {c: 1})
+    assert kv.get_block_table(c) == [0, 1, 3]
     assert kv.pool.ref_counts == [3, 2, 1, 1, 0, 0, 0, 0]
     h.complete(kv, [c])
+    assert kv.stats().prefix_queried_tokens == 8 + 8 + 9
+    assert kv.stats().prefix_hit_tokens == 4 + 8
 
     for r in (a, b, c):
         h.finish(kv, r)
@@ -187,9 +206,11 @@ def test_a_partial_last_block_is_never_shared(h):
     assert kv.pool.block_hash[1] is None
 
     b = h.request("b", tokens(1, 7) + [60, 61, 62])  # matches all of a's 6 tokens
-    h.prepare(kv, {b: 9})
-    assert kv.get_block_table(b) == [0, 2, 3]
+    h.admit(kv, b)
+    assert kv.get_block_table(b) == [0]  # a's partial block 1 has no key: only block 0 is a hit
     assert b.num_computed_tokens == 4
+    h.prepare(kv, {b: 5})
+    assert kv.get_block_table(b) == [0, 2, 3]
     assert kv.pool.ref_counts == [2, 1, 1, 1, 0, 0, 0, 0]
     h.complete(kv, [b])
     h.finish(kv, a)
@@ -207,10 +228,12 @@ def test_full_blocks_of_generated_tokens_are_reusable(h):
     assert kv.pool.block_hash[1] is not None
 
     c = h.request("c", tokens(1, 7) + [500, 501, 502])
-    h.prepare(kv, {c: 9})
-    assert kv.get_block_table(c) == [0, 1, 2]
+    h.admit(kv, c)
+    assert kv.get_block_table(c) == [0, 1]  # block 1 ends with two of a's generated tokens
     assert c.num_computed_tokens == 8
-    assert c.num_scheduled_tokens == 1
+    assert c.num_missing_tokens == 1
+    h.prepare(kv, {c: 1})
+    assert kv.get_block_table(c) == [0, 1, 2]
     assert kv.pool.ref_counts[:3] == [2, 2, 1]
     h.complete(kv, [c])
     h.finish(kv, a)
@@ -225,6 +248,10 @@ def test_prefix_caching_disabled_shares_nothing(h):
     h.step(kv, {a: 10})
     assert kv.pool.cached == {}
     assert kv.pool.block_hash == [None] * 8
+    h.admit(kv, b)
+    assert b.state is RequestState.CONTEXT
+    assert "b" not in kv.block_tables  # admission attaches nothing
+    assert b.num_computed_tokens == 0
     scheduled = h.prepare(kv, {b: 10})
     assert kv.get_block_table(b) == [3, 4, 5]
     assert b.num_computed_tokens == 0
@@ -246,7 +273,7 @@ def test_identical_prompts_in_one_step_do_not_share(h):
     kv = h.kv(max_tokens=32)
     a = h.request("a", tokens(1, 10))  # 9 tokens
     b = h.request("b", tokens(1, 10))
-    h.step(kv, {a: 9, b: 9})  # nothing is cached when the step is prepared
+    h.step(kv, {a: 9, b: 9})  # both admitted in one step: nothing is cached yet, neither hits
     assert kv.get_block_table(a) == [0, 1, 2]
     assert kv.get_block_table(b) == [3, 4, 5]
     # the first commit wins; b's identical blocks stay private
@@ -258,73 +285,98 @@ def test_identical_prompts_in_one_step_do_not_share(h):
     h.finish(kv, a)
     assert list(kv.pool.evictable) == [1, 0]
 
+    assert kv.stats().prefix_hit_tokens == 0
+
     c = h.request("c", tokens(1, 10))
-    h.prepare(kv, {c: 9})
+    h.admit(kv, c)
+    assert kv.get_block_table(c) == [0, 1]  # a's blocks, the committed copies
+    h.prepare(kv, {c: 1})
     assert kv.get_block_table(c) == [0, 1, 6]
     h.complete(kv, [c])
+    assert kv.stats().prefix_hit_tokens == 8
     h.finish(kv, c)
     h.assert_pool_idle(kv)
 
 
-def test_prefix_hit_covering_a_whole_chunk_advances_the_cursor(h):
+def test_admission_takes_the_whole_cached_prefix_and_only_the_rest_is_scheduled(h):
     kv = h.kv(max_tokens=32)
     a = h.request("a", tokens(1, 13))  # 12 tokens, 3 full blocks
     h.step(kv, {a: 12})
-    b = h.request("b", tokens(1, 13) + [90, 91, 92, 93])  # 16 tokens, chunks of 4
+    b = h.request("b", tokens(1, 13) + tokens(90, 98))  # 20 tokens: a's 3 blocks, then 8 of its own
+    fcfs = FCFSMicroBatchScheduler(types.SimpleNamespace(max_batch_size=4, max_num_tokens=4), None)
 
-    for expected_table in ([0], [0, 1], [0, 1, 2]):
-        scheduled = h.prepare(kv, {b: 4})
-        assert b.num_scheduled_tokens == 0  # the whole chunk was a hit: nothing to compute
-        assert b.num_computed_tokens == 4 * len(expected_table)
+    h.admit(kv, b)  # all three hits at once, whatever the token budget
+    assert kv.get_block_table(b) == [0, 1, 2]
+    assert b.num_computed_tokens == 12
+    assert b.num_missing_tokens == 8
+    assert kv.pool.ref_counts == [2, 2, 2, 0, 0, 0, 0, 0]
+    assert kv.pool.free == deque([3, 4, 5, 6, 7])  # no allocation
+    assert kv.stats().prefix_hit_tokens == 12
+
+    for expected_table, samples in (([0, 1, 2, 3], []), ([0, 1, 2, 3, 4], [b])):
+        scheduled = fcfs.schedule([b])  # the budget goes to uncached tokens only
+        assert [(r.request_id, r.num_scheduled_tokens) for r in scheduled] == [("b", 4)]
+        h.prepare(kv, {b: 4})
         assert kv.get_block_table(b) == expected_table
-        assert kv.pool.free == deque([3, 4, 5, 6, 7])  # no allocation
-        assert h.complete(kv, scheduled) == []  # nothing sampled
+        assert h.complete(kv, scheduled) == samples
         assert b.num_computed_tokens == 4 * len(expected_table)
-        assert b.state is RequestState.CONTEXT
-    assert kv.pool.ref_counts[:3] == [2, 2, 2]
-
-    scheduled = h.prepare(kv, {b: 4})  # the last chunk holds the last token: computed
-    assert b.num_scheduled_tokens == 4
-    assert kv.get_block_table(b) == [0, 1, 2, 3]
-    assert h.complete(kv, scheduled) == [b]
-    assert b.num_computed_tokens == 16
-    assert kv.pool.block_hash[3] is not None
-    assert kv.stats().prefix_queried_tokens == 12 + 16  # queried once per request, at its start
+    assert b.state is RequestState.GENERATION
+    assert b.output_token_ids == [500]
+    assert kv.pool.block_hash[3] is not None and kv.pool.block_hash[4] is not None
+    assert kv.pool.free == deque([5, 6, 7])
+    assert kv.stats().prefix_queried_tokens == 12 + 20  # queried once per request, at its admission
     assert kv.stats().prefix_hit_tokens == 12
 
     h.finish(kv, a)
+    assert kv.pool.ref_counts == [1, 1, 1, 1, 1, 0, 0, 0]
     h.finish(kv, b)
-    assert list(kv.pool.evictable) == [3, 2, 1, 0]
+    assert list(kv.pool.evictable) == [4, 3, 2, 1, 0]
+    assert kv.pool.free == deque([5, 6, 7])
     h.assert_pool_idle(kv)
 
 
-def test_prefix_hit_partly_covering_a_chunk_and_no_reuse_after_a_partial_block(h):
+def test_reuse_happens_only_at_admission_never_in_a_later_chunk(h):
     kv = h.kv(max_tokens=32)
-    a = h.request("a", tokens(1, 13))
-    h.step(kv, {a: 12})
-    b = h.request("b", tokens(1, 13) + [90, 91, 92, 93])
+    a = h.request("a", tokens(1, 13))  # 12 tokens
+    b = h.request("b", tokens(1, 13) + [90, 91, 92, 93])  # 16 tokens, a's prompt first
 
-    h.prepare(kv, {b: 6})  # [0, 6): block 0 is a hit, tokens 4..5 are computed
-    assert kv.get_block_table(b) == [0, 3]
-    assert b.num_computed_tokens == 4
-    assert b.num_scheduled_tokens == 2
-    h.complete(kv, [b])
-    assert b.num_computed_tokens == 6
+    h.step(kv, {a: 12, b: 6})  # admitted together: nothing cached yet, b computes a first chunk
+    assert kv.get_block_table(a) == [0, 1, 2]
+    assert kv.get_block_table(b) == [3, 4]
+    assert sorted(kv.pool.cached.values()) == [0, 1, 2]
+    assert kv.pool.block_hash[3] is None  # b's copy of a's block 0 stays private
 
-    h.prepare(kv, {b: 6})  # [6, 12): b's block 1 is partial, so no lookup even though a has it
-    assert kv.get_block_table(b) == [0, 3, 4]
+    h.prepare(kv, {b: 6})  # [6, 12): a's blocks 1 and 2 are cached now, but b was admitted already
+    assert kv.get_block_table(b) == [3, 4, 5]
     assert b.num_computed_tokens == 6
-    assert b.num_scheduled_tokens == 6
+    assert kv.pool.ref_counts == [1, 1, 1, 1, 1, 1, 0, 0]
     h.complete(kv, [b])
-    assert kv.pool.block_hash[3] is None and kv.pool.block_hash[4] is None  # duplicates stay private
-    assert kv.pool.ref_counts[:5] == [2, 1, 1, 1, 1]
+    assert kv.pool.block_hash[4] is None and kv.pool.block_hash[5] is None  # duplicates stay private
+    assert kv.block_hashes["b"] == kv.block_hashes["a"]  # same keys, a's blocks hold them
 
     h.prepare(kv, {b: 4})
-    assert kv.get_block_table(b) == [0, 3, 4, 5]
-    h.complete(kv, [b])
-    assert kv.stats().prefix_hit_tokens == 4
-    h.finish(kv, b)
+    assert kv.get_block_table(b) == [3, 4, 5, 6]
+    assert h.complete(kv, [b]) == [b]
+    assert sorted(kv.pool.cached.values()) == [0, 1, 2, 6]  # b's own block chains on a's keys
+    assert kv.stats().prefix_hit_tokens == 0
+    assert kv.stats().prefix_queried_tokens == 12 + 16
+
+    c = h.request("c", tokens(1, 13) + [90, 91, 92, 93, 99])  # 17 tokens
+    h.admit(kv, c)
+    assert kv.get_block_table(c) == [0, 1, 2, 6]  # a's three blocks, then b's fourth
+    assert c.num_computed_tokens == 16
+    assert kv.pool.ref_counts == [2, 2, 2, 1, 1, 1, 2, 0]
+    h.step(kv, {c: 1})
+    assert kv.get_block_table(c) == [0, 1, 2, 6, 7]
+    assert kv.stats().prefix_hit_tokens == 16
+    assert kv.stats().prefix_queried_tokens == 12 + 16 + 17
+
     h.finish(kv, a)
+    h.finish(kv, b)
+    assert kv.pool.free == deque([5, 4, 3])
+    h.finish(kv, c)
+    assert kv.pool.free == deque([5, 4, 3, 7])
+    assert list(kv.pool.evictable) == [6, 2, 1, 0]
     h.assert_pool_idle(kv)
 
 
@@ -345,6 +397,8 @@ def test_eviction_takes_free_blocks_first_then_lru_cached_blocks_and_drops_their
     cached_before = dict(kv.pool.cached)
 
     e = h.request("e", tokens(200, 204))  # one block: evicts a's tail block 2
+    h.admit(kv, e)
+    assert "e" in kv.block_tables and kv.get_block_table(e) == []  # no hit
     h.prepare(kv, {e: 4})
     assert kv.get_block_table(e) == [2]
     assert list(kv.pool.evictable) == [1, 0]
@@ -357,9 +411,11 @@ def test_eviction_takes_free_blocks_first_then_lru_cached_blocks_and_drops_their
     assert list(kv.pool.evictable) == [1, 0, 3, 11, 10, 9, 8, 7, 6, 5, 4]
 
     d = h.request("d", tokens(1, 13) + [99])  # a's prompt: blocks 0 and 1 hit, block 2 is gone
-    h.prepare(kv, {d: 13})
+    h.admit(kv, d)
+    assert kv.get_block_table(d) == [0, 1]
     assert d.num_computed_tokens == 8
-    assert d.num_scheduled_tokens == 5
+    assert list(kv.pool.evictable) == [3, 11, 10, 9, 8, 7, 6, 5, 4]  # the hits left the LRU
+    h.prepare(kv, {d: 5})
     assert kv.get_block_table(d) == [0, 1, 3, 11]  # two evictions, least recently released first
     assert list(kv.pool.evictable) == [10, 9, 8, 7, 6, 5, 4]
     assert kv.pool.block_hash[3] is None and kv.pool.block_hash[11] is None
@@ -369,7 +425,7 @@ def test_eviction_takes_free_blocks_first_then_lru_cached_blocks_and_drops_their
     h.assert_pool_idle(kv)
 
 
-def test_prefix_reuse_happens_before_any_allocation_of_the_step(h):
+def test_requests_admitted_in_one_step_keep_their_hits_from_the_step_s_allocations(h):
     kv = h.kv(max_tokens=32)
     a = h.request("a", tokens(1, 10))  # 9 tokens
     w = h.request("w", tokens(70, 79))  # 9 tokens
@@ -383,11 +439,17 @@ def test_prefix_reuse_happens_before_any_allocation_of_the_step(h):
     assert list(kv.pool.evictable) == [1, 0, 4, 3]
 
     x = h.request("x", tokens(200, 220))  # 5 blocks: one more than the free queue holds
-    y = h.request("y", tokens(1, 9) + [99])  # hits a's blocks 0 and 1
-    h.prepare(kv, {x: 20, y: 9})  # x comes first, yet must not evict y's hits
-    assert kv.get_block_table(y) == [0, 1, 3]
-    assert kv.get_block_table(x) == [6, 7, 2, 5, 4]
+    y = h.request("y", tokens(1, 9) + [99])  # hits a's blocks 0 and 1, the head of the LRU
+    h.admit(kv, x, y)  # x first, as the capacity scheduler lists them; both before any allocation
+    assert kv.get_block_table(x) == []
+    assert kv.get_block_table(y) == [0, 1]
     assert y.num_computed_tokens == 8
+    assert list(kv.pool.evictable) == [4, 3]
+    assert kv.num_free_blocks == 6
+
+    h.prepare(kv, {x: 20, y: 1})  # x allocates first, yet evicts w's blocks, not y's hits
+    assert kv.get_block_table(x) == [6, 7, 2, 5, 4]
+    assert kv.get_block_table(y) == [0, 1, 3]
     assert kv.pool.ref_counts == [1] * 8
     assert kv.pool.free == deque()
     assert list(kv.pool.evictable) == []
@@ -396,6 +458,37 @@ def test_prefix_reuse_happens_before_any_allocation_of_the_step(h):
     h.complete(kv, [x, y])
     h.finish(kv, x)
     h.finish(kv, y)
+    h.assert_pool_idle(kv)
+
+
+def test_two_requests_admitted_in_one_step_share_a_cached_prefix(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 10))  # 9 tokens
+    h.step(kv, {a: 9})
+    h.finish(kv, a)
+    assert kv.pool.free == deque([3, 4, 5, 6, 7, 2])
+    assert list(kv.pool.evictable) == [1, 0]
+
+    y = h.request("y", tokens(1, 9) + [98])
+    z = h.request("z", tokens(1, 9) + [97, 96])
+    h.admit(kv, y, z)
+    assert kv.get_block_table(y) == kv.get_block_table(z) == [0, 1]
+    assert kv.pool.ref_counts == [2, 2, 0, 0, 0, 0, 0, 0]
+    assert list(kv.pool.evictable) == []
+    assert (y.num_computed_tokens, z.num_computed_tokens) == (8, 8)
+    assert kv.stats() == KVCacheStats(
+        num_blocks=8, num_free_blocks=6, num_used_blocks=2, num_cached_blocks=0,
+        prefix_queried_tokens=9 + 9 + 10, prefix_hit_tokens=8 + 8,
+    )
+    h.step(kv, {y: 1, z: 2})
+    assert kv.get_block_table(y) == [0, 1, 3]
+    assert kv.get_block_table(z) == [0, 1, 4]
+    assert y.output_token_ids == z.output_token_ids == [500]
+    h.finish(kv, y)
+    assert kv.pool.ref_counts == [1, 1, 0, 0, 1, 0, 0, 0]
+    h.finish(kv, z)
+    assert kv.pool.free == deque([5, 6, 7, 2, 3, 4])
+    assert list(kv.pool.evictable) == [1, 0]
     h.assert_pool_idle(kv)
 
 
@@ -418,18 +511,27 @@ def test_preemption_then_resume_reuses_the_cached_blocks(h):
     assert kv.pool.ref_counts == [0] * 8
     assert kv.pool.free == deque([3, 4, 5, 6, 7])
     assert list(kv.pool.evictable) == [2, 1, 0]
-    assert kv.blocks_needed(a, a.num_missing_tokens) == 4
-    assert kv.get_needed_resource_to_completion(a) == 5  # (10 + 8 - 1) tokens
+    # not admitted: the three unreferenced cached blocks it will take count as needed free blocks
+    assert kv.blocks_needed(a, 1) == 3 + 1  # and one block for the one token left after them
+    assert kv.get_needed_resource_to_completion(a) == 3 + 5 - 3  # (10 + 8 - 1) tokens: 5 blocks
 
-    scheduled = h.prepare(kv, {a: 13})
+    h.admit(kv, a)
     assert a.state is RequestState.CONTEXT
-    assert kv.get_block_table(a) == [0, 1, 2, 3]
+    assert kv.get_block_table(a) == [0, 1, 2]
     assert a.num_computed_tokens == 12
-    assert a.num_scheduled_tokens == 1
-    assert kv.pool.ref_counts == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert a.num_missing_tokens == 1
+    assert kv.pool.ref_counts == [1, 1, 1, 0, 0, 0, 0, 0]
     assert list(kv.pool.evictable) == []
+    assert kv.num_free_blocks == 5
     assert kv.stats().prefix_queried_tokens == 10 + 13
     assert kv.stats().prefix_hit_tokens == 12
+    # admitted: the queries count from what it holds
+    assert kv.blocks_needed(a, 1) == 1
+    assert kv.get_needed_resource_to_completion(a) == 2
+
+    scheduled = h.prepare(kv, {a: 1})
+    assert kv.get_block_table(a) == [0, 1, 2, 3]
+    assert kv.pool.ref_counts == [1, 1, 1, 1, 0, 0, 0, 0]
     assert h.complete(kv, scheduled) == [a]
     assert a.num_computed_tokens == 13
     assert a.output_token_ids == [500, 501, 502, 503]
@@ -470,9 +572,12 @@ def test_blocks_needed_to_completion_and_exclusive_blocks(h):
     assert kv.get_needed_resource_to_completion(r) == 1
     assert kv.num_exclusive_blocks(r) == 3
 
-    s = h.request("s", tokens(1, 11) + [77], max_tokens=1)  # caches at most 11 tokens
-    assert kv.get_needed_resource_to_completion(s) == 3
-    h.step(kv, {s: 11})
+    s = h.request("s", tokens(1, 11) + [77], max_tokens=1)  # caches at most 11 tokens: 3 blocks
+    # not admitted yet: r's blocks 0 and 1 are s's prefix and r holds them, so they cost nothing
+    assert kv.get_needed_resource_to_completion(s) == 0 + 3 - 2
+    assert [kv.blocks_needed(s, n) for n in (0, 1, 3)] == [0, 1, 1]  # up to the 3 tokens left after the hits
+    assert kv.num_exclusive_blocks(s) == 0
+    h.step(kv, {s: 3})
     assert kv.get_block_table(s) == [0, 1, 3]
     assert kv.get_needed_resource_to_completion(s) == 0
     assert kv.num_exclusive_blocks(r) == 1  # blocks 0 and 1 are shared
@@ -482,6 +587,127 @@ def test_blocks_needed_to_completion_and_exclusive_blocks(h):
     assert kv.num_exclusive_blocks(r) == 0
     h.finish(kv, s)
     h.assert_pool_idle(kv)
+
+
+def test_capacity_queries_before_admission_charge_unreferenced_hits_and_not_referenced_ones(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 13), max_tokens=8)  # 12 tokens: 3 full blocks
+    h.step(kv, {a: 12})
+    assert kv.get_block_table(a) == [0, 1, 2]
+    q = h.request("q", tokens(1, 13) + [90, 91, 92], max_tokens=4)  # 15 tokens, caches 18: 5 blocks
+    # 3 reusable blocks ((15 - 1) // 4), all held by the running a: free to take; `n` counts the
+    # tokens to compute after them (up to 3)
+    assert [kv.blocks_needed(q, n) for n in (0, 1, 2, 3)] == [0, 1, 1, 1]
+    assert kv.get_needed_resource_to_completion(q) == 0 + 5 - 3
+
+    h.finish(kv, a)
+    assert list(kv.pool.evictable) == [2, 1, 0]
+    b = h.request("b", tokens(1, 9) + [55])
+    h.admit(kv, b)  # b holds blocks 0 and 1 again; block 2 stays unreferenced in the LRU
+    assert kv.get_block_table(b) == [0, 1]
+    assert list(kv.pool.evictable) == [2]
+    assert [kv.blocks_needed(q, n) for n in (0, 1, 2, 3)] == [1, 2, 2, 2]
+    assert kv.get_needed_resource_to_completion(q) == 1 + 5 - 3
+
+    h.finish(kv, b)
+    assert list(kv.pool.evictable) == [2, 1, 0]
+    assert [kv.blocks_needed(q, n) for n in (0, 1, 2, 3)] == [3, 4, 4, 4]
+    assert kv.get_needed_resource_to_completion(q) == 3 + 5 - 3
+    assert kv.stats().num_cached_blocks == 3  # the queries are read-only
+    assert "q" not in kv.block_tables
+
+    # the queries price exactly what admission and the first chunk take from the free blocks
+    assert kv.num_free_blocks == 8
+    h.admit(kv, q)
+    assert kv.get_block_table(q) == [0, 1, 2]
+    assert kv.num_free_blocks == 8 - 3
+    assert kv.blocks_needed(q, 3) == 1  # admitted: counted from the blocks it holds
+    assert kv.get_needed_resource_to_completion(q) == 2
+    h.step(kv, {q: 3})
+    assert kv.get_block_table(q) == [0, 1, 2, 3]
+    assert kv.num_free_blocks == 8 - 4
+    assert kv.get_needed_resource_to_completion(q) == 1
+    h.finish(kv, q)
+    h.assert_pool_idle(kv)
+
+
+def test_the_last_token_is_never_counted_as_a_hit_by_the_queries(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 13), max_tokens=8)
+    h.step(kv, {a: 12})
+    same = h.request("same", tokens(1, 13), max_tokens=1)  # caches 12 tokens: 3 blocks
+    assert kv.get_needed_resource_to_completion(same) == 3 - 2  # only (12 - 1) // 4 = 2 reusable
+    assert kv.blocks_needed(same, 4) == 1
+    h.admit(kv, same)
+    assert kv.get_block_table(same) == [0, 1]
+    assert same.num_missing_tokens == 4
+    h.finish(kv, same)
+    h.finish(kv, a)
+    h.assert_pool_idle(kv)
+
+
+def test_a_request_asking_for_prompt_logprobs_reuses_nothing(h):
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 13), max_tokens=8)
+    h.step(kv, {a: 12})
+    stats = kv.stats()
+    p = h.request("p", tokens(1, 13) + [90, 91, 92])
+    p.sampling_params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=1)
+    # every prompt position must be computed: the queries count no hit
+    assert [kv.blocks_needed(p, n) for n in (1, 15)] == [1, 4]
+    assert kv.get_needed_resource_to_completion(p) == 5
+
+    h.admit(kv, p)
+    assert kv.get_block_table(p) == []
+    assert p.num_computed_tokens == 0
+    assert kv.stats() == stats  # neither queried nor hit
+    h.step(kv, {p: 15})
+    assert kv.get_block_table(p) == [3, 4, 5, 6]
+    assert kv.pool.ref_counts == [1, 1, 1, 1, 1, 1, 1, 0]
+    assert kv.pool.block_hash[3] is None  # its copies of a's blocks stay private
+    assert kv.pool.block_hash[6] is None  # 3 tokens: partial
+    h.finish(kv, p)
+    h.finish(kv, a)
+    h.assert_pool_idle(kv)
+
+
+def test_admission_without_prefix_caching_and_a_second_admission_do_nothing(h):
+    kv = h.kv(max_tokens=32, enable_prefix_caching=False)
+    a = h.request("a", tokens(1, 13), max_tokens=8)
+    h.step(kv, {a: 12})
+    b = h.request("b", tokens(1, 13) + [90, 91, 92], max_tokens=4)
+    assert kv.blocks_needed(b, 15) == 4
+    assert kv.get_needed_resource_to_completion(b) == 5
+    kv.admit(b)
+    assert "b" not in kv.block_tables and b.num_computed_tokens == 0
+    assert kv.stats().prefix_queried_tokens == 0
+
+    kv = h.kv(max_tokens=32)
+    a = h.request("a", tokens(1, 13), max_tokens=8)
+    h.step(kv, {a: 12})
+    b = h.request("b", tokens(1, 13) + [90, 91, 92], max_tokens=4)
+    h.admit(kv, b)
+    kv.admit(b)  # already admitted (it has a table): no second hit, no second query
+    assert kv.get_block_table(b) == [0, 1, 2]
+    assert kv.pool.ref_counts[:3] == [2, 2, 2]
+    assert (kv.stats().prefix_queried_tokens, kv.stats().prefix_hit_tokens) == (12 + 15, 12)
+    h.finish(kv, b)
+    h.finish(kv, a)
+    h.assert_pool_idle(kv)
+
+
+def test_the_executor_rejects_a_request_larger_than_the_pool_even_when_its_prefix_is_held(h):
+    from framework.executor.py_executor import PyExecutor
+    from framework.resources.base import ResourceManager
+
+    kv = h.kv(max_tokens=32)  # 8 blocks
+    r = h.request("r", tokens(1, 17), max_tokens=4)
+    h.step(kv, {r: 16})  # r holds its 4 prompt blocks
+    q = h.request("q", tokens(1, 21), max_tokens=14)  # caches 20 + 14 - 1 = 33 tokens: 9 blocks
+    assert kv.get_needed_resource_to_completion(q) == 0 + 9 - 4
+    engine = types.SimpleNamespace(max_model_len=128, vocab_size=1000)
+    executor = PyExecutor(None, None, ResourceManager({"kv_cache": kv}), engine, None)
+    assert executor.validate(q) is not None
 
 
 @pytest.mark.parametrize(

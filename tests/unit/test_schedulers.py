@@ -24,27 +24,43 @@ def _ceil_div(a, b):
 
 
 class FakeKV:
-    """KVCacheCapacity with explicit numbers: `free` blocks, blocks `held` per request id and
-    `exclusive` blocks per request id (default: all it holds)."""
+    """KVCacheCapacity with explicit numbers: `free` blocks, blocks `held` per request id,
+    `exclusive` blocks per request id (default: all it holds) and, for a request not admitted yet
+    (no `held` entry), its prefix `hits` per request id as (reusable blocks, of which unreferenced).
+    The queries follow PagedKVCacheManager's formulas."""
 
     block_size = BS
 
-    def __init__(self, free, total=64, held=None, exclusive=None):
+    def __init__(self, free, total=64, held=None, exclusive=None, hits=None):
         self.free = free
         self.total = total
         self.held = dict(held or {})
         self.exclusive = dict(exclusive or {})
+        self.hits = dict(hits or {})
 
     @property
     def num_free_blocks(self):
         return self.free
 
+    def _hits(self, request):
+        if request.request_id in self.held:
+            return None
+        return self.hits.get(request.request_id, (0, 0))
+
     def blocks_needed(self, request, num_new_tokens):
+        hits = self._hits(request)
+        if hits is not None:
+            return hits[1] + _ceil_div(num_new_tokens, BS)
         end = request.num_computed_tokens + num_new_tokens
-        return max(0, _ceil_div(end, BS) - self.held.get(request.request_id, 0))
+        return max(0, _ceil_div(end, BS) - self.held[request.request_id])
 
     def get_needed_resource_to_completion(self, request):
-        return max(0, _ceil_div(request.max_total_tokens - 1, BS) - self.held.get(request.request_id, 0))
+        total = _ceil_div(request.max_total_tokens - 1, BS)
+        hits = self._hits(request)
+        if hits is not None:
+            reusable, unreferenced = hits
+            return unreferenced + total - reusable
+        return max(0, total - self.held[request.request_id])
 
     def num_exclusive_blocks(self, request):
         return self.exclusive.get(request.request_id, self.held.get(request.request_id, 0))
@@ -122,6 +138,60 @@ def test_guaranteed_no_evict_sets_aside_running_requests_remaining_needs():
     assert ids(out.fitting) == ["r", "q"]  # 4 free - 1 reserved for r = 3: q only
     out = scheduler.schedule([r, q, q2], FakeKV(4, held={"r": 3}))
     assert ids(out.fitting) == ["r", "q", "q2"]  # r needs nothing more
+
+
+@pytest.mark.parametrize(
+    "hits, free, expected",
+    [
+        ({}, 7, ["a", "b"]),  # 3 blocks each
+        ({"b": (2, 0), "c": (2, 0)}, 5, ["a", "b", "c"]),  # 2 of 3 blocks held by others: 1 each
+        ({"b": (2, 2), "c": (2, 2)}, 5, ["a"]),  # the same blocks unreferenced: 3 each
+        ({"b": (2, 1), "c": (2, 0)}, 6, ["a", "b", "c"]),  # 3 + 2 + 1
+        ({"b": (2, 1), "c": (2, 0)}, 5, ["a", "b"]),
+    ],
+)
+def test_guaranteed_no_evict_charges_unreferenced_hits_and_not_referenced_ones(hits, free, expected):
+    a, b, c = (req(x, 8, max_tokens=5) for x in "abc")  # 12 tokens cached at most: 3 blocks
+    out = GuaranteedNoEvictScheduler(cfg(), None).schedule([a, b, c], FakeKV(free, hits=hits))
+    assert ids(out.fitting) == expected
+    assert out.preempted == []
+
+
+def test_guaranteed_no_evict_admits_more_requests_sharing_a_cached_prefix(h):
+    """r runs and holds the 8-token prefix; q1..q3 extend it by one token. Each needs 3 blocks to
+    completion, 2 of them r's: with prefix caching each costs 1 block, so all three are admitted
+    at once; without, one at a time as blocks are freed."""
+    conf = cfg(max_batch_size=8, max_num_tokens=64)
+    runs = {}
+    for caching in (True, False):
+        kv = h.kv(max_tokens=32, enable_prefix_caching=caching)
+        r = h.request("r", list(range(1, 9)), max_tokens=5)  # 3 blocks to completion
+        qs = [h.request(f"q{i}", list(range(1, 9)) + [90 + i], max_tokens=4) for i in (1, 2, 3)]
+        sim = h.MiniExecutor(GuaranteedNoEvictScheduler(conf, None), FCFSMicroBatchScheduler(conf, None), kv)
+        sim.add(r)
+        sim.step()
+        assert kv.get_block_table(r) == [0, 1]
+        assert kv.num_free_blocks == 6
+        assert [kv.get_needed_resource_to_completion(q) for q in qs] == ([1, 1, 1] if caching else [3, 3, 3])
+        sim.add(*qs)
+        runs[caching] = [(rec.fitting, rec.admitted, rec.chunks) for rec in sim.run()]
+        assert all(rec.preempted == [] for rec in sim.records)
+        assert [len(x.output_token_ids) for x in (r, *qs)] == [5, 4, 4, 4]
+        assert kv.stats().prefix_hit_tokens == (24 if caching else 0)
+        h.assert_pool_idle(kv)
+    everyone = ["r", "q1", "q2", "q3"]
+    assert runs[True] == [
+        (["r"], {"r": 0}, {"r": 8}),
+        (everyone, {"q1": 8, "q2": 8, "q3": 8}, {"r": 1, "q1": 1, "q2": 1, "q3": 1}),
+        *[(everyone, {}, {"r": 1, "q1": 1, "q2": 1, "q3": 1})] * 3,
+    ]
+    assert runs[False] == [
+        (["r"], {"r": 0}, {"r": 8}),
+        (["r", "q1"], {"q1": 0}, {"r": 1, "q1": 9}),
+        *[(["r", "q1"], {}, {"r": 1, "q1": 1})] * 3,
+        (["q2", "q3"], {"q2": 0, "q3": 0}, {"q2": 9, "q3": 9}),
+        *[(["q2", "q3"], {}, {"q2": 1, "q3": 1})] * 3,
+    ]
 
 
 def test_guaranteed_no_evict_keeps_running_requests_first_and_caps_admissions_by_batch_size():
@@ -203,6 +273,71 @@ def test_max_utilization_admits_in_arrival_order_up_to_the_batch_size():
     assert ids(out.fitting) == ["r", "q1"]
 
 
+def test_max_utilization_charges_unreferenced_hits_of_a_queued_request():
+    q = req("q", 6)  # a chunk of 6 tokens: 2 blocks
+    mu = MaxUtilizationScheduler(cfg(), None)
+    assert ids(mu.schedule([q], FakeKV(2, hits={"q": (1, 0)})).fitting) == ["q"]  # held by another: free
+    assert mu.schedule([q], FakeKV(2, hits={"q": (1, 1)})).fitting == []  # unreferenced: 1 + 2 blocks
+    assert ids(mu.schedule([q], FakeKV(3, hits={"q": (1, 1)})).fitting) == ["q"]
+
+
+def test_max_utilization_admits_more_without_preempting_when_requests_share_a_cached_prefix(h):
+    """r runs and holds an 8-token prefix; q1..q3 add 8 tokens of their own and stop after
+    prefill. With prefix caching a q's first chunk (8 tokens, the budget) is its own tokens and its
+    first two blocks are r's; without, it computes the prefix again into blocks of its own, runs out
+    of blocks and is preempted."""
+    conf = cfg(max_batch_size=8, max_num_tokens=8)
+    runs = {}
+    for caching in (True, False):
+        kv = h.kv(max_tokens=32, enable_prefix_caching=caching)
+        r = h.request("r", list(range(1, 9)), max_tokens=6)
+        qs = [h.request(f"q{i}", list(range(1, 9)) + list(range(10 * i, 10 * i + 8)), max_tokens=1) for i in (1, 2, 3)]
+        sim = h.MiniExecutor(MaxUtilizationScheduler(conf, None), FCFSMicroBatchScheduler(conf, None), kv)
+        sim.add(r)
+        sim.step()
+        sim.add(*qs)
+        runs[caching] = [(rec.fitting, rec.preempted, rec.admitted, rec.chunks) for rec in sim.run()]
+        assert [len(x.output_token_ids) for x in (r, *qs)] == [6, 1, 1, 1]
+        assert kv.stats().prefix_hit_tokens == (3 * 8 if caching else 0)
+        h.assert_pool_idle(kv)
+    assert runs[True] == [
+        (["r"], [], {"r": 0}, {"r": 8}),
+        (["r", "q1", "q2"], [], {"q1": 8, "q2": 8}, {"r": 1, "q1": 7}),
+        (["r", "q1", "q2"], [], {}, {"r": 1, "q1": 1, "q2": 6}),
+        (["r", "q2", "q3"], [], {"q3": 8}, {"r": 1, "q2": 2, "q3": 5}),
+        (["r", "q3"], [], {}, {"r": 1, "q3": 3}),
+        (["r"], [], {}, {"r": 1}),
+    ]
+    assert runs[False] == [
+        (["r"], [], {"r": 0}, {"r": 8}),
+        (["r", "q1", "q2"], [], {"q1": 0, "q2": 0}, {"r": 1, "q1": 7}),
+        (["r", "q1"], ["q2"], {}, {"r": 1, "q1": 7}),
+        (["r", "q1"], [], {}, {"r": 1, "q1": 2}),
+        (["r", "q2", "q3"], [], {"q2": 0, "q3": 0}, {"r": 1, "q2": 7}),
+        (["r", "q2"], ["q3"], {}, {"r": 1, "q2": 7}),
+        (["q2", "q3"], [], {"q3": 0}, {"q2": 2, "q3": 6}),
+        (["q3"], [], {}, {"q3": 8}),
+        (["q3"], [], {}, {"q3": 2}),
+    ]
+
+
+def test_max_utilization_admits_a_request_whose_cached_prefix_fills_most_of_the_pool(h):
+    conf = cfg(max_batch_size=4, max_num_tokens=64)
+    for caching in (False, True):
+        kv = h.kv(max_tokens=32, enable_prefix_caching=caching)  # 8 blocks
+        sim = h.MiniExecutor(MaxUtilizationScheduler(conf, None), FCFSMicroBatchScheduler(conf, None), kv)
+        sim.add(h.request("a", list(range(1, 17)), max_tokens=1))  # 16 tokens: 4 blocks, then done
+        sim.run()
+        q = h.request("q", list(range(1, 18)), max_tokens=1)  # 17 tokens: 5 blocks in all
+        sim.add(q)
+        record = sim.step()
+        assert record.fitting == ["q"]
+        assert record.admitted == {"q": 16 if caching else 0}
+        assert record.chunks == {"q": 1 if caching else 17}
+        assert record.finished == ["q"]
+        h.assert_pool_idle(kv)
+
+
 def test_max_utilization_keeps_everyone_when_blocks_suffice():
     a, b, q = decoding("a"), decoding("b"), req("q", 2)  # 1 block each
     held = {"a": 2, "b": 2}
@@ -250,9 +385,10 @@ def test_max_utilization_preempts_by_recompute_and_resumes_from_cached_blocks(h)
     sim = h.MiniExecutor(MaxUtilizationScheduler(conf, None), FCFSMicroBatchScheduler(conf, None), kv)
     sim.add(a, b)
 
-    for _ in range(5):
+    for i in range(5):
         record = sim.step()
         assert record.preempted == []
+        assert record.admitted == ({"a": 0, "b": 0} if i == 0 else {})
     assert kv.get_block_table(a) == [0, 2]
     assert kv.get_block_table(b) == [1, 3]
     assert a.num_computed_tokens == b.num_computed_tokens == 8
@@ -270,13 +406,16 @@ def test_max_utilization_preempts_by_recompute_and_resumes_from_cached_blocks(h)
     # a took b's tail block 3 (least recently released); b's block 1 is still cached
     assert kv.pool.free == deque([3])
     assert list(kv.pool.evictable) == [1, 2, 0]
+    # b's prompt + 5 outputs = 9 tokens: its block 1 is reusable (unreferenced), its block 3 is gone
+    assert kv.get_needed_resource_to_completion(b) == 1 + 3 - 1
 
-    record = sim.step()  # b resumes: prompt + 5 outputs, block 1 is a hit
+    record = sim.step()  # b resumes: admission takes block 1, the rest is computed
     assert record.fitting == ["b"]
-    assert record.chunks == {"b": 9}
-    assert record.computed == {"b": 5}
+    assert record.admitted == {"b": 4}
+    assert record.chunks == {"b": 5}
     assert record.finished == ["b"]
     assert kv.stats().prefix_hit_tokens == 4
+    assert kv.stats().prefix_queried_tokens == 4 + 4 + 9
     assert sim.active == []
     assert a.output_token_ids == b.output_token_ids == [500, 501, 502, 503, 504, 505]
     assert (a.num_preemptions, b.num_preemptions) == (0, 1)
@@ -416,9 +555,13 @@ def test_every_policy_pair_completes_a_workload_within_its_budgets(h, capacity, 
         assert len(record.chunks) <= 3
         assert sum(record.chunks.values()) <= 8
         assert all(n > 0 for n in record.chunks.values())
-        if capacity != "max_utilization":
-            assert record.preempted == []
+        assert record.preempted == []
     assert [len(r.output_token_ids) for r in requests] == [4, 5, 6, 3, 4]
     assert all(r.state is RequestState.FINISHED for r in requests)
-    assert kv.stats().prefix_hit_tokens > 0  # the shared prefix was reused
+    # r0 and r1 are admitted together (nothing cached yet); r3 comes later and reuses the prefix
+    assert {rid: hit for record in records for rid, hit in record.admitted.items() if hit} == {"r3": 8}
+    assert kv.stats().prefix_queried_tokens == 9 + 10 + 6 + 9 + 12
+    assert kv.stats().prefix_hit_tokens == 8
+    # every prompt token and every output but the last is computed, except the 8 hit ones
+    assert sum(sum(record.chunks.values()) for record in records) == 46 + (3 + 4 + 5 + 2 + 3) - 8
     h.assert_pool_idle(kv)
