@@ -60,6 +60,7 @@ def start(kv: PagedKVCacheManager, *requests: LlmRequest) -> None:
     """Make requests running: their whole prompt scheduled and its blocks allocated."""
     for r in requests:
         r.state = RequestState.CONTEXT
+        kv.admit(r)  # as the executor does on admission: attaches cached prefix blocks
         r.num_scheduled_tokens = r.num_missing_tokens
     kv.prepare_resources(list(requests))
     for r in requests:
@@ -276,6 +277,7 @@ def run_to_completion(scheduler, kv, arrivals: dict[int, list[LlmRequest]], max_
         for r in capacity.fitting:
             if r.state is RequestState.QUEUED:
                 r.state = RequestState.CONTEXT
+                kv.admit(r)
         scheduled = micro.schedule(capacity.fitting)
         kv.prepare_resources(scheduled)
         for r in scheduled:
