@@ -4,6 +4,7 @@ LLM's background executor loop, so concurrent clients are batched together (cont
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -61,7 +62,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, default_chat_max
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
                 return _error("invalid or missing API key", 401, "authentication_error")
         return await call_next(request)
 

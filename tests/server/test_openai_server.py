@@ -95,6 +95,13 @@ class RunningServer:
         return values
 
 
+def openai_client(url: str, api_key: str = "unused", timeout: float = 60) -> openai.OpenAI:
+    # loopback only: ignore any proxy settings in the environment
+    return openai.OpenAI(
+        base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=timeout, http_client=openai.DefaultHttpxClient(trust_env=False)
+    )
+
+
 def new_llm(tiny_dir):
     return LLM(str(tiny_dir), dtype="float32", **{"kv_cache.max_tokens": 8192})
 
@@ -116,7 +123,7 @@ def served(tiny_dir):
 
 @pytest.fixture(scope="module")
 def client(served):
-    with openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+    with openai_client(served.url) as c:
         yield c
 
 
@@ -384,7 +391,9 @@ def test_concurrent_streaming_clients_are_batched(served, offline):
         return "".join(pieces), finish
 
     async def main():
-        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+        async with openai.AsyncOpenAI(
+            base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60, http_client=openai.DefaultAsyncHttpxClient(trust_env=False)
+        ) as client:
             return await asyncio.wait_for(asyncio.gather(*(one(client, k, p) for k, p in requests)), timeout=60)
 
     results = asyncio.run(main())
@@ -530,10 +539,10 @@ def test_api_key_is_required_on_v1(secured, offline):
                 assert response.json()["error"]["type"] == "authentication_error"
         assert h.get("/health").status_code == 200  # no key needed
         assert h.get("/metrics").status_code == 200
-    with openai.OpenAI(base_url=f"{secured.url}/v1", api_key="wrong", max_retries=0, timeout=30) as bad:
+    with openai_client(secured.url, api_key="wrong") as bad:
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-    with openai.OpenAI(base_url=f"{secured.url}/v1", api_key="secret", max_retries=0, timeout=30) as good:
+    with openai_client(secured.url, api_key="secret") as good:
         assert [m.id for m in good.models.list().data] == [MODEL]
         out = good.completions.create(model=MODEL, prompt="Hello", max_tokens=5, **GREEDY)
         assert out.choices[0].text == expected(offline, "Hello", 5).text
@@ -576,7 +585,7 @@ def test_cli_serves_and_shuts_down_gracefully_on_sigterm(tiny_dir, tmp_path, off
 
     try:
         wait_for_health(url, lambda: proc.poll() is None, timeout=60)
-        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30) as c:
+        with openai_client(url) as c:
             (model,) = c.models.list().data
             assert model.id == Path(tiny_dir).name  # server.model_name defaults to the checkpoint folder's name
             out = c.completions.create(model=model.id, prompt="Hello", max_tokens=5, **GREEDY)
