@@ -59,8 +59,8 @@ def run(cfg, plugins) -> None:
     from framework.plugins.registry import UnknownNameError
     from framework.sampling_params import SamplingParams
 
-    if cfg.mode not in ("generate", "serve"):
-        _fail(f"mode must be 'generate' or 'serve', got {cfg.mode!r}")
+    if cfg.mode not in ("generate", "serve", "bench"):
+        _fail(f"mode must be 'generate', 'serve' or 'bench', got {cfg.mode!r}")
     started = time.perf_counter()
     try:
         llm = LLM(config=cfg, plugins=plugins)
@@ -68,6 +68,18 @@ def run(cfg, plugins) -> None:
     except (UnknownNameError, CheckpointError, ImportError, ValueError, TypeError) as exc:
         _fail(str(exc))
     loaded = time.perf_counter()
+    if cfg.mode == "bench":
+        from framework.bench.runner import print_rows, run_benchmark
+        from framework.models.checkpoint import resolve_checkpoint
+
+        llm.generate([[llm.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=1), use_tqdm=False)
+        cold_start = time.perf_counter() - started
+        try:
+            rows = run_benchmark(cfg, llm, resolve_checkpoint(cfg.model.path), cold_start)
+        except ValueError as exc:
+            _fail(str(exc))
+        print_rows(rows)
+        return
     if cfg.mode == "serve":
         from framework.server.app import serve
 

@@ -66,6 +66,18 @@ class ServerConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`mode=bench`: the standard workloads (docs/benchmarks.md)."""
+
+    workload: str = "W1"  # W1 | W2 | W3 | W4 | all | a comma list
+    compare: bool = False  # also run transformers generate (static) and continuous batching
+    runs: int = 3  # timed runs per engine; the median is reported
+    warmup: bool = True
+    seed: int = 0
+    scale: float = 1.0  # shrink counts and lengths (smoke tests); 1.0 is the standard workload
+
+
+@dataclass
 class RunConfig:
     """What `python -m framework` does with the engine."""
 
@@ -92,7 +104,7 @@ GROUPS: dict[str, tuple[type, dict[str, str]]] = {
 
 @dataclass
 class FrameworkConfig:
-    mode: str = "generate"  # generate | serve
+    mode: str = "generate"  # generate | serve | bench
     model: ModelConfig = field(default_factory=ModelConfig)
     # typed by the selected option's own dataclass (see register_configs)
     scheduler: Any = None
@@ -101,6 +113,7 @@ class FrameworkConfig:
     engine: Any = None
     run: RunConfig = field(default_factory=RunConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def _option_node(base: type, name_field: str, name: str, own_config: type | None) -> Any:

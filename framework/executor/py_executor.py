@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from dataclasses import dataclass
 import threading
 import time
 
@@ -14,6 +15,17 @@ from framework.resources.base import ResourceManager
 from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepCounters:
+    """Running totals over all steps, for benchmarks and metrics."""
+
+    step_seconds: float = 0.0  # whole steps that ran a forward
+    forward_seconds: float = 0.0  # inside model_engine.forward
+    tokens_forwarded: int = 0
+    tokens_sampled: int = 0
+    attended_positions: int = 0  # sum over forwarded tokens of the context each attends to
 
 
 class PyExecutor:
@@ -50,6 +62,7 @@ class PyExecutor:
         self._finished_by_abort: list[LlmRequest] = []  # aborted between steps, reported by the next
         self.num_steps = 0
         self.peak_running = 0  # the most requests computed in one step so far
+        self.counters = StepCounters()
 
     # ---- requests in and out -----------------------------------------------------------------
     def enqueue(self, request: LlmRequest) -> None:
@@ -132,6 +145,9 @@ class PyExecutor:
             updated = self._fetch_new_requests()
             if not self.active:
                 return updated
+            for request in self.active:  # pick up prefixes cached since they were admitted
+                if request.state is RequestState.CONTEXT:
+                    self.resource_manager.admit(request)
             capacity = self.capacity_scheduler.schedule(self.active, self.kv_cache_manager)
             for request in capacity.preempted:
                 self.resource_manager.free_resources(request)
@@ -143,31 +159,38 @@ class PyExecutor:
             scheduled = self.micro_batch_scheduler.schedule(capacity.fitting)
             if not scheduled:
                 return updated
+            step_started = time.perf_counter()
             self.num_steps += 1
             self.peak_running = max(self.peak_running, len(scheduled))
             self.resource_manager.prepare_resources(scheduled)
-            batch = scheduled
+            counters = self.counters
             try:
-                output = self.model_engine.forward(batch, self.resource_manager) if batch else None
-                decoded = self.decoder.decode(output.sampled, output.logits) if output else None
-                if output and output.prompt_logits:
+                forward_started = time.perf_counter()
+                output = self.model_engine.forward(scheduled, self.resource_manager)
+                counters.forward_seconds += time.perf_counter() - forward_started
+                decoded = self.decoder.decode(output.sampled, output.logits)
+                if output.prompt_logits:
                     self._record_prompt_logprobs(output.prompt_logits)
             except Exception as exc:  # the engine must keep serving: fail this batch, not the process
                 logger.exception("step failed")
                 for request in scheduled:
                     self._finish(request, FinishReason.ERROR, error=f"engine step failed: {exc!r}")
                 return updated + self._release_finished()
-            for request in batch:
-                request.num_computed_tokens += request.num_scheduled_tokens
-            if decoded is not None:
-                logprobs = decoded.logprobs or [None] * len(decoded.token_ids)
-                for request, token, token_logprobs in zip(output.sampled, decoded.token_ids, logprobs):
-                    self._append_token(request, token, token_logprobs)
-                    updated.append(request)
+            for request in scheduled:
+                start, n = request.num_computed_tokens, request.num_scheduled_tokens
+                counters.tokens_forwarded += n
+                counters.attended_positions += n * start + n * (n + 1) // 2
+                request.num_computed_tokens = start + n
+            logprobs = decoded.logprobs or [None] * len(decoded.token_ids)
+            for request, token, token_logprobs in zip(output.sampled, decoded.token_ids, logprobs):
+                self._append_token(request, token, token_logprobs)
+                updated.append(request)
             self.resource_manager.update_resources(scheduled)
             for request in scheduled:
                 request.num_scheduled_tokens = 0
             self._release_finished()
+            counters.tokens_sampled += len(output.sampled)
+            counters.step_seconds += time.perf_counter() - step_started
             return updated
 
     def _record_prompt_logprobs(self, prompt_logits) -> None:

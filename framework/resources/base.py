@@ -16,8 +16,9 @@ from framework.request import LlmRequest
 class BaseResourceManager(ABC):
     def admit(self, request: LlmRequest) -> None:
         """The capacity scheduler admitted `request` (new, or resumed after preemption), before the
-        micro-batch scheduler sees it. A manager may attach resources it already has for the
-        request here; the KV cache manager attaches cached prefix blocks and advances the cursor."""
+        micro-batch scheduler sees it; called again before each step while the request catches up
+        its prompt. A manager may attach resources it already has for the request here; the KV
+        cache manager attaches cached prefix blocks and advances the cursor."""
 
     @abstractmethod
     def prepare_resources(self, scheduled: list[LlmRequest]) -> None:

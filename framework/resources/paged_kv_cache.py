@@ -115,16 +115,18 @@ class PagedKVCacheManager(KVCacheManager):
         return (hash(parent), tuple(request.tokens(index * bs, (index + 1) * bs)))
 
     def _reusable(self, request: LlmRequest) -> list[tuple[tuple, int]]:
-        """(key, block) of the cached blocks a request holding nothing could start with, leaving at
-        least its last token to compute (its logits are needed). Read-only."""
-        if (
-            not self.enable_prefix_caching
-            or request.request_id in self.block_tables
-            or request.sampling_params.prompt_logprobs is not None  # needs every prompt position computed
-        ):
+        """(key, block) of the cached blocks that could extend the request's table right now: from
+        its first block if it holds none, or after its last one if its cursor sits exactly at the
+        end of its full, keyed blocks. Always leaves its last token to compute (its logits are
+        needed). Read-only."""
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
+        table = self.block_tables.get(request.request_id, ())
+        keys = self.block_hashes.get(request.request_id, ())
+        if len(keys) != len(table) or request.num_computed_tokens != len(table) * self.block_size:
             return []
-        found, parent = [], None
-        for index in range((request.num_tokens - 1) // self.block_size):
+        found, parent = [], keys[-1] if keys else None
+        for index in range(len(table), (request.num_tokens - 1) // self.block_size):
             key = self._block_hash(request, index, parent)
             block = self.pool.lookup(key)
             if block is None:
@@ -140,20 +142,22 @@ class PagedKVCacheManager(KVCacheManager):
         return len(reusable), sum(1 for _, b in reusable if self.pool.ref_counts[b] == 0)
 
     def admit(self, request):
-        """Start the request's table with every cached block of its prefix; advance its cursor."""
-        if not self.enable_prefix_caching or request.request_id in self.block_tables:
+        """Extend the request's table with the cached blocks of its prefix and advance its cursor.
+        Called at admission and again before every step while the request catches up, so requests
+        admitted together still reuse what the first of them computes."""
+        if not self.enable_prefix_caching:
             return
-        reusable = self._reusable(request)
-        if request.sampling_params.prompt_logprobs is None:
+        if request.request_id not in self.block_tables and request.sampling_params.prompt_logprobs is None:
             self.prefix_queried_tokens += request.num_tokens
-        table = self.block_tables[request.request_id] = []
-        keys = self.block_hashes[request.request_id] = []
+        reusable = self._reusable(request)
+        table = self.block_tables.setdefault(request.request_id, [])
+        keys = self.block_hashes.setdefault(request.request_id, [])
         for key, block in reusable:
             self.pool.acquire(block)
             table.append(block)
             keys.append(key)
-        self.prefix_hit_tokens += len(table) * self.block_size
-        request.num_computed_tokens = len(table) * self.block_size
+        self.prefix_hit_tokens += len(reusable) * self.block_size
+        request.num_computed_tokens += len(reusable) * self.block_size
 
     # ---- the resource-manager protocol -------------------------------------------------------
     def prepare_resources(self, scheduled):

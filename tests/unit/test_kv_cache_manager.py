@@ -335,7 +335,7 @@ def test_admission_takes_the_whole_cached_prefix_and_only_the_rest_is_scheduled(
     h.assert_pool_idle(kv)
 
 
-def test_reuse_happens_only_at_admission_never_in_a_later_chunk(h):
+def test_no_reuse_after_a_partial_block_of_its_own(h):
     kv = h.kv(max_tokens=32)
     a = h.request("a", tokens(1, 13))  # 12 tokens
     b = h.request("b", tokens(1, 13) + [90, 91, 92, 93])  # 16 tokens, a's prompt first
@@ -346,7 +346,8 @@ def test_reuse_happens_only_at_admission_never_in_a_later_chunk(h):
     assert sorted(kv.pool.cached.values()) == [0, 1, 2]
     assert kv.pool.block_hash[3] is None  # b's copy of a's block 0 stays private
 
-    h.prepare(kv, {b: 6})  # [6, 12): a's blocks 1 and 2 are cached now, but b was admitted already
+    kv.admit(b)  # the executor re-admits catching-up requests each step: b's cursor (6) is mid-block
+    h.prepare(kv, {b: 6})  # [6, 12): a's blocks 1 and 2 are cached now, but b has diverged into block 4
     assert kv.get_block_table(b) == [3, 4, 5]
     assert b.num_computed_tokens == 6
     assert kv.pool.ref_counts == [1, 1, 1, 1, 1, 1, 0, 0]
@@ -737,4 +738,28 @@ def test_a_request_runs_within_its_needed_to_completion(h):
     assert len(kv.get_block_table(r)) == need == 4
     assert kv.get_needed_resource_to_completion(r) == 0
     h.finish(kv, r)
+    h.assert_pool_idle(kv)
+
+
+def test_readmission_at_a_block_boundary_picks_up_blocks_cached_since(h):
+    """Requests admitted in the same step all miss; the next step they reuse what the first one
+    computed (the executor calls admit again for every request still catching up)."""
+    kv = h.kv(max_tokens=64)
+    shared = tokens(1, 13)  # 12 tokens: 3 blocks
+    a = h.request("a", shared + [50])
+    b = h.request("b", shared + [60])
+    h.admit(kv, a, b)
+    assert kv.get_block_table(a) == [] and kv.get_block_table(b) == []
+    h.step(kv, {a: 13})  # only a fits the budget this step
+    assert sorted(kv.pool.cached.values()) == [0, 1, 2]
+    kv.admit(b)
+    assert kv.get_block_table(b) == [0, 1, 2] and b.num_computed_tokens == 12
+    assert kv.pool.ref_counts[:3] == [2, 2, 2]
+    assert kv.stats().prefix_hit_tokens == 12
+    assert kv.stats().prefix_queried_tokens == 13 + 13  # counted once per request
+    kv.admit(b)  # idempotent: nothing more is cached
+    assert kv.get_block_table(b) == [0, 1, 2] and b.num_computed_tokens == 12
+    h.step(kv, {b: 1})
+    h.finish(kv, a)
+    h.finish(kv, b)
     h.assert_pool_idle(kv)

@@ -1,0 +1,1 @@
+"""`mode=bench`: the standard workloads against transformers, measured in one run."""

@@ -1,0 +1,40 @@
+"""What a run is measured against: the machine's matmul peak and the model's FLOPs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of a square matrix product in this dtype, on this device and thread count."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        _sync(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_flops(model, counters) -> float:
+    """2 x non-embedding linear params per forwarded token, 2 x hidden x vocab per sampled token,
+    and attention (QK^T and PV: 4 x layers x heads x head_dim per attended position)."""
+    linear = sum(p.numel() for name, p in model.named_parameters() if name.endswith("proj.weight"))
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (
+        2 * linear * counters.tokens_forwarded
+        + 2 * config.hidden_size * config.vocab_size * counters.tokens_sampled
+        + 4 * layers * heads * head_dim * counters.attended_positions
+    )

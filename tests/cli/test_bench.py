@@ -1,0 +1,39 @@
+"""`mode=bench` runs the standard workloads and prints one JSON line each (no timing asserted)."""
+
+import json
+
+from tests.cli.test_cli import run_cli
+
+
+def test_bench_smoke_prints_json_for_each_workload(tiny_dir, tmp_path):
+    result = run_cli(
+        [
+            "mode=bench",
+            f"model.path={tiny_dir}",
+            "kv_cache.max_tokens=8192",
+            "scheduler.max_num_tokens=64",  # W3's prompts span steps, so later ones reuse the prefix
+            "bench.workload='W2,W3'",  # quoted: a bare comma list is a Hydra sweep
+            "bench.scale=0.1",
+            "bench.runs=1",
+            "bench.warmup=false",
+            "bench.compare=true",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["workload"] for r in rows] == ["W2", "W3"]
+    for row in rows:
+        for key in ("output_tok_s", "total_tok_s", "wall_s", "gflops", "matmul_peak_gflops", "peak_share",
+                    "mean_step_ms", "host_overhead", "prefix_hit_rate", "cold_start_s"):
+            assert isinstance(row[key], (int, float)) and row[key] >= 0, key
+        assert row["output_tok_s"] > 0 and 0 < row["peak_share"]
+        assert row["speedup_vs_static"] and row["speedup_vs_static"] > 0  # transformers generate ran
+        assert "speedup_vs_continuous" in row
+    assert rows[1]["prefix_hit_rate"] > 0  # W3's shared prefix is reused
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_rejects_an_unknown_workload(tiny_dir, tmp_path):
+    result = run_cli(["mode=bench", f"model.path={tiny_dir}", "kv_cache.max_tokens=1024", "bench.workload=W9"], tmp_path)
+    assert result.returncode == 2 and "unknown workload 'W9'" in result.stderr
