@@ -43,14 +43,24 @@ def paged_attention(
     batch = meta.batch_size
     keys = k_cache[meta.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     values = v_cache[meta.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    if meta.max_query_len == 1:  # decode-only: the packed queries are already one per request
-        queries = q.view(batch, 1, num_heads, head_dim)
-    else:
-        queries = q.new_zeros(batch * meta.max_query_len, num_heads, head_dim)
-        queries[meta.query_slot] = q
-        queries = queries.view(batch, meta.max_query_len, num_heads, head_dim)
+    if meta.max_query_len == 1:
+        return _decode_attention(q, keys, values, meta.attn_mask, scale)
+    queries = q.new_zeros(batch * meta.max_query_len, num_heads, head_dim)
+    queries[meta.query_slot] = q
+    queries = queries.view(batch, meta.max_query_len, num_heads, head_dim)
     out = F.scaled_dot_product_attention(
         queries.transpose(1, 2), keys, values, attn_mask=meta.attn_mask, scale=scale, enable_gqa=True
     )
-    out = out.transpose(1, 2).reshape(batch * meta.max_query_len, num_heads, head_dim)
-    return out if meta.max_query_len == 1 else out[meta.query_slot]
+    return out.transpose(1, 2).reshape(batch * meta.max_query_len, num_heads, head_dim)[meta.query_slot]
+
+
+def _decode_attention(q, keys, values, attn_mask, scale):
+    """One query per request: two batched matmuls per KV head group, softmax in float32. (The
+    fused CPU kernel is several times slower for a single query row with a mask.)"""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = keys.shape[1]
+    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # q heads of one KV head
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [B, kv_heads, group, S]
+    scores = scores.masked_fill(~attn_mask.view(batch, 1, 1, -1), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [B, kv_heads, group, D]
+    return out.reshape(batch, num_heads, head_dim)
