@@ -63,6 +63,16 @@ class BlockPool:
             else:
                 self.evictable[block] = None
 
+    def forget_cached(self) -> int:
+        """Drop every unreferenced cached block's content (they become plain free blocks)."""
+        dropped = list(self.evictable)
+        for block in dropped:
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = None
+            self.free.append(block)
+        self.evictable.clear()
+        return len(dropped)
+
     def commit(self, block: int, block_hash) -> None:
         """`block` is full and its content is identified by `block_hash`: make it reusable. If an
         identical block is already cached, this one stays private and is freed normally."""

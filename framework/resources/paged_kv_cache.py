@@ -159,6 +159,10 @@ class PagedKVCacheManager(KVCacheManager):
         self.prefix_hit_tokens += len(reusable) * self.block_size
         request.num_computed_tokens += len(reusable) * self.block_size
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix nobody holds (e.g. between benchmark runs); returns how many."""
+        return self.pool.forget_cached()
+
     # ---- the resource-manager protocol -------------------------------------------------------
     def prepare_resources(self, scheduled):
         for request in scheduled:

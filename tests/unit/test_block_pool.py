@@ -157,3 +157,18 @@ def test_releasing_more_often_than_acquired_is_caught():
     pool.release(block)
     with pytest.raises(AssertionError, match="released more often"):
         pool.release(block)
+
+
+def test_forget_cached_turns_evictable_blocks_into_free_ones():
+    from framework.resources.block_pool import BlockPool
+
+    pool = BlockPool(4)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    pool.commit(a, "ka")
+    pool.commit(b, "kb")
+    pool.release(a)
+    pool.release(c)
+    assert list(pool.evictable) == [a] and list(pool.free) == [3, c]
+    assert pool.forget_cached() == 1
+    assert list(pool.free) == [3, c, a] and not pool.evictable
+    assert pool.lookup("ka") is None and pool.lookup("kb") == b  # a held block keeps its content
