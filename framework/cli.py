@@ -54,51 +54,33 @@ def default_model_name(cfg) -> str:
 
 
 def run(cfg, plugins) -> None:
+    """Build the engine from the composed config, then do what `mode` says."""
     from framework.api.llm import LLM
     from framework.models.checkpoint import CheckpointError
     from framework.plugins.registry import UnknownNameError
-    from framework.sampling_params import SamplingParams
 
-    if cfg.mode not in ("generate", "serve", "bench"):
-        _fail(f"mode must be 'generate', 'serve' or 'bench', got {cfg.mode!r}")
+    modes = {"generate": _generate, "serve": _serve, "bench": _bench}
+    if cfg.mode not in modes:
+        _fail(f"mode must be one of {', '.join(modes)}; got {cfg.mode!r}")
     started = time.perf_counter()
     try:
         llm = LLM(config=cfg, plugins=plugins)
-        params = SamplingParams(max_tokens=cfg.run.max_tokens, temperature=cfg.run.temperature)
     except (UnknownNameError, CheckpointError, ImportError, ValueError, TypeError) as exc:
         _fail(str(exc))
-    loaded = time.perf_counter()
-    if cfg.mode == "bench":
-        from framework.bench.runner import print_rows, run_benchmark
-        from framework.models.checkpoint import resolve_checkpoint
-
-        llm.generate([[llm.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=1), use_tqdm=False)
-        cold_start = time.perf_counter() - started
-        try:
-            rows = run_benchmark(cfg, llm, resolve_checkpoint(cfg.model.path), cold_start)
-        except ValueError as exc:
-            _fail(str(exc))
-        print_rows(rows)
-        return
-    if cfg.mode == "serve":
-        from framework.server.app import serve
-
-        s = cfg.server
-        name = s.model_name or default_model_name(cfg)
-        print(f"[framework] serving {name} on http://{s.host}:{s.port}/v1 (loaded in {loaded - started:.1f}s)", flush=True)
-        serve(llm, s.host, s.port, name, s.api_key, s.graceful_timeout)
-        return
-    prompts = list(cfg.run.prompts)
-    inputs = [
-        llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-        if cfg.run.chat
-        else p
-        for p in prompts
-    ]
     try:
-        outputs = llm.generate(inputs, params, use_tqdm=False)
+        modes[cfg.mode](cfg, llm, started)
     except ValueError as exc:
         _fail(str(exc))
+
+
+def _generate(cfg, llm, started: float) -> None:
+    from framework.sampling_params import SamplingParams
+
+    loaded = time.perf_counter()
+    params = SamplingParams(max_tokens=cfg.run.max_tokens, temperature=cfg.run.temperature)
+    prompts = list(cfg.run.prompts)
+    inputs = [llm.chat_prompt([{"role": "user", "content": p}]) if cfg.run.chat else p for p in prompts]
+    outputs = llm.generate(inputs, params, use_tqdm=False)
     finished = time.perf_counter()
     for prompt, out in zip(prompts, outputs):
         print(f"### {prompt}\n{out.outputs[0].text.strip()}\n")
@@ -112,6 +94,25 @@ def run(cfg, plugins) -> None:
         f"({stats.num_blocks} blocks of {cfg.kv_cache.block_size}, prefix hit rate {stats.prefix_hit_rate:.0%}), "
         f"decoder {cfg.decoder.name}, engine {cfg.engine.name} on {engine.device} {str(engine.dtype).replace('torch.', '')}"
     )
+
+
+def _serve(cfg, llm, started: float) -> None:
+    from framework.server.app import serve
+
+    s = cfg.server
+    name = s.model_name or default_model_name(cfg)
+    print(f"[framework] serving {name} on http://{s.host}:{s.port}/v1 (loaded in {time.perf_counter() - started:.1f}s)", flush=True)
+    serve(llm, s.host, s.port, name, s.api_key, s.graceful_timeout)
+
+
+def _bench(cfg, llm, started: float) -> None:
+    from framework.bench.runner import print_rows, run_benchmark
+    from framework.models.checkpoint import resolve_checkpoint
+    from framework.sampling_params import SamplingParams
+
+    llm.generate([[llm.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=1), use_tqdm=False)
+    cold_start = time.perf_counter() - started  # from LLM() to the first generated token
+    print_rows(run_benchmark(cfg, llm, resolve_checkpoint(cfg.model.path), cold_start))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from framework.engine.base import ForwardOutput, ModelEngine
-from framework.layers.attention import AttentionMetadata
+from framework.layers.attention import AttentionGroup, AttentionMetadata
 from framework.models.checkpoint import iter_weights, load_hf_config
 from framework.resources.base import KVCacheSpec
 
@@ -26,6 +26,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"model.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
+
+
+def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one tensor; short rows repeat their first block (masked out anyway)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
+
+
+def _group(members, starts, lengths, first_token, tables, block_size, device) -> AttentionGroup | None:
+    """Attention metadata for the requests selected by the bool mask `members`."""
+    index = members.nonzero().flatten()
+    if len(index) == 0:
+        return None
+    starts, lengths, firsts = starts[index], lengths[index], first_token[index]
+    block_tables = _pad_tables([tables[i] for i in index.tolist()])
+    max_query_len = int(lengths.max())
+    request = torch.repeat_interleave(torch.arange(len(index)), lengths)
+    offset = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths)[request]
+    query_positions = starts[:, None] + torch.arange(max_query_len)[None, :]  # [b, max_q]
+    visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
+    return AttentionGroup(
+        token_index=(firsts[request] + offset).to(device),
+        block_tables=block_tables.to(device),
+        query_slot=(request * max_query_len + offset).to(device),
+        attn_mask=visible.unsqueeze(1).to(device),
+        max_query_len=max_query_len,
+    )
 
 
 class PyTorchModelEngine(ModelEngine):
@@ -73,27 +100,21 @@ class PyTorchModelEngine(ModelEngine):
             if start + n == request.num_tokens:
                 sample_index.append(len(input_ids) - 1)
                 sampled.append(request)
-        max_blocks = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [t[0]] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
         starts_t = torch.tensor(starts, dtype=torch.long)
         lengths_t = torch.tensor(lengths, dtype=torch.long)
-        num_tokens = len(input_ids)
-        batch = len(scheduled)
-        request_of_token = torch.repeat_interleave(torch.arange(batch), lengths_t)
+        request_of_token = torch.repeat_interleave(torch.arange(len(scheduled)), lengths_t)
         first_token = torch.cumsum(lengths_t, 0) - lengths_t
-        offset = torch.arange(num_tokens) - first_token[request_of_token]  # index within the chunk
+        offset = torch.arange(len(input_ids)) - first_token[request_of_token]  # index within the chunk
         positions = starts_t[request_of_token] + offset
+        block_tables = _pad_tables(tables)
         slots = block_tables[request_of_token, positions // bs] * bs + positions % bs
-        max_query_len = int(lengths_t.max())
-        query_positions = starts_t[:, None] + torch.arange(max_query_len)[None, :]  # [B, max_q]
-        key_positions = torch.arange(max_blocks * bs)
-        attn_mask = key_positions[None, None, :] <= query_positions[:, :, None]
+        # Decode rows (one token) and prefill chunks attend separately, so a long chunk in the step
+        # does not pad every decode row to its length.
+        decoding = lengths_t == 1
         meta = AttentionMetadata(
             slot_mapping=slots.to(device),
-            block_tables=block_tables.to(device),
-            query_slot=(request_of_token * max_query_len + offset).to(device),
-            attn_mask=attn_mask.unsqueeze(1).to(device),
-            max_query_len=max_query_len,
+            decode=_group(decoding, starts_t, lengths_t, first_token, tables, bs, device),
+            prefill=_group(~decoding, starts_t, lengths_t, first_token, tables, bs, device),
         )
         return (
             torch.tensor(input_ids, dtype=torch.long, device=device),

@@ -14,16 +14,21 @@ import torch.nn.functional as F
 
 
 @dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
-    block_tables: torch.Tensor  # [B, max_blocks] block ids (padding rows point at a real block)
-    query_slot: torch.Tensor  # [T] index of each token in the padded [B * max_query_len] query
-    attn_mask: torch.Tensor  # [B, 1, max_query_len, max_blocks * block_size], True where visible
+class AttentionGroup:
+    """Requests that attend together: all decode rows (one query each), or all prefill chunks."""
+
+    token_index: torch.Tensor  # [t] packed index of each of the group's tokens
+    block_tables: torch.Tensor  # [b, max_blocks] block ids (short rows padded with a real block)
+    query_slot: torch.Tensor  # [t] index of each token in the padded [b * max_query_len] query
+    attn_mask: torch.Tensor  # [b, 1, max_query_len, max_blocks * block_size], True where visible
     max_query_len: int
 
-    @property
-    def batch_size(self) -> int:
-        return self.block_tables.shape[0]
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    decode: AttentionGroup | None
+    prefill: AttentionGroup | None
 
 
 def paged_attention(
@@ -39,19 +44,31 @@ def paged_attention(
     num_kv_heads = k.shape[1]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    groups = [g for g in (meta.decode, meta.prefill) if g is not None]
+    if len(groups) == 1:  # the whole batch is one kind: no scatter needed
+        return _attend(q, k_cache, v_cache, groups[0], scale)
+    out = torch.empty_like(q)
+    for group in groups:
+        out[group.token_index] = _attend(q[group.token_index], k_cache, v_cache, group, scale)
+    return out
 
-    batch = meta.batch_size
-    keys = k_cache[meta.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[meta.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    if meta.max_query_len == 1:
-        return _decode_attention(q, keys, values, meta.attn_mask, scale)
-    queries = q.new_zeros(batch * meta.max_query_len, num_heads, head_dim)
-    queries[meta.query_slot] = q
-    queries = queries.view(batch, meta.max_query_len, num_heads, head_dim)
+
+def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
+    """Attention of one group's packed queries `[t, heads, head_dim]` over its cached context."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    batch = group.block_tables.shape[0]
+    keys = k_cache[group.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[group.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    if group.max_query_len == 1:
+        return _decode_attention(q, keys, values, group.attn_mask, scale)
+    queries = q.new_zeros(batch * group.max_query_len, num_heads, head_dim)
+    queries[group.query_slot] = q
+    queries = queries.view(batch, group.max_query_len, num_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys, values, attn_mask=meta.attn_mask, scale=scale, enable_gqa=True
+        queries.transpose(1, 2), keys, values, attn_mask=group.attn_mask, scale=scale, enable_gqa=True
     )
-    return out.transpose(1, 2).reshape(batch * meta.max_query_len, num_heads, head_dim)[meta.query_slot]
+    return out.transpose(1, 2).reshape(batch * group.max_query_len, num_heads, head_dim)[group.query_slot]
 
 
 def _decode_attention(q, keys, values, attn_mask, scale):
