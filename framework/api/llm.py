@@ -29,7 +29,7 @@ Prompt = str | Sequence[int]
 
 
 @dataclass(eq=False)
-class _Group:
+class RequestGroup:
     """One prompt's `n` completions, reported together under one request id."""
 
     request_id: str
@@ -65,7 +65,7 @@ class LLM:
         self.executor = build_executor(self.config, self.plugins, checkpoint_dir, IncrementalDetokenizer(self.tokenizer))
         self.eos_token_ids = _eos_token_ids(self.executor.model_engine, self.tokenizer)
         self._ids = itertools.count()
-        self._groups: dict[str, _Group] = {}  # by member request id, while running
+        self._groups: dict[str, RequestGroup] = {}  # by member request id, while running
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -77,7 +77,7 @@ class LLM:
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    def _new_group(self, prompt: Prompt, params: SamplingParams, priority, request_id=None, index=0) -> _Group:
+    def new_request_group(self, prompt: Prompt, params: SamplingParams, priority, request_id=None, index=0) -> RequestGroup:
         """Build and validate (ValueError naming the problem) the requests of one prompt."""
         params.validate()
         text, ids = self._prompt_ids(prompt)
@@ -99,9 +99,9 @@ class LLM:
         error = self.executor.validate(requests[0])
         if error:
             raise ValueError(f"prompt {index}: {error}")
-        return _Group(group_id, requests)
+        return RequestGroup(group_id, requests)
 
-    def _submit(self, groups: list[_Group]) -> None:
+    def _submit(self, groups: list[RequestGroup]) -> None:
         with self._lock:
             for group in groups:
                 for request in group.requests:
@@ -124,9 +124,9 @@ class LLM:
         self._wake.set()
 
     # ---- stepping ----------------------------------------------------------------------------
-    def _step(self) -> list[_Group]:
+    def _step(self) -> list[RequestGroup]:
         """One executor step; returns the groups that changed (finished ones are forgotten)."""
-        changed: dict[int, _Group] = {}
+        changed: dict[int, RequestGroup] = {}
         for request in self.executor.step():
             with self._lock:
                 group = self._groups.get(request.request_id)
@@ -143,7 +143,7 @@ class LLM:
                 group.listener(self._output(group))
         return groups
 
-    def _updates(self, groups: list[_Group]) -> Iterator[RequestOutput]:
+    def _updates(self, groups: list[RequestGroup]) -> Iterator[RequestOutput]:
         """Outputs of `groups` as they change, until all have finished."""
         pending = {id(g) for g in groups if not g.finished}
         if self._thread is not None:
@@ -217,7 +217,7 @@ class LLM:
             )
         return list(cache)
 
-    def _output(self, group: _Group) -> RequestOutput:
+    def _output(self, group: RequestGroup) -> RequestOutput:
         if group.logprob_cache is None:
             group.logprob_cache = {"prompt": [], **{i: [] for i in range(len(group.requests))}}
         outputs = []
@@ -252,7 +252,7 @@ class LLM:
         )
 
     # ---- the public API ----------------------------------------------------------------------
-    def _groups_for(self, prompts, sampling_params, priority) -> list[_Group]:
+    def _groups_for(self, prompts, sampling_params, priority) -> list[RequestGroup]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -264,7 +264,7 @@ class LLM:
         priorities = list(priority) if priority is not None else [None] * len(prompts)
         if len(priorities) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(priorities)} priorities")
-        return [self._new_group(p, sp, pr, index=i) for i, (p, sp, pr) in enumerate(zip(prompts, params, priorities))]
+        return [self.new_request_group(p, sp, pr, index=i) for i, (p, sp, pr) in enumerate(zip(prompts, params, priorities))]
 
     def generate(
         self,
@@ -312,12 +312,12 @@ class LLM:
         """`async for out in llm.generate_async(prompt, params, stream=True)`: partial outputs
         (or only the final one), while the background loop batches all concurrent callers. A
         consumer that stops iterating aborts its request."""
-        group = self._new_group(prompt, sampling_params or SamplingParams(), priority, request_id=request_id)
+        group = self.new_request_group(prompt, sampling_params or SamplingParams(), priority, request_id=request_id)
         async for out in self.generate_group_async(group, stream=stream):
             yield out
 
-    async def generate_group_async(self, group: _Group, stream: bool = False) -> AsyncIterator[RequestOutput]:
-        """Run an already validated request group (see `_new_group`) on the background loop."""
+    async def generate_group_async(self, group: RequestGroup, stream: bool = False) -> AsyncIterator[RequestOutput]:
+        """Run an already validated request group (see `new_request_group`) on the background loop."""
         self.start()
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[RequestOutput] = asyncio.Queue()

@@ -92,7 +92,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, default_chat_max
     def start(prompt, params) -> AsyncIterator[RequestOutput]:
         """Validate now (a 400 before any response starts), then stream from the engine."""
         try:
-            group = llm._new_group(prompt, params, None)
+            group = llm.new_request_group(prompt, params, None)
         except ValueError as exc:
             raise OpenAIError(str(exc).removeprefix("prompt 0: ")) from None
         return llm.generate_group_async(group, stream=True)
