@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import queue
-from dataclasses import dataclass
 import threading
 import time
+from dataclasses import dataclass
 
 from framework.decoder.base import Decoder
 from framework.engine.base import ModelEngine
