@@ -52,6 +52,7 @@ class DecoderConfig:
 class EngineConfig:
     name: str = "pytorch"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    pack_weights: bool = True  # on CPU, repack linear weights once for oneDNN (faster matmuls)
 
 
 @dataclass

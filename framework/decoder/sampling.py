@@ -49,10 +49,14 @@ class SamplingDecoder(Decoder):
             return DecoderOutput([])
         params = [r.sampling_params for r in requests]
         raw = logits
-        logits = logits.clone()
-        if any(p.has_penalties for p in params):
+        penalised = any(p.has_penalties for p in params)
+        below_min = any(len(r.output_token_ids) < r.sampling_params.min_tokens for r in requests)
+        if penalised or below_min:
+            logits = logits.clone()  # `raw` stays the unmodified distribution, for logprobs
+        if penalised:
             self._apply_penalties(requests, logits)
-        self._apply_min_tokens(requests, logits)
+        if below_min:
+            self._apply_min_tokens(requests, logits)
 
         temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
         greedy = temperatures == 0

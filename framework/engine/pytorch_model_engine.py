@@ -3,10 +3,14 @@ metadata from the block tables, and runs the model."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import torch
 
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.layers.attention import AttentionGroup, AttentionMetadata
+from framework.layers.linear import Linear
 from framework.models.checkpoint import iter_weights, load_hf_config
 from framework.resources.base import KVCacheSpec
 
@@ -26,6 +30,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"model.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
+
+
+def keep_freed_cpu_memory() -> None:
+    """Ask glibc to keep freed buffers up to 32 MiB for reuse instead of returning them to the OS:
+    otherwise every step's large temporaries (activations, logits) are fresh pages, each faulted in
+    and zeroed again (~370k page faults per W1 run). No-op without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
@@ -61,6 +77,8 @@ class PyTorchModelEngine(ModelEngine):
             torch.set_num_threads(engine_config.num_threads)
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()
         self.hf_config = load_hf_config(checkpoint_dir)
         architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
         model_cls = model_registry.get(architectures[0]).load()
@@ -68,6 +86,10 @@ class PyTorchModelEngine(ModelEngine):
             model = model_cls(self.hf_config)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(iter_weights(checkpoint_dir))
+        if engine_config.pack_weights:
+            for module in model.modules():
+                if isinstance(module, Linear):
+                    module.pack()
         self.model = model.eval()
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = model_config.max_model_len or self.hf_config.max_position_embeddings

@@ -40,10 +40,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    """q `[T, heads, head_dim]`, k/v `[T, kv_heads, head_dim]`; caches `[kv_heads, blocks, block_size, head_dim]`."""
+    num_kv_heads, _, _, head_dim = k_cache.shape
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     groups = [g for g in (meta.decode, meta.prefill) if g is not None]
     if len(groups) == 1:  # the whole batch is one kind: no scatter needed
         return _attend(q, k_cache, v_cache, groups[0], scale)
@@ -53,31 +53,40 @@ def paged_attention(
     return out
 
 
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Each request's context `[kv_heads, b, context, head_dim]`, contiguous per (head, request)."""
+    num_kv_heads, _, block_size, head_dim = cache.shape
+    batch, width = block_tables.shape
+    return cache.index_select(1, block_tables.flatten()).view(num_kv_heads, batch, width * block_size, head_dim)
+
+
 def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     """Attention of one group's packed queries `[t, heads, head_dim]` over its cached context."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    batch = group.block_tables.shape[0]
-    keys = k_cache[group.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache[group.block_tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    keys, values = _gather(k_cache, group.block_tables), _gather(v_cache, group.block_tables)
     if group.max_query_len == 1:
         return _decode_attention(q, keys, values, group.attn_mask, scale)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    batch = group.block_tables.shape[0]
     queries = q.new_zeros(batch * group.max_query_len, num_heads, head_dim)
     queries[group.query_slot] = q
     queries = queries.view(batch, group.max_query_len, num_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys, values, attn_mask=group.attn_mask, scale=scale, enable_gqa=True
+        queries.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
+        attn_mask=group.attn_mask, scale=scale, enable_gqa=True,
     )
     return out.transpose(1, 2).reshape(batch * group.max_query_len, num_heads, head_dim)[group.query_slot]
 
 
 def _decode_attention(q, keys, values, attn_mask, scale):
-    """One query per request: two batched matmuls per KV head group, softmax in float32. (The
-    fused CPU kernel is several times slower for a single query row with a mask.)"""
+    """One query per request, as two batched matmuls over (KV head, request) pairs, softmax in
+    float32. (The fused CPU kernel is several times slower for a single query row with a mask.)"""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = keys.shape[1]
-    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # q heads of one KV head
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [B, kv_heads, group, S]
-    scores = scores.masked_fill(~attn_mask.view(batch, 1, 1, -1), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)  # [B, kv_heads, group, D]
-    return out.reshape(batch, num_heads, head_dim)
+    num_kv_heads, _, context, _ = keys.shape
+    group = num_heads // num_kv_heads  # query heads sharing one KV head
+    grouped = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1).reshape(num_kv_heads * batch, group, head_dim)
+    keys, values = keys.view(-1, context, head_dim), values.view(-1, context, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(1, 2)).float() * scale  # [kv_heads * b, group, context]
+    scores = scores.view(num_kv_heads, batch, group, context).masked_fill(~attn_mask.view(1, batch, 1, context), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(-1, group, context)
+    out = torch.bmm(probs, values).view(num_kv_heads, batch, group, head_dim)
+    return out.transpose(0, 1).reshape(batch, num_heads, head_dim)

@@ -10,6 +10,7 @@ from torch import nn
 
 from framework.layers.activation import silu_and_mul
 from framework.layers.attention import AttentionMetadata, paged_attention
+from framework.layers.linear import Linear
 from framework.layers.norm import RMSNorm
 from framework.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -26,10 +27,10 @@ class LlamaDecoderLayer(nn.Module):
         self.qkv_sizes = (q_size, kv_size, kv_size)
         attn_bias = getattr(config, "attention_bias", False)
         mlp_bias = getattr(config, "mlp_bias", False)
-        self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=attn_bias)
-        self.o_proj = nn.Linear(q_size, hidden, bias=attn_bias)
-        self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=mlp_bias)
+        self.qkv_proj = Linear(hidden, q_size + 2 * kv_size, bias=attn_bias)
+        self.o_proj = Linear(q_size, hidden, bias=attn_bias)
+        self.gate_up_proj = Linear(hidden, 2 * config.intermediate_size, bias=mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, hidden, bias=mlp_bias)
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
 
@@ -66,8 +67,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # tied at load if asked
         layer = self.layers[0]
         self.rotary = RotaryEmbedding(layer.head_dim, config.max_position_embeddings, rope_parameters(config))
 
@@ -86,8 +86,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return hidden @ weight.t()
+        return self.lm_head(hidden)
 
     def _target(self, name: str) -> tuple[str, int | None] | None:
         """Map a Hugging Face parameter name to ours (and a shard index for fused ones)."""
@@ -104,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
+        params = {n: p for n, p in self.named_parameters() if not (n == "lm_head.weight" and self.tie_word_embeddings)}
         loaded: set[tuple[str, int | None]] = set()
         for hf_name, tensor in weights:
             target = self._target(hf_name)
@@ -124,6 +123,8 @@ class LlamaForCausalLM(nn.Module):
         missing = [n for n in params if not any(n == name for name, _ in loaded)]
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def _shard_sizes(self, name: str) -> list[int]:
         layer = self.layers[0]

@@ -132,7 +132,7 @@ def check_kv_cache_manager(factory, config=None):
     assert isinstance(kv, KVCacheManager)
     assert kv.num_free_blocks == kv.get_max_resource_count() > 0
     for k, v in kv.get_kv_caches():
-        assert k.shape == v.shape and k.shape[1:] == (kv.block_size, 1, 4)
+        assert k.shape == v.shape and k.shape[0] == 1 and k.shape[2:] == (kv.block_size, 4)
     sched_cfg = SimpleNamespace(max_batch_size=8, max_num_tokens=24)
     _run(MaxUtilizationScheduler(sched_cfg, None), FCFSMicroBatchScheduler(sched_cfg, None), kv, sched_cfg, 3)
     stats = kv.stats()

@@ -104,7 +104,8 @@ class KVCacheManager(BaseResourceManager):
 
     @abstractmethod
     def get_kv_caches(self) -> list[tuple[Any, Any]]:
-        """Per layer (K, V), each `[num_blocks, block_size, num_kv_heads, head_dim]`."""
+        """Per layer (K, V), each `[num_kv_heads, num_blocks, block_size, head_dim]` (head-major:
+        gathering a request's blocks yields each head's context contiguous, ready for matmuls)."""
 
     @abstractmethod
     def stats(self) -> KVCacheStats: ...

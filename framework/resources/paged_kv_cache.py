@@ -22,7 +22,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class PagedKVCacheManager(KVCacheManager):
-    """Per layer K and V tensors of `[num_blocks, block_size, kv_heads, head_dim]`, a block table per
+    """Per layer K and V tensors of `[kv_heads, num_blocks, block_size, head_dim]`, a block table per
     request, and prefix reuse: every full block is identified by a key chained over all tokens up
     to its end, so a request admitted with a prompt that starts with cached blocks takes them
     instead of recomputing them. The capacity queries already count those hits, so schedulers
@@ -40,7 +40,7 @@ class PagedKVCacheManager(KVCacheManager):
             budget = kv_config.memory_fraction * _device_memory(spec.device)
             num_blocks = int(budget // (spec.bytes_per_token * self.block_size))
         self.pool = BlockPool(num_blocks)
-        shape = (num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_kv_heads, num_blocks, self.block_size, spec.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=spec.dtype, device=spec.device), torch.zeros(shape, dtype=spec.dtype, device=spec.device))
             for _ in range(spec.num_layers)

@@ -28,7 +28,7 @@ def test_pool_size_from_max_tokens_rounds_up_to_whole_blocks(h):
     caches = kv.get_kv_caches()
     assert len(caches) == 2
     for k, v in caches:
-        assert k.shape == v.shape == (8, 4, 1, 2)
+        assert k.shape == v.shape == (1, 8, 4, 2)
         assert k.dtype == v.dtype == torch.float32
         assert k.data_ptr() != v.data_ptr()
         assert not k.any() and not v.any()
