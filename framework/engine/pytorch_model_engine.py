@@ -68,7 +68,17 @@ def _group(members, starts, lengths, first_token, tables, block_size, device) ->
         query_slot=(request * max_query_len + offset).to(device),
         attn_mask=visible.unsqueeze(1).to(device),
         max_query_len=max_query_len,
+        shared_blocks=_shared_columns(block_tables),
     )
+
+
+def _shared_columns(block_tables: torch.Tensor) -> int:
+    """Leading columns in which every row holds the same block (a prefix all requests share);
+    at most all but the last column, so each row keeps a part of its own."""
+    if block_tables.shape[0] < 2:
+        return 0
+    same = (block_tables == block_tables[0]).all(dim=0)
+    return min(int(same.cumprod(dim=0).sum()), block_tables.shape[1] - 1)
 
 
 class PyTorchModelEngine(ModelEngine):

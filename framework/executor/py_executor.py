@@ -156,7 +156,7 @@ class PyExecutor:
                 if request.state is RequestState.QUEUED:
                     request.state = RequestState.CONTEXT
                     self.resource_manager.admit(request)
-            scheduled = self.micro_batch_scheduler.schedule(capacity.fitting)
+            scheduled = self._schedule_micro_batch(capacity.fitting)
             if not scheduled:
                 return updated
             step_started = time.perf_counter()
@@ -192,6 +192,20 @@ class PyExecutor:
             counters.tokens_sampled += len(output.sampled)
             counters.step_seconds += time.perf_counter() - step_started
             return updated
+
+    def _schedule_micro_batch(self, fitting: list[LlmRequest]) -> list[LlmRequest]:
+        """The micro-batch scheduler's batch, less the prompt chunks that would recompute blocks an
+        earlier request of the batch is computing (they reuse them next step); the budget they
+        free goes to the others."""
+        held_back: set[int] = set()
+        while True:
+            scheduled = self.micro_batch_scheduler.schedule([r for r in fitting if id(r) not in held_back])
+            duplicates = self.kv_cache_manager.duplicate_prefills(scheduled)
+            if not duplicates:
+                return scheduled
+            for request in scheduled:
+                request.num_scheduled_tokens = 0
+            held_back.update(id(r) for r in duplicates)
 
     def _record_prompt_logprobs(self, prompt_logits) -> None:
         """Logprobs of prompt tokens from the logits of the positions before them."""

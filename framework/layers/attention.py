@@ -22,6 +22,7 @@ class AttentionGroup:
     query_slot: torch.Tensor  # [t] index of each token in the padded [b * max_query_len] query
     attn_mask: torch.Tensor  # [b, 1, max_query_len, max_blocks * block_size], True where visible
     max_query_len: int
+    shared_blocks: int = 0  # leading block-table columns that every row has in common
 
 
 @dataclass
@@ -62,31 +63,60 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     """Attention of one group's packed queries `[t, heads, head_dim]` over its cached context."""
+    batch, max_query_len = group.block_tables.shape[0], group.max_query_len
+    if max_query_len > 1:  # pad each request's chunk to max_query_len rows
+        queries = q.new_zeros(batch * max_query_len, *q.shape[1:])
+        queries[group.query_slot] = q
+    else:
+        queries = q
+    if max_query_len > 1 and group.shared_blocks == 0:
+        out = _fused_attention(queries, k_cache, v_cache, group, scale)
+    else:
+        out = _matmul_attention(queries, k_cache, v_cache, group, scale)
+    return out[group.query_slot] if max_query_len > 1 else out
+
+
+def _fused_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
+    """Prompt chunks through the fused SDPA kernel (fastest for long chunks)."""
+    batch, (_, num_heads, head_dim) = group.block_tables.shape[0], queries.shape
     keys, values = _gather(k_cache, group.block_tables), _gather(v_cache, group.block_tables)
-    if group.max_query_len == 1:
-        return _decode_attention(q, keys, values, group.attn_mask, scale)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    batch = group.block_tables.shape[0]
-    queries = q.new_zeros(batch * group.max_query_len, num_heads, head_dim)
-    queries[group.query_slot] = q
-    queries = queries.view(batch, group.max_query_len, num_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
+        queries.view(batch, -1, num_heads, head_dim).transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
         attn_mask=group.attn_mask, scale=scale, enable_gqa=True,
     )
-    return out.transpose(1, 2).reshape(batch * group.max_query_len, num_heads, head_dim)[group.query_slot]
+    return out.transpose(1, 2).reshape(-1, num_heads, head_dim)
 
 
-def _decode_attention(q, keys, values, attn_mask, scale):
-    """One query per request, as two batched matmuls over (KV head, request) pairs, softmax in
-    float32. (The fused CPU kernel is several times slower for a single query row with a mask.)"""
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads, _, context, _ = keys.shape
-    group = num_heads // num_kv_heads  # query heads sharing one KV head
-    grouped = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1).reshape(num_kv_heads * batch, group, head_dim)
-    keys, values = keys.view(-1, context, head_dim), values.view(-1, context, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(1, 2)).float() * scale  # [kv_heads * b, group, context]
-    scores = scores.view(num_kv_heads, batch, group, context).masked_fill(~attn_mask.view(1, batch, 1, context), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(-1, group, context)
-    out = torch.bmm(probs, values).view(num_kv_heads, batch, group, head_dim)
-    return out.transpose(0, 1).reshape(batch, num_heads, head_dim)
+def _matmul_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
+    """Batched matmuls over (KV head, request) pairs, softmax in float32. The first
+    `shared_blocks` blocks, common to every request, are gathered once and multiplied by all the
+    requests' queries together (one real matrix product instead of one thin product per request);
+    the softmax spans shared and own positions together, so the result is exact."""
+    num_kv_heads, _, block_size, head_dim = k_cache.shape
+    batch, shared = group.block_tables.shape[0], group.shared_blocks
+    num_heads = queries.shape[1]
+    rows = queries.shape[0] // batch * (num_heads // num_kv_heads)  # query rows of a request per KV head
+    # [b, q, kv_heads, group, d] -> [kv_heads, b, q * group, d]: rows of one request under one KV head
+    grouped = queries.view(batch, -1, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    grouped = grouped.permute(2, 0, 1, 3, 4).contiguous().view(num_kv_heads, batch, rows, head_dim)
+    own_tables = group.block_tables[:, shared:]
+    own_keys, own_values = _gather(k_cache, own_tables), _gather(v_cache, own_tables)
+    scores = torch.matmul(grouped, own_keys.transpose(-1, -2))  # [kv_heads, b, rows, own context]
+    if shared:
+        shared_ids = group.block_tables[0, :shared]
+        shared_keys = k_cache.index_select(1, shared_ids).view(num_kv_heads, 1, shared * block_size, head_dim)
+        shared_values = v_cache.index_select(1, shared_ids).view(num_kv_heads, shared * block_size, head_dim)
+        shared_scores = torch.matmul(grouped.view(num_kv_heads, 1, batch * rows, head_dim), shared_keys.transpose(-1, -2))
+        scores = torch.cat([shared_scores.view(num_kv_heads, batch, rows, -1), scores], dim=-1)
+    context = scores.shape[-1]
+    mask = group.attn_mask.view(1, batch, -1, 1, context)  # [1, b, q, 1, context] against [kv_heads, b, q, group, context]
+    scores = (scores.float() * scale).view(num_kv_heads, batch, -1, num_heads // num_kv_heads, context)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(queries.dtype)
+    probs = probs.view(num_kv_heads, batch, rows, context)
+    out = torch.matmul(probs[..., shared * block_size :], own_values)  # [kv_heads, b, rows, d]
+    if shared:
+        shared_probs = probs[..., : shared * block_size].reshape(num_kv_heads, batch * rows, -1)
+        out = out + torch.bmm(shared_probs, shared_values).view(num_kv_heads, batch, rows, head_dim)
+    # [kv_heads, b, q, group, d] -> [b * q, heads, d]
+    out = out.view(num_kv_heads, batch, -1, num_heads // num_kv_heads, head_dim).permute(1, 2, 0, 3, 4)
+    return out.reshape(-1, num_heads, head_dim)

@@ -99,6 +99,11 @@ class KVCacheManager(BaseResourceManager):
         they are shared or not (a request larger than the pool can never run)."""
 
     # the engine's view
+    def duplicate_prefills(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
+        """Requests of a step's batch whose next prompt block an earlier request of the same batch
+        computes: held back one step, they reuse it instead of computing it again. Default: none."""
+        return []
+
     @abstractmethod
     def get_block_table(self, request: LlmRequest) -> list[int]: ...
 

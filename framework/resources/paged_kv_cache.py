@@ -159,6 +159,37 @@ class PagedKVCacheManager(KVCacheManager):
         self.prefix_hit_tokens += len(reusable) * self.block_size
         request.num_computed_tokens += len(reusable) * self.block_size
 
+    def duplicate_prefills(self, scheduled):
+        if not self.enable_prefix_caching:
+            return []
+        computed_now: set[tuple] = set()
+        duplicates = []
+        for request in scheduled:
+            keys = self._keys_completed_this_step(request)
+            if keys and keys[0] in computed_now and self._can_reuse_next(request):
+                duplicates.append(request)
+            else:
+                computed_now.update(keys)
+        return duplicates
+
+    def _keys_completed_this_step(self, request: LlmRequest) -> list[tuple]:
+        hashes = self.block_hashes.get(request.request_id, [])
+        parent, keys = hashes[-1] if hashes else None, []
+        end = request.num_computed_tokens + request.num_scheduled_tokens
+        for index in range(len(hashes), end // self.block_size):
+            parent = self._block_hash(request, index, parent)
+            keys.append(parent)
+        return keys
+
+    def _can_reuse_next(self, request: LlmRequest) -> bool:
+        """Whether `admit` would look up the request's next block (see `_reusable`)."""
+        table = self.block_tables.get(request.request_id, ())
+        return (
+            request.sampling_params.prompt_logprobs is None
+            and len(self.block_hashes.get(request.request_id, ())) == len(table)
+            and request.num_computed_tokens == len(table) * self.block_size
+        )
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix nobody holds (e.g. between benchmark runs); returns how many."""
         return self.pool.forget_cached()
