@@ -59,6 +59,21 @@ def test_prefix_reuse_hits_and_matches(tiny_dir, tiny_ref):
     assert llm.kv_cache_stats.num_used_blocks == 0
 
 
+def test_requests_sharing_a_prefix_in_one_batch_compute_it_once(tiny_dir, tiny_ref):
+    # Submitted together, the first request computes the shared blocks; the others wait one step
+    # and reuse them (the attention then multiplies those common blocks once for the whole group).
+    llm = make_llm(tiny_dir, block_size=8, **{"kv_cache.max_tokens": 2048})
+    shared = random_prompts([48], seed=4)[0]
+    prompts = [shared + own for own in random_prompts([5, 9, 3, 12, 7], seed=5)]
+    steps_before = llm.executor.num_steps
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)
+    check_all(tiny_ref, prompts, outs, 12)
+    assert llm.kv_cache_stats.prefix_hit_tokens == 4 * 48  # every later request reused all 6 blocks
+    assert llm.executor.counters.tokens_forwarded == sum(map(len, prompts)) - 4 * 48 + 5 * 11
+    assert llm.executor.num_steps - steps_before == 1 + 12  # one step held back, then all together
+    assert llm.kv_cache_stats.num_used_blocks == 0
+
+
 def test_prefix_reuse_off_gives_no_hits(tiny_dir):
     llm = make_llm(tiny_dir, enable_prefix_caching=False, **{"kv_cache.max_tokens": 512})
     prompt = random_prompts([40], seed=3)[0]
