@@ -47,21 +47,25 @@ class RotaryEmbedding(nn.Module):
         self._cos_sin: torch.Tensor | None = None
 
     def cos_sin(self, device, dtype) -> torch.Tensor:
-        """[max_positions, head_dim] of cos | sin halves; built once per device and dtype."""
+        """[max_positions, 2, head_dim]: cos and sin of every position, each over the full head
+        width (the angle table repeated for both halves); built once per device and dtype."""
         cache = self._cos_sin
         if cache is None or cache.device != device or cache.dtype != dtype:
             inv_freq = inverse_frequencies(self.head_dim, self.params)
             freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
-            cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device=device, dtype=dtype)
+            angles = torch.cat([freqs, freqs], dim=-1)
+            cache = torch.stack([angles.cos(), angles.sin()], dim=1).to(device=device, dtype=dtype)
             self._cos_sin = cache
         return cache
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]."""
-        cos, sin = self.cos_sin(q.device, q.dtype)[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at `positions`, `[T, 1, head_dim]` each: computed once per step, applied
+        in every layer by `apply_rotary`."""
+        cos_sin = self.cos_sin(positions.device, dtype)[positions]
+        return cos_sin[:, :1], cos_sin[:, 1:]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[T, heads, head_dim]` rotated by the angles of its token ("rotate half" layout)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin

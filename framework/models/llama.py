@@ -12,7 +12,7 @@ from framework.layers.activation import silu_and_mul
 from framework.layers.attention import AttentionMetadata, paged_attention
 from framework.layers.linear import Linear
 from framework.layers.norm import RMSNorm
-from framework.layers.rotary import RotaryEmbedding, rope_parameters
+from framework.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -34,15 +34,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, meta, kv_cache):
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(self.input_layernorm(x)).split(self.qkv_sizes, dim=-1)
-        q, k = rotary(
-            positions,
-            q.view(num_tokens, self.num_heads, self.head_dim),
-            k.view(num_tokens, self.num_kv_heads, self.head_dim),
-        )
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+    def forward(self, x, cos, sin, meta, kv_cache):
+        num_tokens, q_size, kv_size = x.shape[0], self.qkv_sizes[0], self.qkv_sizes[1]
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        # q and k sit side by side in the fused output: rotate them in one go
+        qk = apply_rotary(qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         x = x + self.o_proj(attn.reshape(num_tokens, -1))
         return x + self.down_proj(silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(x))))
@@ -81,8 +79,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, meta, kv_cache)
+            x = layer(x, cos, sin, meta, kv_cache)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
