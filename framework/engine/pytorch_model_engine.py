@@ -50,8 +50,9 @@ def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
-def _group(members, starts, lengths, first_token, tables, block_size, device) -> AttentionGroup | None:
-    """Attention metadata for the requests selected by the bool mask `members`."""
+def _group(members, starts, lengths, first_token, tables, block_size, cache_shape, device) -> AttentionGroup | None:
+    """Attention metadata for the requests selected by the bool mask `members`; `cache_shape` is
+    the per-layer cache's `[kv_heads, num_blocks, block_size, head_dim]`."""
     index = members.nonzero().flatten()
     if len(index) == 0:
         return None
@@ -61,6 +62,7 @@ def _group(members, starts, lengths, first_token, tables, block_size, device) ->
     request = torch.repeat_interleave(torch.arange(len(index)), lengths)
     offset = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths)[request]
     query_positions = starts[:, None] + torch.arange(max_query_len)[None, :]  # [b, max_q]
+    shared = _shared_columns(block_tables)
     visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
     return AttentionGroup(
         token_index=(firsts[request] + offset).to(device),
@@ -68,8 +70,18 @@ def _group(members, starts, lengths, first_token, tables, block_size, device) ->
         query_slot=(request * max_query_len + offset).to(device),
         attn_mask=visible.unsqueeze(1).to(device),
         max_query_len=max_query_len,
-        shared_blocks=_shared_columns(block_tables),
+        shared_blocks=shared,
+        own_rows=_cache_rows(block_tables[:, shared:], cache_shape).to(device),
+        shared_rows=_cache_rows(block_tables[:1, :shared], cache_shape).to(device) if shared else None,
     )
+
+
+def _cache_rows(block_tables: torch.Tensor, cache_shape) -> torch.Tensor:
+    """Rows of the cache seen as `[kv_heads * num_blocks, block_size * head_dim]` that hold the
+    tables' blocks, head by head: one `index_select` gathers every request's context."""
+    num_kv_heads, num_blocks = cache_shape[0], cache_shape[1]
+    heads = torch.arange(num_kv_heads)[:, None] * num_blocks
+    return (heads + block_tables.flatten()[None, :]).flatten()
 
 
 def _shared_columns(block_tables: torch.Tensor) -> int:
@@ -143,10 +155,11 @@ class PyTorchModelEngine(ModelEngine):
         # Decode rows (one token) and prefill chunks attend separately, so a long chunk in the step
         # does not pad every decode row to its length.
         decoding = lengths_t == 1
+        cache_shape = kv_cache_manager.get_kv_caches()[0][0].shape
         meta = AttentionMetadata(
             slot_mapping=slots.to(device),
-            decode=_group(decoding, starts_t, lengths_t, first_token, tables, bs, device),
-            prefill=_group(~decoding, starts_t, lengths_t, first_token, tables, bs, device),
+            decode=_group(decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, device),
+            prefill=_group(~decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, device),
         )
         return (
             torch.tensor(input_ids, dtype=torch.long, device=device),

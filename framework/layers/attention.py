@@ -22,7 +22,9 @@ class AttentionGroup:
     query_slot: torch.Tensor  # [t] index of each token in the padded [b * max_query_len] query
     attn_mask: torch.Tensor  # [b, 1, max_query_len, max_blocks * block_size], True where visible
     max_query_len: int
-    shared_blocks: int = 0  # leading block-table columns that every row has in common
+    shared_blocks: int  # leading block-table columns that every row has in common
+    own_rows: torch.Tensor  # cache rows (see `gather`) of the blocks after the shared ones
+    shared_rows: torch.Tensor | None  # cache rows of the shared blocks
 
 
 @dataclass
@@ -54,11 +56,12 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """Each request's context `[kv_heads, b, context, head_dim]`, contiguous per (head, request)."""
+def gather(cache: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Context of `batch` requests, `[kv_heads, batch, context, head_dim]`, from the cache seen as
+    rows of one block of one head (`rows` lists them head by head, then request by request)."""
     num_kv_heads, _, block_size, head_dim = cache.shape
-    batch, width = block_tables.shape
-    return cache.index_select(1, block_tables.flatten()).view(num_kv_heads, batch, width * block_size, head_dim)
+    flat = cache.view(-1, block_size * head_dim)
+    return flat.index_select(0, rows).view(num_kv_heads, batch, -1, head_dim)
 
 
 def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
@@ -79,7 +82,7 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.T
 def _fused_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     """Prompt chunks through the fused SDPA kernel (fastest for long chunks)."""
     batch, (_, num_heads, head_dim) = group.block_tables.shape[0], queries.shape
-    keys, values = _gather(k_cache, group.block_tables), _gather(v_cache, group.block_tables)
+    keys, values = gather(k_cache, group.own_rows, batch), gather(v_cache, group.own_rows, batch)
     out = F.scaled_dot_product_attention(
         queries.view(batch, -1, num_heads, head_dim).transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
         attn_mask=group.attn_mask, scale=scale, enable_gqa=True,
@@ -99,13 +102,11 @@ def _matmul_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: f
     # [b, q, kv_heads, group, d] -> [kv_heads, b, q * group, d]: rows of one request under one KV head
     grouped = queries.view(batch, -1, num_kv_heads, num_heads // num_kv_heads, head_dim)
     grouped = grouped.permute(2, 0, 1, 3, 4).contiguous().view(num_kv_heads, batch, rows, head_dim)
-    own_tables = group.block_tables[:, shared:]
-    own_keys, own_values = _gather(k_cache, own_tables), _gather(v_cache, own_tables)
+    own_keys, own_values = gather(k_cache, group.own_rows, batch), gather(v_cache, group.own_rows, batch)
     scores = torch.matmul(grouped, own_keys.transpose(-1, -2))  # [kv_heads, b, rows, own context]
     if shared:
-        shared_ids = group.block_tables[0, :shared]
-        shared_keys = k_cache.index_select(1, shared_ids).view(num_kv_heads, 1, shared * block_size, head_dim)
-        shared_values = v_cache.index_select(1, shared_ids).view(num_kv_heads, shared * block_size, head_dim)
+        shared_keys = gather(k_cache, group.shared_rows, 1)  # [kv_heads, 1, shared context, d]
+        shared_values = gather(v_cache, group.shared_rows, 1).squeeze(1)
         shared_scores = torch.matmul(grouped.view(num_kv_heads, 1, batch * rows, head_dim), shared_keys.transpose(-1, -2))
         scores = torch.cat([shared_scores.view(num_kv_heads, batch, rows, -1), scores], dim=-1)
     context = scores.shape[-1]

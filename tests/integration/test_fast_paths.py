@@ -155,8 +155,14 @@ class FakeRequest:
 class FakeKVCacheManager:
     block_size = BLOCK_SIZE
 
+    def __init__(self, k_cache, v_cache):
+        self.caches = [(k_cache, v_cache)]
+
     def get_block_table(self, request):
         return request.block_table
+
+    def get_kv_caches(self):
+        return self.caches
 
 
 def fake_requests(shapes, seed, shared=0):
@@ -215,10 +221,10 @@ def test_paged_attention_matches_naive_reference(batch):
     shared, shapes = BATCHES[batch]
     requests = fake_requests(shapes, seed=3, shared=shared)
     fake_engine = SimpleNamespace(device=torch.device("cpu"))
-    _, positions, meta, *_ = PyTorchModelEngine.prepare_inputs(fake_engine, requests, FakeKVCacheManager())
-    tokens = len(positions)
     k_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
     v_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
+    _, positions, meta, *_ = PyTorchModelEngine.prepare_inputs(fake_engine, requests, FakeKVCacheManager(k_cache, v_cache))
+    tokens = len(positions)
     q = torch.randn(tokens, HEADS, HEAD_DIM)
     k, v = torch.randn(tokens, KV_HEADS, HEAD_DIM), torch.randn(tokens, KV_HEADS, HEAD_DIM)
     scale = HEAD_DIM**-0.5
