@@ -70,6 +70,7 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
         query_slot=(request * max_query_len + offset).to(device),
         attn_mask=visible.unsqueeze(1).to(device),
         max_query_len=max_query_len,
+        chunks=list(zip(starts.tolist(), lengths.tolist())),
         shared_blocks=shared,
         own_rows=_cache_rows(block_tables[:, shared:], cache_shape).to(device),
         shared_rows=_cache_rows(block_tables[:1, :shared], cache_shape).to(device) if shared else None,

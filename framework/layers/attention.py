@@ -22,6 +22,7 @@ class AttentionGroup:
     query_slot: torch.Tensor  # [t] index of each token in the padded [b * max_query_len] query
     attn_mask: torch.Tensor  # [b, 1, max_query_len, max_blocks * block_size], True where visible
     max_query_len: int
+    chunks: list[tuple[int, int]]  # (start position, query length) of each request, in packed order
     shared_blocks: int  # leading block-table columns that every row has in common
     own_rows: torch.Tensor  # cache rows (see `gather`) of the blocks after the shared ones
     shared_rows: torch.Tensor | None  # cache rows of the shared blocks
@@ -66,28 +67,35 @@ def gather(cache: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     """Attention of one group's packed queries `[t, heads, head_dim]` over its cached context."""
-    batch, max_query_len = group.block_tables.shape[0], group.max_query_len
-    if max_query_len > 1:  # pad each request's chunk to max_query_len rows
-        queries = q.new_zeros(batch * max_query_len, *q.shape[1:])
-        queries[group.query_slot] = q
-    else:
-        queries = q
-    if max_query_len > 1 and group.shared_blocks == 0:
-        out = _fused_attention(queries, k_cache, v_cache, group, scale)
-    else:
-        out = _matmul_attention(queries, k_cache, v_cache, group, scale)
-    return out[group.query_slot] if max_query_len > 1 else out
+    if group.max_query_len == 1:
+        return _matmul_attention(q, k_cache, v_cache, group, scale)
+    if group.shared_blocks == 0:
+        return _chunk_attention(q, k_cache, v_cache, group, scale)
+    queries = q.new_zeros(group.block_tables.shape[0] * group.max_query_len, *q.shape[1:])
+    queries[group.query_slot] = q  # each request's chunk padded to max_query_len rows
+    return _matmul_attention(queries, k_cache, v_cache, group, scale)[group.query_slot]
 
 
-def _fused_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
-    """Prompt chunks through the fused SDPA kernel (fastest for long chunks)."""
-    batch, (_, num_heads, head_dim) = group.block_tables.shape[0], queries.shape
+def _chunk_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
+    """Prompt chunks one request at a time through the fused SDPA kernel, each over its own
+    context length: no padding to the longest chunk, and a chunk that starts its prompt is plain
+    causal (the kernel then skips the masked half)."""
+    batch = group.block_tables.shape[0]
     keys, values = gather(k_cache, group.own_rows, batch), gather(v_cache, group.own_rows, batch)
-    out = F.scaled_dot_product_attention(
-        queries.view(batch, -1, num_heads, head_dim).transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
-        attn_mask=group.attn_mask, scale=scale, enable_gqa=True,
-    )
-    return out.transpose(1, 2).reshape(-1, num_heads, head_dim)
+    out = torch.empty_like(q)
+    offset = 0
+    for i, (start, length) in enumerate(group.chunks):
+        context = start + length
+        mask = None if start == 0 else group.attn_mask[i, :, :length, :context]
+        chunk = F.scaled_dot_product_attention(
+            q[offset : offset + length].transpose(0, 1).unsqueeze(0),
+            keys[:, i, :context].unsqueeze(0),
+            values[:, i, :context].unsqueeze(0),
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+        )
+        out[offset : offset + length] = chunk[0].transpose(0, 1)
+        offset += length
+    return out
 
 
 def _matmul_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
