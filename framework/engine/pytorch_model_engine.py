@@ -66,7 +66,6 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
     visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
     return AttentionGroup(
         token_index=(firsts[request] + offset).to(device),
-        block_tables=block_tables.to(device),
         query_slot=(request * max_query_len + offset).to(device),
         attn_mask=visible.unsqueeze(1).to(device),
         max_query_len=max_query_len,

@@ -18,7 +18,6 @@ class AttentionGroup:
     """Requests that attend together: all decode rows (one query each), or all prefill chunks."""
 
     token_index: torch.Tensor  # [t] packed index of each of the group's tokens
-    block_tables: torch.Tensor  # [b, max_blocks] block ids (short rows padded with a real block)
     query_slot: torch.Tensor  # [t] index of each token in the padded [b * max_query_len] query
     attn_mask: torch.Tensor  # [b, 1, max_query_len, max_blocks * block_size], True where visible
     max_query_len: int
@@ -26,6 +25,10 @@ class AttentionGroup:
     shared_blocks: int  # leading block-table columns that every row has in common
     own_rows: torch.Tensor  # cache rows (see `gather`) of the blocks after the shared ones
     shared_rows: torch.Tensor | None  # cache rows of the shared blocks
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.chunks)
 
 
 @dataclass
@@ -71,7 +74,7 @@ def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.T
         return _matmul_attention(q, k_cache, v_cache, group, scale)
     if group.shared_blocks == 0:
         return _chunk_attention(q, k_cache, v_cache, group, scale)
-    queries = q.new_zeros(group.block_tables.shape[0] * group.max_query_len, *q.shape[1:])
+    queries = q.new_zeros(group.batch_size * group.max_query_len, *q.shape[1:])
     queries[group.query_slot] = q  # each request's chunk padded to max_query_len rows
     return _matmul_attention(queries, k_cache, v_cache, group, scale)[group.query_slot]
 
@@ -80,7 +83,7 @@ def _chunk_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) -
     """Prompt chunks one request at a time through the fused SDPA kernel, each over its own
     context length: no padding to the longest chunk, and a chunk that starts its prompt is plain
     causal (the kernel then skips the masked half)."""
-    batch = group.block_tables.shape[0]
+    batch = group.batch_size
     keys, values = gather(k_cache, group.own_rows, batch), gather(v_cache, group.own_rows, batch)
     out = torch.empty_like(q)
     offset = 0
@@ -104,7 +107,7 @@ def _matmul_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: f
     requests' queries together (one real matrix product instead of one thin product per request);
     the softmax spans shared and own positions together, so the result is exact."""
     num_kv_heads, _, block_size, head_dim = k_cache.shape
-    batch, shared = group.block_tables.shape[0], group.shared_blocks
+    batch, shared = group.batch_size, group.shared_blocks
     num_heads = queries.shape[1]
     rows = queries.shape[0] // batch * (num_heads // num_kv_heads)  # query rows of a request per KV head
     # [b, q, kv_heads, group, d] -> [kv_heads, b, q * group, d]: rows of one request under one KV head

@@ -119,12 +119,10 @@ class PagedKVCacheManager(KVCacheManager):
         its first block if it holds none, or after its last one if its cursor sits exactly at the
         end of its full, keyed blocks. Always leaves its last token to compute (its logits are
         needed). Read-only."""
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position computed
+        if not self.enable_prefix_caching or not self._can_reuse_next(request):
+            return []
         table = self.block_tables.get(request.request_id, ())
         keys = self.block_hashes.get(request.request_id, ())
-        if len(keys) != len(table) or request.num_computed_tokens != len(table) * self.block_size:
-            return []
         found, parent = [], keys[-1] if keys else None
         for index in range(len(table), (request.num_tokens - 1) // self.block_size):
             key = self._block_hash(request, index, parent)
@@ -165,24 +163,27 @@ class PagedKVCacheManager(KVCacheManager):
         computed_now: set[tuple] = set()
         duplicates = []
         for request in scheduled:
-            keys = self._keys_completed_this_step(request)
+            keys = self._new_block_keys(request, request.num_computed_tokens + request.num_scheduled_tokens)
             if keys and keys[0] in computed_now and self._can_reuse_next(request):
                 duplicates.append(request)
             else:
                 computed_now.update(keys)
         return duplicates
 
-    def _keys_completed_this_step(self, request: LlmRequest) -> list[tuple]:
+    def _new_block_keys(self, request: LlmRequest, end: int) -> list[tuple]:
+        """Keys of the request's blocks that are full once its first `end` tokens are computed
+        and that it has not keyed yet, chained from its last keyed block."""
         hashes = self.block_hashes.get(request.request_id, [])
         parent, keys = hashes[-1] if hashes else None, []
-        end = request.num_computed_tokens + request.num_scheduled_tokens
         for index in range(len(hashes), end // self.block_size):
             parent = self._block_hash(request, index, parent)
             keys.append(parent)
         return keys
 
     def _can_reuse_next(self, request: LlmRequest) -> bool:
-        """Whether `admit` would look up the request's next block (see `_reusable`)."""
+        """Whether the request may take cached blocks after the ones it holds: it wants no prompt
+        logprobs (those need every prompt position computed) and its cursor sits exactly at the
+        end of its full, keyed blocks (a partial block of its own means the prefix diverged)."""
         table = self.block_tables.get(request.request_id, ())
         return (
             request.sampling_params.prompt_logprobs is None
@@ -209,11 +210,9 @@ class PagedKVCacheManager(KVCacheManager):
             if table is None:
                 continue
             hashes = self.block_hashes.setdefault(request.request_id, [])
-            parent = hashes[-1] if hashes else None
-            for index in range(len(hashes), request.num_computed_tokens // self.block_size):
-                parent = self._block_hash(request, index, parent)
-                self.pool.commit(table[index], parent)
-                hashes.append(parent)
+            for key in self._new_block_keys(request, request.num_computed_tokens):
+                self.pool.commit(table[len(hashes)], key)
+                hashes.append(key)
 
     def free_resources(self, request):
         # Released tail first: the end of a sequence is the least likely to be shared, so its
