@@ -50,9 +50,9 @@ def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
-def _group(members, starts, lengths, first_token, tables, block_size, cache_shape, device) -> AttentionGroup | None:
+def _group(members, starts, lengths, first_token, tables, block_size, cache_shape, dtype, device) -> AttentionGroup | None:
     """Attention metadata for the requests selected by the bool mask `members`; `cache_shape` is
-    the per-layer cache's `[kv_heads, num_blocks, block_size, head_dim]`."""
+    the per-layer cache's `[kv_heads, num_blocks, block_size, head_dim]`, `dtype` the model's."""
     index = members.nonzero().flatten()
     if len(index) == 0:
         return None
@@ -64,10 +64,15 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
     query_positions = starts[:, None] + torch.arange(max_query_len)[None, :]  # [b, max_q]
     shared = _shared_columns(block_tables)
     visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
+    bias = None
+    if max_query_len == 1 or shared:  # the matmul paths add the mask to the scores
+        bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+        bias = bias[:, None, :, None, :].expand(-1, cache_shape[0], -1, -1, -1).reshape(-1, max_query_len, 1, bias.shape[-1])
     return AttentionGroup(
         token_index=(firsts[request] + offset).to(device),
         query_slot=(request * max_query_len + offset).to(device),
         attn_mask=visible.unsqueeze(1).to(device),
+        attn_bias=None if bias is None else bias.to(device),
         max_query_len=max_query_len,
         chunks=list(zip(starts.tolist(), lengths.tolist())),
         shared_blocks=shared,
@@ -78,10 +83,11 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
 
 def _cache_rows(block_tables: torch.Tensor, cache_shape) -> torch.Tensor:
     """Rows of the cache seen as `[kv_heads * num_blocks, block_size * head_dim]` that hold the
-    tables' blocks, head by head: one `index_select` gathers every request's context."""
+    tables' blocks, request by request and head by head: one `index_select` gathers every
+    request's context as `[requests, kv_heads, context, head_dim]`."""
     num_kv_heads, num_blocks = cache_shape[0], cache_shape[1]
-    heads = torch.arange(num_kv_heads)[:, None] * num_blocks
-    return (heads + block_tables.flatten()[None, :]).flatten()
+    heads = torch.arange(num_kv_heads)[None, :, None] * num_blocks
+    return (heads + block_tables[:, None, :]).flatten()
 
 
 def _shared_columns(block_tables: torch.Tensor) -> int:
@@ -158,8 +164,8 @@ class PyTorchModelEngine(ModelEngine):
         cache_shape = kv_cache_manager.get_kv_caches()[0][0].shape
         meta = AttentionMetadata(
             slot_mapping=slots.to(device),
-            decode=_group(decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, device),
-            prefill=_group(~decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, device),
+            decode=_group(decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, self.dtype, device),
+            prefill=_group(~decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, self.dtype, device),
         )
         return (
             torch.tensor(input_ids, dtype=torch.long, device=device),

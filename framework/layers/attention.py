@@ -19,7 +19,10 @@ class AttentionGroup:
 
     token_index: torch.Tensor  # [t] packed index of each of the group's tokens
     query_slot: torch.Tensor  # [t] index of each token in the padded [b * max_query_len] query
-    attn_mask: torch.Tensor  # [b, 1, max_query_len, max_blocks * block_size], True where visible
+    attn_mask: torch.Tensor  # [b, 1, max_query_len, context], True where visible
+    # The same mask as 0 / -inf in the model dtype, [b * kv_heads, max_query_len, 1, context];
+    # only for the matmul paths (decode rows, shared prefixes), None for plain prompt chunks.
+    attn_bias: torch.Tensor | None
     max_query_len: int
     chunks: list[tuple[int, int]]  # (start position, query length) of each request, in packed order
     shared_blocks: int  # leading block-table columns that every row has in common
@@ -61,22 +64,38 @@ def paged_attention(
 
 
 def gather(cache: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """Context of `batch` requests, `[kv_heads, batch, context, head_dim]`, from the cache seen as
-    rows of one block of one head (`rows` lists them head by head, then request by request)."""
+    """Context of `batch` requests, `[batch, kv_heads, context, head_dim]`, from the cache seen as
+    rows of one block of one head (`rows` lists them request by request, then head by head)."""
     num_kv_heads, _, block_size, head_dim = cache.shape
     flat = cache.view(-1, block_size * head_dim)
-    return flat.index_select(0, rows).view(num_kv_heads, batch, -1, head_dim)
+    return flat.index_select(0, rows).view(batch, num_kv_heads, -1, head_dim)
 
 
 def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     """Attention of one group's packed queries `[t, heads, head_dim]` over its cached context."""
-    if group.max_query_len == 1:
-        return _matmul_attention(q, k_cache, v_cache, group, scale)
     if group.shared_blocks == 0:
+        if group.max_query_len == 1:
+            return _decode_attention(q, k_cache, v_cache, group, scale)
         return _chunk_attention(q, k_cache, v_cache, group, scale)
+    if group.max_query_len == 1:
+        return _shared_prefix_attention(q, k_cache, v_cache, group, scale)
     queries = q.new_zeros(group.batch_size * group.max_query_len, *q.shape[1:])
     queries[group.query_slot] = q  # each request's chunk padded to max_query_len rows
-    return _matmul_attention(queries, k_cache, v_cache, group, scale)[group.query_slot]
+    return _shared_prefix_attention(queries, k_cache, v_cache, group, scale)[group.query_slot]
+
+
+def _decode_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
+    """One query per request. Gathered request-major, a request's KV heads are consecutive, so the
+    query heads of one KV head are consecutive rows too: every reshape here is a free view."""
+    num_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
+    batch = group.batch_size
+    keys = gather(k_cache, group.own_rows, batch).view(batch * num_kv_heads, -1, head_dim)
+    values = gather(v_cache, group.own_rows, batch).view(batch * num_kv_heads, -1, head_dim)
+    queries = q.reshape(batch * num_kv_heads, -1, head_dim)  # [b * kv_heads, group, d]
+    bias = group.attn_bias.view(batch * num_kv_heads, 1, -1)
+    scores = torch.baddbmm(bias, queries, keys.transpose(1, 2), alpha=scale)
+    # softmax of bfloat16 scores accumulates in float32 and rounds once, at the end
+    return torch.bmm(torch.softmax(scores, dim=-1), values).view_as(q)
 
 
 def _chunk_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
@@ -92,8 +111,8 @@ def _chunk_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) -
         mask = None if start == 0 else group.attn_mask[i, :, :length, :context]
         chunk = F.scaled_dot_product_attention(
             q[offset : offset + length].transpose(0, 1).unsqueeze(0),
-            keys[:, i, :context].unsqueeze(0),
-            values[:, i, :context].unsqueeze(0),
+            keys[i : i + 1, :, :context],
+            values[i : i + 1, :, :context],
             attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
         )
         out[offset : offset + length] = chunk[0].transpose(0, 1)
@@ -101,34 +120,30 @@ def _chunk_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) -
     return out
 
 
-def _matmul_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
-    """Batched matmuls over (KV head, request) pairs, softmax in float32. The first
-    `shared_blocks` blocks, common to every request, are gathered once and multiplied by all the
-    requests' queries together (one real matrix product instead of one thin product per request);
-    the softmax spans shared and own positions together, so the result is exact."""
+def _shared_prefix_attention(queries, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
+    """Queries padded to `[b * max_query_len, heads, d]`. The first `shared_blocks` blocks, common
+    to every request, are gathered once and multiplied by all the requests' queries together (one
+    real matrix product instead of one thin product per request); the softmax spans shared and own
+    positions together, so the result is exact."""
     num_kv_heads, _, block_size, head_dim = k_cache.shape
-    batch, shared = group.batch_size, group.shared_blocks
-    num_heads = queries.shape[1]
-    rows = queries.shape[0] // batch * (num_heads // num_kv_heads)  # query rows of a request per KV head
-    # [b, q, kv_heads, group, d] -> [kv_heads, b, q * group, d]: rows of one request under one KV head
-    grouped = queries.view(batch, -1, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    grouped = grouped.permute(2, 0, 1, 3, 4).contiguous().view(num_kv_heads, batch, rows, head_dim)
+    batch, max_query_len, num_heads = group.batch_size, group.max_query_len, queries.shape[1]
+    rows = max_query_len * (num_heads // num_kv_heads)  # query rows of a request per KV head
+    # [b, q, kv_heads, group, d] -> [b, kv_heads, q * group, d]: rows of one request under one KV head
+    grouped = queries.view(batch, max_query_len, num_kv_heads, -1, head_dim).transpose(1, 2)
+    grouped = grouped.reshape(batch, num_kv_heads, rows, head_dim)
     own_keys, own_values = gather(k_cache, group.own_rows, batch), gather(v_cache, group.own_rows, batch)
-    scores = torch.matmul(grouped, own_keys.transpose(-1, -2))  # [kv_heads, b, rows, own context]
-    if shared:
-        shared_keys = gather(k_cache, group.shared_rows, 1)  # [kv_heads, 1, shared context, d]
-        shared_values = gather(v_cache, group.shared_rows, 1).squeeze(1)
-        shared_scores = torch.matmul(grouped.view(num_kv_heads, 1, batch * rows, head_dim), shared_keys.transpose(-1, -2))
-        scores = torch.cat([shared_scores.view(num_kv_heads, batch, rows, -1), scores], dim=-1)
+    shared_keys, shared_values = gather(k_cache, group.shared_rows, 1)[0], gather(v_cache, group.shared_rows, 1)[0]
+    by_head = grouped.transpose(0, 1).reshape(num_kv_heads, batch * rows, head_dim)
+    shared_scores = torch.bmm(by_head, shared_keys.transpose(1, 2)).view(num_kv_heads, batch, rows, -1)
+    scores = torch.cat([shared_scores.transpose(0, 1), torch.matmul(grouped, own_keys.transpose(-1, -2))], dim=-1)
     context = scores.shape[-1]
-    mask = group.attn_mask.view(1, batch, -1, 1, context)  # [1, b, q, 1, context] against [kv_heads, b, q, group, context]
-    scores = (scores.float() * scale).view(num_kv_heads, batch, -1, num_heads // num_kv_heads, context)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(queries.dtype)
-    probs = probs.view(num_kv_heads, batch, rows, context)
-    out = torch.matmul(probs[..., shared * block_size :], own_values)  # [kv_heads, b, rows, d]
-    if shared:
-        shared_probs = probs[..., : shared * block_size].reshape(num_kv_heads, batch * rows, -1)
-        out = out + torch.bmm(shared_probs, shared_values).view(num_kv_heads, batch, rows, head_dim)
-    # [kv_heads, b, q, group, d] -> [b * q, heads, d]
-    out = out.view(num_kv_heads, batch, -1, num_heads // num_kv_heads, head_dim).permute(1, 2, 0, 3, 4)
+    bias = group.attn_bias.view(batch, num_kv_heads, max_query_len, 1, context)
+    scores = torch.add(bias, scores.view(batch, num_kv_heads, max_query_len, -1, context), alpha=scale)
+    probs = torch.softmax(scores, dim=-1).view(batch, num_kv_heads, rows, context)
+    shared = group.shared_blocks * block_size
+    shared_probs = probs[..., :shared].transpose(0, 1).reshape(num_kv_heads, batch * rows, shared)
+    out = torch.matmul(probs[..., shared:], own_values)  # [b, kv_heads, rows, d]
+    out += torch.bmm(shared_probs, shared_values).view(num_kv_heads, batch, rows, head_dim).transpose(0, 1)
+    # [b, kv_heads, q, group, d] -> [b * q, heads, d]
+    out = out.view(batch, num_kv_heads, max_query_len, -1, head_dim).transpose(1, 2)
     return out.reshape(-1, num_heads, head_dim)

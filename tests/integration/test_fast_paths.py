@@ -220,7 +220,7 @@ def test_paged_attention_matches_naive_reference(batch):
     torch.manual_seed(2)
     shared, shapes = BATCHES[batch]
     requests = fake_requests(shapes, seed=3, shared=shared)
-    fake_engine = SimpleNamespace(device=torch.device("cpu"))
+    fake_engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
     k_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
     v_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
     _, positions, meta, *_ = PyTorchModelEngine.prepare_inputs(fake_engine, requests, FakeKVCacheManager(k_cache, v_cache))
