@@ -9,6 +9,7 @@ import ctypes.util
 import torch
 
 from framework.engine.base import ForwardOutput, ModelEngine
+from framework.kernels import cpu as cpu_kernels
 from framework.layers.attention import AttentionGroup, AttentionMetadata
 from framework.layers.linear import Linear
 from framework.models.checkpoint import iter_weights, load_hf_config
@@ -50,9 +51,10 @@ def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
-def _group(members, starts, lengths, first_token, tables, block_size, cache_shape, dtype, device) -> AttentionGroup | None:
+def _group(members, starts, lengths, first_token, tables, block_size, cache_shape, dtype, device, kernel=False):
     """Attention metadata for the requests selected by the bool mask `members`; `cache_shape` is
-    the per-layer cache's `[kv_heads, num_blocks, block_size, head_dim]`, `dtype` the model's."""
+    the per-layer cache's `[kv_heads, num_blocks, block_size, head_dim]`, `dtype` the model's;
+    `kernel`: decode rows go to the CPU decode kernel, which reads the block tables itself."""
     index = members.nonzero().flatten()
     if len(index) == 0:
         return None
@@ -61,6 +63,15 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
     max_query_len = int(lengths.max())
     request = torch.repeat_interleave(torch.arange(len(index)), lengths)
     offset = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths)[request]
+    if kernel and max_query_len == 1:
+        return AttentionGroup(
+            token_index=(firsts[request] + offset).to(device),
+            query_slot=(request + offset).to(device),
+            max_query_len=1,
+            chunks=list(zip(starts.tolist(), lengths.tolist())),
+            block_tables=block_tables.to(device=device, dtype=torch.int32),
+            context_lens=(starts + 1).to(device=device, dtype=torch.int32),
+        )
     query_positions = starts[:, None] + torch.arange(max_query_len)[None, :]  # [b, max_q]
     shared = _shared_columns(block_tables)
     visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
@@ -119,6 +130,11 @@ class PyTorchModelEngine(ModelEngine):
                 if isinstance(module, Linear):
                     module.pack()
         self.model = model.eval()
+        self.cpu_kernels = None  # the C++ decode attention, where it applies
+        if engine_config.cpu_kernels and self.device.type == "cpu":
+            kernels = cpu_kernels.load()
+            if kernels is not None and kernels.supports(self.dtype, model.head_dim):
+                self.cpu_kernels = kernels
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = model_config.max_model_len or self.hf_config.max_position_embeddings
 
@@ -164,7 +180,8 @@ class PyTorchModelEngine(ModelEngine):
         cache_shape = kv_cache_manager.get_kv_caches()[0][0].shape
         meta = AttentionMetadata(
             slot_mapping=slots.to(device),
-            decode=_group(decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, self.dtype, device),
+            cpu_kernels=self.cpu_kernels,
+            decode=_group(decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, self.dtype, device, kernel=self.cpu_kernels is not None),
             prefill=_group(~decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, self.dtype, device),
         )
         return (

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from framework.kernels.cpu import CPUKernels
+
 
 @dataclass
 class AttentionGroup:
@@ -19,15 +21,18 @@ class AttentionGroup:
 
     token_index: torch.Tensor  # [t] packed index of each of the group's tokens
     query_slot: torch.Tensor  # [t] index of each token in the padded [b * max_query_len] query
-    attn_mask: torch.Tensor  # [b, 1, max_query_len, context], True where visible
-    # The same mask as 0 / -inf in the model dtype, [b * kv_heads, max_query_len, 1, context];
-    # only for the matmul paths (decode rows, shared prefixes), None for plain prompt chunks.
-    attn_bias: torch.Tensor | None
     max_query_len: int
     chunks: list[tuple[int, int]]  # (start position, query length) of each request, in packed order
-    shared_blocks: int  # leading block-table columns that every row has in common
-    own_rows: torch.Tensor  # cache rows (see `gather`) of the blocks after the shared ones
-    shared_rows: torch.Tensor | None  # cache rows of the shared blocks
+    attn_mask: torch.Tensor | None = None  # [b, 1, max_query_len, context], True where visible
+    # The same mask as 0 / -inf in the model dtype, [b * kv_heads, max_query_len, 1, context];
+    # only for the matmul paths (decode rows, shared prefixes), None for plain prompt chunks.
+    attn_bias: torch.Tensor | None = None
+    shared_blocks: int = 0  # leading block-table columns that every row has in common
+    own_rows: torch.Tensor | None = None  # cache rows (see `gather`) of the blocks after the shared ones
+    shared_rows: torch.Tensor | None = None  # cache rows of the shared blocks
+    # Only for decode rows run by the CPU kernel (which needs nothing above but the first four):
+    block_tables: torch.Tensor | None = None  # [b, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [b] int32
 
     @property
     def batch_size(self) -> int:
@@ -39,6 +44,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
+    cpu_kernels: CPUKernels | None = None  # run decode groups that carry block tables
 
 
 def paged_attention(
@@ -56,10 +62,10 @@ def paged_attention(
     v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     groups = [g for g in (meta.decode, meta.prefill) if g is not None]
     if len(groups) == 1:  # the whole batch is one kind: no scatter needed
-        return _attend(q, k_cache, v_cache, groups[0], scale)
+        return _attend(q, k_cache, v_cache, groups[0], scale, meta.cpu_kernels)
     out = torch.empty_like(q)
     for group in groups:
-        out[group.token_index] = _attend(q[group.token_index], k_cache, v_cache, group, scale)
+        out[group.token_index] = _attend(q[group.token_index], k_cache, v_cache, group, scale, meta.cpu_kernels)
     return out
 
 
@@ -71,8 +77,10 @@ def gather(cache: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
     return flat.index_select(0, rows).view(batch, num_kv_heads, -1, head_dim)
 
 
-def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
+def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float, kernels: CPUKernels | None) -> torch.Tensor:
     """Attention of one group's packed queries `[t, heads, head_dim]` over its cached context."""
+    if group.block_tables is not None:
+        return kernels.decode_attention(q, k_cache, v_cache, group.block_tables, group.context_lens, scale)
     if group.shared_blocks == 0:
         if group.max_query_len == 1:
             return _decode_attention(q, k_cache, v_cache, group, scale)
@@ -108,7 +116,8 @@ def _chunk_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) -
     offset = 0
     for i, (start, length) in enumerate(group.chunks):
         context = start + length
-        mask = None if start == 0 else group.attn_mask[i, :, :length, :context]
+        # (a 4-D mask: SDPA falls back to its slow math kernel for a 3-D one)
+        mask = None if start == 0 else group.attn_mask[i : i + 1, :, :length, :context]
         chunk = F.scaled_dot_product_attention(
             q[offset : offset + length].transpose(0, 1).unsqueeze(0),
             keys[i : i + 1, :, :context],

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from framework import LLM, SamplingParams
 from framework.engine.pytorch_model_engine import PyTorchModelEngine
+from framework.kernels import cpu as cpu_kernels
 from framework.layers.attention import paged_attention
 from framework.layers.linear import Linear
 from tests.conftest import GREEDY, random_prompts
@@ -214,13 +215,16 @@ BATCHES = {
 }
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "cpu_kernel"])
 @pytest.mark.parametrize("batch", list(BATCHES))
 @torch.no_grad()
-def test_paged_attention_matches_naive_reference(batch):
+def test_paged_attention_matches_naive_reference(batch, kernel):
     torch.manual_seed(2)
     shared, shapes = BATCHES[batch]
     requests = fake_requests(shapes, seed=3, shared=shared)
-    fake_engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    kernels = cpu_kernels.load() if kernel else None
+    assert kernels is not None or not kernel, "the C++ kernels did not build (see the log)"
+    fake_engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, cpu_kernels=kernels)
     k_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
     v_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
     _, positions, meta, *_ = PyTorchModelEngine.prepare_inputs(fake_engine, requests, FakeKVCacheManager(k_cache, v_cache))

@@ -1,0 +1,221 @@
+// Paged decode attention on the CPU: one query token per request, attending to the request's keys
+// and values read in place from the block-paged cache (no gathered copy of the context).
+// Scores, softmax and the weighted sum of values run in float32 whatever the storage type
+// (float32 or bfloat16); the output is rounded to the storage type once, at the end.
+//
+// Layouts (all contiguous):
+//   q, out        [batch, num_heads, head_dim]
+//   k/v cache     [num_kv_heads, num_blocks, block_size, head_dim]
+//   block_tables  [batch, max_blocks] int32, context_lens [batch] int32 (positions a query sees)
+// Query heads h * group .. h * group + group - 1 share KV head h (grouped-query attention).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using bf16 = uint16_t;  // bfloat16 bits: the top half of a float32
+constexpr int LANES = 16;
+
+// 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or two or four narrower)
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+inline f32x16 load16(const float* p) {
+    f32x16 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline f32x16 load16(const bf16* p) {
+    u16x16 half;
+    std::memcpy(&half, p, sizeof half);
+    return (f32x16)(__builtin_convertvector(half, u32x16) << 16);
+}
+
+inline float sum16(f32x16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float lanes[LANES];
+    std::memcpy(lanes, &v, sizeof lanes);
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    return lanes[0];
+#endif
+}
+
+template <int D, typename T>
+inline float dot(const float* a, const T* b) {
+    f32x16 s = load16(a) * load16(b);
+    for (int i = LANES; i < D; i += LANES) s += load16(a + i) * load16(b + i);
+    return sum16(s);
+}
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(bf16 x) {
+    uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline void store(float* p, float x) { *p = x; }
+
+inline void store(bf16* p, float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+        *p = 0x7fc0;
+        return;
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+    *p = bf16(bits >> 16);
+}
+
+// e^x for x <= 0 within a few ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-7 Taylor
+// polynomial, 2^k written straight into the exponent bits. Plain arithmetic, so loops vectorize.
+inline float exp_nonpositive(float x) {
+    x = std::max(x, -87.0f);
+    const float k = std::floor(x * 1.44269504f + 0.5f);
+    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln2 split in two: r stays exact
+    float p = 1.f / 5040;
+    p = p * r + 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const uint32_t bits = uint32_t(int32_t(k) + 127) << 23;
+    float two_k;
+    std::memcpy(&two_k, &bits, sizeof two_k);
+    return p * two_k;
+}
+
+// In place, s <- softmax numerators e^(s - max s); returns their sum. LANES independent partial
+// results keep the loops vectorizable with a fixed summation order.
+inline float exp_and_sum(float* s, int n) {
+    float lanes[LANES];
+    std::fill(lanes, lanes + LANES, -INFINITY);
+    int t = 0;
+    for (; t + LANES <= n; t += LANES)
+        for (int l = 0; l < LANES; ++l) lanes[l] = std::max(lanes[l], s[t + l]);
+    for (; t < n; ++t) lanes[0] = std::max(lanes[0], s[t]);
+    const float peak = *std::max_element(lanes, lanes + LANES);
+    std::fill(lanes, lanes + LANES, 0.f);
+    for (t = 0; t + LANES <= n; t += LANES)
+        for (int l = 0; l < LANES; ++l) {
+            s[t + l] = exp_nonpositive(s[t + l] - peak);
+            lanes[l] += s[t + l];
+        }
+    for (; t < n; ++t) {
+        s[t] = exp_nonpositive(s[t] - peak);
+        lanes[0] += s[t];
+    }
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    return lanes[0];
+}
+
+// One request's query heads of one KV head. `k_cache`/`v_cache` point at that head's blocks;
+// `query`, `scores` and `acc` are the calling thread's scratch space.
+template <typename T, int D>
+void attend(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_t* table, int context,
+            int block_size, int group, float scale, float* query, float* scores, float* acc) {
+    for (int i = 0; i < group * D; ++i) query[i] = to_float(q[i]) * scale;
+    const int blocks = (context + block_size - 1) / block_size;
+    for (int j = 0; j < blocks; ++j) {  // scores[g][t] = q_g . k_t
+        const int n = std::min(block_size, context - j * block_size);
+        const T* k = k_cache + int64_t(table[j]) * block_size * D;
+        for (int t = 0; t < n; ++t)
+            for (int g = 0; g < group; ++g) scores[g * context + j * block_size + t] = dot<D>(query + g * D, k + t * D);
+    }
+    float total[64];
+    for (int g = 0; g < group; ++g) total[g] = exp_and_sum(scores + g * context, context);
+    for (int g = 0; g < group; ++g) {  // out_g = sum_t p[g][t] v_t / sum_t p[g][t]
+        f32x16 a[D / LANES] = {};
+        for (int j = 0; j < blocks; ++j) {
+            const int n = std::min(block_size, context - j * block_size);
+            const T* v = v_cache + int64_t(table[j]) * block_size * D;
+            const float* p = scores + g * context + j * block_size;
+            for (int t = 0; t < n; ++t)
+                for (int c = 0; c < D / LANES; ++c) a[c] += p[t] * load16(v + t * D + c * LANES);
+        }
+        std::memcpy(acc, a, sizeof a);
+        for (int i = 0; i < D; ++i) store(out + g * D + i, acc[i] / total[g]);
+    }
+}
+
+template <typename T, int D>
+void decode_attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
+                      const int32_t* context_lens, int batch, int num_heads, int num_kv_heads, int num_blocks,
+                      int block_size, int max_blocks, float scale) {
+    const int group = num_heads / num_kv_heads;
+    int longest = 0;
+    for (int b = 0; b < batch; ++b) longest = std::max(longest, context_lens[b]);
+#pragma omp parallel
+    {
+        std::vector<float> query(group * D), acc(D), scores(size_t(group) * longest);
+#pragma omp for collapse(2) schedule(dynamic)
+        for (int b = 0; b < batch; ++b)
+            for (int h = 0; h < num_kv_heads; ++h) {
+                const int64_t head = int64_t(h) * num_blocks * block_size * D;
+                const int64_t first = (int64_t(b) * num_heads + int64_t(h) * group) * D;
+                attend<T, D>(q + first, k_cache + head, v_cache + head, out + first, block_tables + int64_t(b) * max_blocks,
+                             context_lens[b], block_size, group, scale, query.data(), scores.data(), acc.data());
+            }
+    }
+}
+
+template <typename T>
+int dispatch(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
+             const int32_t* context_lens, int batch, int num_heads, int num_kv_heads, int num_blocks, int block_size,
+             int head_dim, int max_blocks, float scale) {
+    if (num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > 64) return -1;
+#define FRAMEWORK_HEAD_DIM(D)                                                                                 \
+    case D:                                                                                                 \
+        decode_attention<T, D>(q, k_cache, v_cache, out, block_tables, context_lens, batch, num_heads,       \
+                               num_kv_heads, num_blocks, block_size, max_blocks, scale);                     \
+        return 0;
+    switch (head_dim) {
+        FRAMEWORK_HEAD_DIM(16)
+        FRAMEWORK_HEAD_DIM(32)
+        FRAMEWORK_HEAD_DIM(64)
+        FRAMEWORK_HEAD_DIM(80)
+        FRAMEWORK_HEAD_DIM(96)
+        FRAMEWORK_HEAD_DIM(128)
+        FRAMEWORK_HEAD_DIM(256)
+    }
+#undef FRAMEWORK_HEAD_DIM
+    return -1;
+}
+
+}  // namespace
+
+// Return 0, or -1 (nothing written) for a shape the kernel does not cover.
+extern "C" {
+
+int decode_attention_f32(const float* q, const float* k_cache, const float* v_cache, float* out,
+                         const int32_t* block_tables, const int32_t* context_lens, int batch, int num_heads,
+                         int num_kv_heads, int num_blocks, int block_size, int head_dim, int max_blocks, float scale) {
+    return dispatch(q, k_cache, v_cache, out, block_tables, context_lens, batch, num_heads, num_kv_heads, num_blocks,
+                    block_size, head_dim, max_blocks, scale);
+}
+
+int decode_attention_bf16(const bf16* q, const bf16* k_cache, const bf16* v_cache, bf16* out,
+                          const int32_t* block_tables, const int32_t* context_lens, int batch, int num_heads,
+                          int num_kv_heads, int num_blocks, int block_size, int head_dim, int max_blocks, float scale) {
+    return dispatch(q, k_cache, v_cache, out, block_tables, context_lens, batch, num_heads, num_kv_heads, num_blocks,
+                    block_size, head_dim, max_blocks, scale);
+}
+
+}  // extern "C"
