@@ -130,11 +130,14 @@ class PyTorchModelEngine(ModelEngine):
                 if isinstance(module, Linear):
                     module.pack()
         self.model = model.eval()
-        self.cpu_kernels = None  # the C++ decode attention, where it applies
+        self.cpu_kernels = None  # the C++ kernels, where they apply
         if engine_config.cpu_kernels and self.device.type == "cpu":
             kernels = cpu_kernels.load()
             if kernels is not None and kernels.supports(self.dtype, model.head_dim):
                 self.cpu_kernels = kernels
+                for module in model.modules():  # the layers that can use them say so
+                    if hasattr(type(module), "kernels"):
+                        module.kernels = kernels
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = model_config.max_model_len or self.hf_config.max_position_embeddings
 

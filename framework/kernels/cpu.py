@@ -1,11 +1,13 @@
 """C++ kernels for CPUs, compiled on first use with the system's C++ compiler and called through
-ctypes on tensors' memory.
+ctypes on tensors' memory: decode attention over the paged cache, and the fused steps of a decoder
+layer that PyTorch runs as many small ops (residual add + RMSNorm, RoPE + KV cache write, SwiGLU).
 
-They need no PyTorch headers, so a build takes about a second; the shared library is cached under
-`$FRAMEWORK_CACHE` (default `~/.cache/framework`), keyed by the source, the compiler and the CPU.
-OpenMP parallel loops run on PyTorch's own OpenMP runtime (the same `libgomp.so.1`, already loaded),
-so they follow `torch.set_num_threads`. Without a compiler, or if the build fails, `load()` returns
-None and callers keep their PyTorch path.
+They need no PyTorch headers, so a build takes seconds; the shared library is cached under
+`$FRAMEWORK_CACHE` (default `~/.cache/framework`), keyed by the sources, the compiler and the CPU.
+OpenMP loops run on PyTorch's own OpenMP runtime (the same `libgomp.so.1`, already loaded), so they
+follow `torch.set_num_threads`. Each kernel rounds where the PyTorch ops it replaces round, so it
+matches them (bit for bit except for the order of a sum). Without a compiler, or if the build
+fails, `load()` returns None and callers keep their PyTorch paths.
 """
 
 from __future__ import annotations
@@ -23,9 +25,21 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("decode_attention.cpp")]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-_INT, _PTR = ctypes.c_int, ctypes.c_void_p
+HERE = Path(__file__).parent
+SOURCES = sorted(HERE.glob("*.cpp"))
+HEADERS = sorted(HERE.glob("*.h"))
+# -ffp-contract=off: no fused multiply-adds where PyTorch rounds a product before adding it
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # decode attention's compiled head sizes (`dispatch`)
+
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {  # C function (without its dtype suffix): argument types
+    "decode_attention": ([_P] * 6 + [_I] * 7 + [_F], _I),
+    "add_rms_norm": ([_P] * 4 + [_I, _I, _F], None),
+    "silu_and_mul": ([_P, _P, _I, _I], None),
+    "rope_and_cache": ([_P] * 5 + [_I] * 4 + [_L], None),
+}
+SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def cache_dir() -> Path:
@@ -44,8 +58,8 @@ def build() -> Path:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + compiler.encode() + " ".join(FLAGS).encode())
-    key.update(_cpu_signature())
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in [*SOURCES, *HEADERS]))
+    key.update(" ".join([compiler, *FLAGS]).encode() + _cpu_signature())
     library = cache_dir() / key.hexdigest()[:16] / "libframework_kernels.so"
     if library.exists():
         return library
@@ -64,20 +78,24 @@ def build() -> Path:
     return library
 
 
+def _check(*tensors: torch.Tensor) -> None:
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+        raise ValueError("CPU kernels need contiguous CPU tensors of one dtype")
+
+
 class CPUKernels:
     def __init__(self, library: Path):
         self.library = ctypes.CDLL(str(library))
-        self._decode = {}
-        for dtype, name in [(torch.float32, "decode_attention_f32"), (torch.bfloat16, "decode_attention_bf16")]:
-            fn = getattr(self.library, name)
-            fn.argtypes = [_PTR] * 6 + [_INT] * 7 + [ctypes.c_float]
-            fn.restype = _INT
-            self._decode[dtype] = fn
-
-    HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # compiled in: decode_attention.cpp, `dispatch`
+        self._fns = {}
+        for name, (argtypes, restype) in SIGNATURES.items():
+            for dtype, suffix in SUFFIXES.items():
+                fn = getattr(self.library, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, restype
+                self._fns[name, dtype] = fn
 
     def supports(self, dtype: torch.dtype, head_dim: int) -> bool:
-        return dtype in self._decode and head_dim in self.HEAD_DIMS
+        return dtype in SUFFIXES and head_dim in HEAD_DIMS
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
         """One query per request: q `[b, heads, d]`; caches `[kv_heads, blocks, block_size, d]`;
@@ -85,12 +103,11 @@ class CPUKernels:
         q = q.contiguous()
         batch, num_heads, head_dim = q.shape
         num_kv_heads, num_blocks, block_size, _ = k_cache.shape
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == q.dtype == v_cache.dtype):
-            raise ValueError("decode_attention needs contiguous caches of the query's dtype")
+        _check(q, k_cache, v_cache)
         if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32 or not block_tables.is_contiguous():
             raise ValueError("decode_attention needs contiguous int32 block tables and context lengths")
         out = torch.empty_like(q)
-        status = self._decode[q.dtype](
+        status = self._fns["decode_attention", q.dtype](
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
             block_tables.data_ptr(), context_lens.data_ptr(),
             batch, num_heads, num_kv_heads, num_blocks, block_size, head_dim, block_tables.shape[1], scale,
@@ -98,6 +115,37 @@ class CPUKernels:
         if status != 0:
             raise ValueError(f"decode_attention does not cover {num_heads} heads / {num_kv_heads} KV heads of {head_dim}")
         return out
+
+    def rms_norm(self, x, weight, eps: float, residual=None) -> torch.Tensor:
+        """`weight * rmsnorm(x)`; with `residual`, first `residual += x` (in place) and the norm of that."""
+        _check(x, weight, *([] if residual is None else [residual]))
+        out = torch.empty_like(x)
+        hidden = x.shape[-1]
+        self._fns["add_rms_norm", x.dtype](
+            x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            x.numel() // hidden, hidden, eps,
+        )
+        return out
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of a fused `[..., 2 * width]` gate|up projection: `[..., width]`."""
+        _check(gate_up)
+        width = gate_up.shape[-1] // 2
+        out = gate_up.new_empty(*gate_up.shape[:-1], width)
+        self._fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width), width)
+        return out
+
+    def rope_and_cache(self, qkv, cos_sin, k_cache, v_cache, slots, num_heads: int, num_kv_heads: int) -> None:
+        """Rotate the query and key heads of `qkv` `[T, (heads + 2 kv_heads) * d]` in place by the
+        tokens' `cos_sin` `[T, 2, d]`, and write their keys and values to cache `slots` `[T]`."""
+        _check(qkv, cos_sin, k_cache, v_cache)
+        if slots.dtype != torch.int64 or not slots.is_contiguous():
+            raise ValueError("rope_and_cache needs contiguous int64 slots")
+        num_tokens, head_dim = qkv.shape[0], cos_sin.shape[-1]
+        self._fns["rope_and_cache", qkv.dtype](
+            qkv.data_ptr(), cos_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+            num_tokens, num_heads, num_kv_heads, head_dim, k_cache[0].numel() // head_dim,
+        )
 
 
 _loaded: dict[str, CPUKernels | None] = {}

@@ -9,96 +9,19 @@
 //   block_tables  [batch, max_blocks] int32, context_lens [batch] int32 (positions a query sees)
 // Query heads h * group .. h * group + group - 1 share KV head h (grouped-query attention).
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+
+#include "common.h"
 
 namespace {
 
-using bf16 = uint16_t;  // bfloat16 bits: the top half of a float32
-constexpr int LANES = 16;
-
-// 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or two or four narrower)
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-inline f32x16 load16(const float* p) {
-    f32x16 v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-inline f32x16 load16(const bf16* p) {
-    u16x16 half;
-    std::memcpy(&half, p, sizeof half);
-    return (f32x16)(__builtin_convertvector(half, u32x16) << 16);
-}
-
-inline float sum16(f32x16 v) {
-#if defined(__AVX512F__)
-    return _mm512_reduce_add_ps((__m512)v);
-#else
-    float lanes[LANES];
-    std::memcpy(lanes, &v, sizeof lanes);
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-    return lanes[0];
-#endif
-}
+using namespace framework;
 
 template <int D, typename T>
 inline float dot(const float* a, const T* b) {
     f32x16 s = load16(a) * load16(b);
     for (int i = LANES; i < D; i += LANES) s += load16(a + i) * load16(b + i);
     return sum16(s);
-}
-
-inline float to_float(float x) { return x; }
-
-inline float to_float(bf16 x) {
-    uint32_t bits = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-inline void store(float* p, float x) { *p = x; }
-
-inline void store(bf16* p, float x) {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
-        *p = 0x7fc0;
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
-    *p = bf16(bits >> 16);
-}
-
-// e^x for x <= 0 within a few ulp: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-7 Taylor
-// polynomial, 2^k written straight into the exponent bits. Plain arithmetic, so loops vectorize.
-inline float exp_nonpositive(float x) {
-    x = std::max(x, -87.0f);
-    const float k = std::floor(x * 1.44269504f + 0.5f);
-    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln2 split in two: r stays exact
-    float p = 1.f / 5040;
-    p = p * r + 1.f / 720;
-    p = p * r + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const uint32_t bits = uint32_t(int32_t(k) + 127) << 23;
-    float two_k;
-    std::memcpy(&two_k, &bits, sizeof two_k);
-    return p * two_k;
 }
 
 // In place, s <- softmax numerators e^(s - max s); returns their sum. LANES independent partial
@@ -114,11 +37,11 @@ inline float exp_and_sum(float* s, int n) {
     std::fill(lanes, lanes + LANES, 0.f);
     for (t = 0; t + LANES <= n; t += LANES)
         for (int l = 0; l < LANES; ++l) {
-            s[t + l] = exp_nonpositive(s[t + l] - peak);
+            s[t + l] = exp_approx(s[t + l] - peak);
             lanes[l] += s[t + l];
         }
     for (; t < n; ++t) {
-        s[t] = exp_nonpositive(s[t] - peak);
+        s[t] = exp_approx(s[t] - peak);
         lanes[0] += s[t];
     }
     for (int w = LANES / 2; w > 0; w /= 2)

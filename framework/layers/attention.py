@@ -47,19 +47,18 @@ class AttentionMetadata:
     cpu_kernels: CPUKernels | None = None  # run decode groups that carry block tables
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """q `[T, heads, head_dim]`, k/v `[T, kv_heads, head_dim]`; caches `[kv_heads, blocks, block_size, head_dim]`."""
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping) -> None:
+    """k/v `[T, kv_heads, head_dim]` into their slots of the caches `[kv_heads, blocks, block_size, head_dim]`."""
     num_kv_heads, _, _, head_dim = k_cache.shape
-    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q `[T, heads, head_dim]` over the caches `[kv_heads, blocks, block_size, head_dim]`, which
+    already hold the step's own keys and values (`write_kv_cache`)."""
     groups = [g for g in (meta.decode, meta.prefill) if g is not None]
     if len(groups) == 1:  # the whole batch is one kind: no scatter needed
         return _attend(q, k_cache, v_cache, groups[0], scale, meta.cpu_kernels)

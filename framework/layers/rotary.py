@@ -58,14 +58,13 @@ class RotaryEmbedding(nn.Module):
             self._cos_sin = cache
         return cache
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at `positions`, `[T, 1, head_dim]` each: computed once per step, applied
-        in every layer by `apply_rotary`."""
-        cos_sin = self.cos_sin(positions.device, dtype)[positions]
-        return cos_sin[:, :1], cos_sin[:, 1:]
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """cos and sin at `positions`, `[T, 2, head_dim]`: looked up once per step, applied in
+        every layer by `apply_rotary` (or the CPU kernel)."""
+        return self.cos_sin(positions.device, dtype)[positions]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """x `[T, heads, head_dim]` rotated by the angles of its token ("rotate half" layout)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return x * cos_sin[:, :1] + torch.cat([-x2, x1], dim=-1) * cos_sin[:, 1:]

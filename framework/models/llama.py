@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 from framework.layers.activation import silu_and_mul
-from framework.layers.attention import AttentionMetadata, paged_attention
+from framework.layers.attention import AttentionMetadata, paged_attention, write_kv_cache
 from framework.layers.linear import Linear
 from framework.layers.norm import RMSNorm
 from framework.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 
 
 class LlamaDecoderLayer(nn.Module):
+    kernels = None  # framework.kernels.cpu.CPUKernels, set by the engine where they apply
+
     def __init__(self, config):
         super().__init__()
         hidden = config.hidden_size
@@ -34,16 +36,30 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, meta, kv_cache):
-        num_tokens, q_size, kv_size = x.shape[0], self.qkv_sizes[0], self.qkv_sizes[1]
-        qkv = self.qkv_proj(self.input_layernorm(x))
-        # q and k sit side by side in the fused output: rotate them in one go
-        qk = apply_rotary(qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim), cos, sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+    def forward(self, x, residual, cos_sin, meta, kv_cache):
+        """One layer on the packed tokens `x`; `residual` is the running sum of the layers' outputs
+        (None before the first layer), added inside the next norm. Returns both."""
+        if residual is None:
+            residual, hidden = x, self.input_layernorm(x)
+        else:
+            hidden, residual = self.input_layernorm(x, residual)
+        qkv = self.qkv_proj(hidden)
+        q = self._rotate_and_cache(qkv, cos_sin, meta.slot_mapping, kv_cache)
+        attn = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        hidden, residual = self.post_attention_layernorm(self.o_proj(attn.reshape(len(x), -1)), residual)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(hidden), self.kernels)), residual
+
+    def _rotate_and_cache(self, qkv, cos_sin, slot_mapping, kv_cache) -> torch.Tensor:
+        """Rotate q and k (side by side in the fused projection's output), write k and v to the
+        cache; returns q `[T, heads, head_dim]`."""
+        num_tokens, q_size, kv_size = qkv.shape[0], self.qkv_sizes[0], self.qkv_sizes[1]
+        if self.kernels is not None:
+            self.kernels.rope_and_cache(qkv, cos_sin, *kv_cache, slot_mapping, self.num_heads, self.num_kv_heads)
+            return qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim), cos_sin)
         v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        x = x + self.o_proj(attn.reshape(num_tokens, -1))
-        return x + self.down_proj(silu_and_mul(self.gate_up_proj(self.post_attention_layernorm(x))))
+        write_kv_cache(qk[:, self.num_heads :], v, kv_cache[0], kv_cache[1], slot_mapping)
+        return qk[:, : self.num_heads]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -79,10 +95,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos_sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, meta, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos_sin, meta, kv_cache)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

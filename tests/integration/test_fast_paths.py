@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from framework import LLM, SamplingParams
 from framework.engine.pytorch_model_engine import PyTorchModelEngine
 from framework.kernels import cpu as cpu_kernels
-from framework.layers.attention import paged_attention
+from framework.layers.attention import paged_attention, write_kv_cache
 from framework.layers.linear import Linear
 from tests.conftest import GREEDY, random_prompts
 
@@ -234,7 +234,8 @@ def test_paged_attention_matches_naive_reference(batch, kernel):
     scale = HEAD_DIM**-0.5
     before_k, before_v = k_cache.clone(), v_cache.clone()
 
-    out = paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+    write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = paged_attention(q, k_cache, v_cache, meta, scale)
 
     want = reference_attention(q, k, v, before_k, before_v, requests, scale)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

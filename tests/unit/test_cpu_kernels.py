@@ -1,6 +1,8 @@
 """The C++ CPU kernels (framework/kernels): build and cache, accuracy against a float64
 reference, refusals; the engine-level equivalence is in tests/integration/test_fast_paths.py."""
 
+import ctypes
+
 import pytest
 import torch
 
@@ -84,10 +86,11 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     assert first.is_file() and first.is_relative_to(tmp_path)
     mtime = first.stat().st_mtime_ns
     assert cpu.build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    changed = tmp_path / "changed.cpp"
-    changed.write_text(cpu.SOURCES[0].read_text() + "\n// a change\n")
-    monkeypatch.setattr(cpu, "SOURCES", [changed])
-    assert cpu.build() != first
+    extra = tmp_path / "extra.cpp"
+    extra.write_text('extern "C" int framework_test_marker() { return 7; }\n')
+    monkeypatch.setattr(cpu, "SOURCES", [*cpu.SOURCES, extra])
+    rebuilt = cpu.build()
+    assert rebuilt != first and ctypes.CDLL(str(rebuilt)).framework_test_marker() == 7
 
 
 def test_a_failed_build_says_why(tmp_path, monkeypatch):

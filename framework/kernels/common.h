@@ -1,0 +1,107 @@
+// Shared by the CPU kernels: bfloat16 <-> float32, 16-float vectors, a vectorizable exp.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace framework {
+
+using bf16 = uint16_t;  // bfloat16 bits: the top half of a float32
+constexpr int LANES = 16;
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(bf16 x) {
+    uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline void store(float* p, float x) { *p = x; }
+
+inline void store(bf16* p, float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;  // stays a (quiet) NaN
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // to nearest, ties to even
+    *p = bf16(nan ? 0x7fc0u : rounded);
+}
+
+// x rounded to the storage type T, as a float (what PyTorch does after every op in that type)
+template <typename T>
+inline float round_to(float x);
+
+template <>
+inline float round_to<float>(float x) {
+    return x;
+}
+
+template <>
+inline float round_to<bf16>(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    bits = nan ? bits : (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    float r;
+    std::memcpy(&r, &bits, sizeof r);
+    return r;
+}
+
+// 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or two or four narrower)
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+inline f32x16 load16(const float* p) {
+    f32x16 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+inline f32x16 load16(const bf16* p) {
+    u16x16 half;
+    std::memcpy(&half, p, sizeof half);
+    return (f32x16)(__builtin_convertvector(half, u32x16) << 16);
+}
+
+inline float sum16(f32x16 v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float lanes[LANES];
+    std::memcpy(lanes, &v, sizeof lanes);
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    return lanes[0];
+#endif
+}
+
+// e^x within a few ulp (clamped to [-87, 88]): x = k ln2 + r with |r| <= ln2 / 2, e^r by
+// its degree-7 Taylor polynomial, 2^k written straight into the exponent bits. Plain arithmetic,
+// so loops over it vectorize.
+inline float exp_approx(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and removing it rounds to an integer
+    const float k = (x * 1.44269504f + shifter) - shifter;
+    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln2 split in two: r stays exact
+    float p = 1.f / 5040;
+    p = p * r + 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const uint32_t bits = uint32_t(int32_t(k) + 127) << 23;
+    float two_k;
+    std::memcpy(&two_k, &bits, sizeof two_k);
+    return p * two_k;
+}
+
+}  // namespace framework

@@ -1,0 +1,59 @@
+// RMSNorm, optionally after a residual add, rounding where PyTorch's op sequence rounds in the
+// storage type: residual <- round(x + residual); out <- round(weight * round(r * rsqrt(mean(r^2) + eps)))
+// where r is the (new) residual, or x without one. Rows are independent; long inputs run in parallel.
+
+#include "common.h"
+
+namespace {
+
+using namespace framework;
+
+template <typename T>
+void add_rms_norm(const T* x, T* residual, const T* weight, T* out, int rows, int hidden, float eps) {
+#pragma omp parallel for if (rows >= 64)
+    for (int r = 0; r < rows; ++r) {
+        const T* in = x + int64_t(r) * hidden;
+        T* res = residual == nullptr ? nullptr : residual + int64_t(r) * hidden;
+        T* o = out + int64_t(r) * hidden;
+        auto value = [&](int i) {  // the norm's input element, after the residual add
+            float v = to_float(in[i]);
+            if (res != nullptr) {
+                v = round_to<T>(v + to_float(res[i]));
+                store(res + i, v);
+            }
+            return v;
+        };
+        float lanes[LANES] = {};  // LANES partial sums of squares: vectorizes, fixed order
+        int i = 0;
+        for (; i + LANES <= hidden; i += LANES)
+            for (int l = 0; l < LANES; ++l) {
+                const float v = value(i + l);
+                lanes[l] += v * v;
+            }
+        for (; i < hidden; ++i) {
+            const float v = value(i);
+            lanes[0] += v * v;
+        }
+        for (int w = LANES / 2; w > 0; w /= 2)
+            for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+        const float scale = 1.f / std::sqrt(lanes[0] / hidden + eps);
+        const T* src = res != nullptr ? res : in;
+        for (int i = 0; i < hidden; ++i) store(o + i, to_float(weight[i]) * round_to<T>(to_float(src[i]) * scale));
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+void add_rms_norm_f32(const float* x, float* residual, const float* weight, float* out, int rows, int hidden,
+                      float eps) {
+    add_rms_norm(x, residual, weight, out, rows, hidden, eps);
+}
+
+void add_rms_norm_bf16(const bf16* x, bf16* residual, const bf16* weight, bf16* out, int rows, int hidden,
+                       float eps) {
+    add_rms_norm(x, residual, weight, out, rows, hidden, eps);
+}
+
+}  // extern "C"

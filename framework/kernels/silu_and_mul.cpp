@@ -1,0 +1,33 @@
+// SwiGLU on a fused [gate | up] projection, rounding where PyTorch's `F.silu(gate) * up` rounds in
+// the storage type: out = round(round(gate / (1 + e^-gate)) * up).
+
+#include "common.h"
+
+namespace {
+
+using namespace framework;
+
+template <typename T>
+void silu_and_mul(const T* gate_up, T* out, int rows, int width) {
+#pragma omp parallel for if (rows >= 64)
+    for (int r = 0; r < rows; ++r) {
+        const T* gate = gate_up + int64_t(r) * 2 * width;
+        const T* up = gate + width;
+        T* o = out + int64_t(r) * width;
+#pragma omp simd
+        for (int i = 0; i < width; ++i) {
+            const float g = to_float(gate[i]);
+            store(o + i, round_to<T>(g / (1.f + exp_approx(-g))) * to_float(up[i]));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+void silu_and_mul_f32(const float* gate_up, float* out, int rows, int width) { silu_and_mul(gate_up, out, rows, width); }
+
+void silu_and_mul_bf16(const bf16* gate_up, bf16* out, int rows, int width) { silu_and_mul(gate_up, out, rows, width); }
+
+}  // extern "C"
