@@ -1,6 +1,7 @@
 """C++ kernels for CPUs, compiled on first use with the system's C++ compiler and called through
-ctypes on tensors' memory: decode attention over the paged cache, and the fused steps of a decoder
-layer that PyTorch runs as many small ops (residual add + RMSNorm, RoPE + KV cache write, SwiGLU).
+ctypes on tensors' memory: decode attention over the paged cache, the fused steps of a decoder
+layer that PyTorch runs as many small ops (residual add + RMSNorm, RoPE + KV cache write, SwiGLU),
+and linear layers for one or two rows (batch-1 decode reads every weight once per token).
 
 They need no PyTorch headers, so a build takes seconds; the shared library is cached under
 `$FRAMEWORK_CACHE` (default `~/.cache/framework`), keyed by the sources, the compiler and the CPU.
@@ -38,7 +39,9 @@ SIGNATURES = {  # C function (without its dtype suffix): argument types
     "add_rms_norm": ([_P] * 4 + [_I, _I, _F], None),
     "silu_and_mul": ([_P, _P, _I, _I], None),
     "rope_and_cache": ([_P] * 5 + [_I] * 4 + [_L], None),
+    "small_linear": ([_P] * 4 + [_I] * 3, None),
 }
+SMALL_LINEAR_ROWS, SMALL_LINEAR_MAX_IN = 2, 8192  # linear.cpp's MAX_ROWS and MAX_IN
 SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -133,6 +136,21 @@ class CPUKernels:
         width = gate_up.shape[-1] // 2
         out = gate_up.new_empty(*gate_up.shape[:-1], width)
         self._fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width), width)
+        return out
+
+    def small_linear(self, x, weight, bias=None) -> torch.Tensor | None:
+        """`F.linear` for at most SMALL_LINEAR_ROWS rows, streaming the weight once at memory speed
+        (where oneDNN reaches about two thirds of it); None for larger inputs."""
+        in_features = weight.shape[1]
+        if x.numel() > SMALL_LINEAR_ROWS * in_features or in_features > SMALL_LINEAR_MAX_IN:
+            return None
+        x = x.contiguous()
+        _check(x, weight, *([] if bias is None else [bias]))
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        self._fns["small_linear", x.dtype](
+            x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            x.numel() // in_features, in_features, weight.shape[0],
+        )
         return out
 
     def rope_and_cache(self, qkv, cos_sin, k_cache, v_cache, slots, num_heads: int, num_kv_heads: int) -> None:

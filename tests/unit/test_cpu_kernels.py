@@ -104,3 +104,88 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(OSError):
         cpu.build()
+
+
+# ---- the fused layer steps against the PyTorch ops they replace -----------------------------
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def ulps(dtype):
+    """One unit in the last place at 1.0 (relative rounding step) of the dtype."""
+    return torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_torch(kernels, dtype):
+    from framework.layers.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=g) + 0.5)
+    x = torch.randn(7, 576, generator=g).to(dtype)
+    residual = torch.randn(7, 576, generator=g).to(dtype)
+    want = norm(x)
+    want_sum_norm, want_sum = norm(x, residual.clone())
+    norm.kernels = kernels
+    got = norm(x)
+    kernel_residual = residual.clone()
+    got_sum_norm, got_sum = norm(x, kernel_residual)
+    assert got_sum is kernel_residual  # updated in place
+    assert torch.equal(got_sum, want_sum)  # x + residual, rounded the same way
+    # the sum of squares is taken in another order: the scale may move by an ulp, then two products
+    for a, b in [(got, want), (got_sum_norm, want_sum_norm)]:
+        torch.testing.assert_close(a.float(), b.float(), rtol=4 * ulps(dtype), atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch(kernels, dtype):
+    from framework.layers.activation import silu_and_mul
+
+    gate_up = (torch.randn(5, 2 * 1536, generator=torch.Generator().manual_seed(4)) * 4).to(dtype)
+    want = silu_and_mul(gate_up)
+    got = silu_and_mul(gate_up, kernels)
+    assert got.shape == want.shape and got.dtype == dtype
+    # e^x by a polynomial instead of the vector library's: a few float32 ulps before rounding
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulps(dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_cache_matches_torch(kernels, dtype):
+    from framework.layers.attention import write_kv_cache
+    from framework.layers.rotary import RotaryEmbedding, apply_rotary
+
+    heads, kv_heads, d, tokens = 9, 3, 64, 6
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    positions = torch.tensor([0, 1, 17, 300, 301, 2047])
+    cos_sin = RotaryEmbedding(d, 4096, {"rope_theta": 10000.0, "rope_type": "default"})(positions, dtype)
+    slots = torch.tensor([3, 9, 40, 41, 0, 63])
+    caches = [torch.zeros(kv_heads, 8, 8, d, dtype=dtype) for _ in range(2)]
+    want_caches = [c.clone() for c in caches]
+
+    qk = apply_rotary(qkv[:, : (heads + kv_heads) * d].view(tokens, -1, d), cos_sin)
+    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
+    write_kv_cache(qk[:, heads:], v, *want_caches, slots)
+    rotated = qkv.clone()
+    kernels.rope_and_cache(rotated, cos_sin, *caches, slots, heads, kv_heads)
+
+    assert torch.equal(rotated[:, : heads * d].view(tokens, heads, d), qk[:, :heads])  # same roundings: exact
+    assert torch.equal(rotated[:, (heads + kv_heads) * d :], qkv[:, (heads + kv_heads) * d :])  # v untouched
+    assert torch.equal(caches[0], want_caches[0]) and torch.equal(caches[1], want_caches[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_small_linear_matches_float64(kernels, dtype, rows):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(rows, 1536, generator=g).to(dtype)
+    weight, bias = torch.randn(100, 1536, generator=g).to(dtype), torch.randn(100, generator=g).to(dtype)
+    got = kernels.small_linear(x, weight, bias)
+    if rows > 2:
+        assert got is None  # left to oneDNN
+        return
+    want = x.double() @ weight.double().T + bias.double()
+    # float32 accumulation of 1536 products, then one rounding to the dtype
+    torch.testing.assert_close(got.double(), want, rtol=ulps(dtype), atol=1e-3)
