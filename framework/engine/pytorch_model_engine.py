@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 
 import torch
 
@@ -116,6 +117,10 @@ class PyTorchModelEngine(ModelEngine):
             torch.set_num_threads(engine_config.num_threads)
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
+        use_kernels = engine_config.cpu_kernels and self.device.type == "cpu"
+        if use_kernels:  # build (or find) the CPU kernels while the weights load
+            building = threading.Thread(target=cpu_kernels.load, name="build-cpu-kernels", daemon=True)
+            building.start()
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
         self.hf_config = load_hf_config(checkpoint_dir)
@@ -131,7 +136,8 @@ class PyTorchModelEngine(ModelEngine):
                     module.pack()
         self.model = model.eval()
         self.cpu_kernels = None  # the C++ kernels, where they apply
-        if engine_config.cpu_kernels and self.device.type == "cpu":
+        if use_kernels:
+            building.join()
             kernels = cpu_kernels.load()
             if kernels is not None and kernels.supports(self.dtype, model.head_dim):
                 self.cpu_kernels = kernels

@@ -65,9 +65,13 @@ inline f32x16 load16(const float* p) {
 }
 
 inline f32x16 load16(const bf16* p) {
+#if defined(__AVX512F__)  // one widening load and a shift (compilers may split the generic form)
+    return (f32x16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+#else
     u16x16 half;
     std::memcpy(&half, p, sizeof half);
     return (f32x16)(__builtin_convertvector(half, u32x16) << 16);
+#endif
 }
 
 inline float sum16(f32x16 v) {

@@ -3,7 +3,8 @@ ctypes on tensors' memory: decode attention over the paged cache, the fused step
 layer that PyTorch runs as many small ops (residual add + RMSNorm, RoPE + KV cache write, SwiGLU),
 and linear layers for one or two rows (batch-1 decode reads every weight once per token).
 
-They need no PyTorch headers, so a build takes seconds; the shared library is cached under
+They need no PyTorch headers, so a build takes a few seconds (the engine starts it before loading
+the weights, so it mostly overlaps them); the shared library is cached under
 `$FRAMEWORK_CACHE` (default `~/.cache/framework`), keyed by the sources, the compiler and the CPU.
 OpenMP loops run on PyTorch's own OpenMP runtime (the same `libgomp.so.1`, already loaded), so they
 follow `torch.set_num_threads`. Each kernel rounds where the PyTorch ops it replaces round, so it
@@ -30,7 +31,7 @@ HERE = Path(__file__).parent
 SOURCES = sorted(HERE.glob("*.cpp"))
 HEADERS = sorted(HERE.glob("*.h"))
 # -ffp-contract=off: no fused multiply-adds where PyTorch rounds a product before adding it
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-fPIC"]
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # decode attention's compiled head sizes (`dispatch`)
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -67,17 +68,22 @@ def build() -> Path:
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
-    # build beside the target and rename: concurrent builders never see a half-written library
-    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
-        partial = Path(tmp.name)
+    # compile the sources in parallel, link beside the target and rename: concurrent builders
+    # never see a half-written library
+    work = Path(tempfile.mkdtemp(dir=library.parent))
     try:
-        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        os.replace(partial, library)
+        objects = [work / f"{source.stem}.o" for source in SOURCES]
+        compiles = [[compiler, *FLAGS, "-c", str(s), "-o", str(o)] for s, o in zip(SOURCES, objects)]
+        link = [compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(work / library.name)]
+        for commands in (compiles, [link]):
+            running = [(c, subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)) for c in commands]
+            for command, process in running:
+                _, errors = process.communicate()
+                if process.returncode != 0:
+                    raise RuntimeError(f"{' '.join(command)} failed:\n{errors[-2000:]}")
+        os.replace(work / library.name, library)
     finally:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     return library
 
 

@@ -43,18 +43,20 @@ def random_case(dtype, head_dim, batch=5, heads=6, kv_heads=2, block_size=8, num
     return q, k_cache, v_cache, tables, lengths
 
 
+@pytest.mark.parametrize("block_size", [8, 16, 32])  # 16 and 32: keys taken 16 at a time
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
-def test_float32_matches_float64_reference(kernels, head_dim):
-    q, k, v, tables, lengths = random_case(torch.float32, head_dim)
+def test_float32_matches_float64_reference(kernels, head_dim, block_size):
+    q, k, v, tables, lengths = random_case(torch.float32, head_dim, block_size=block_size)
     out = kernels.decode_attention(q, k, v, tables, lengths, head_dim**-0.5)
     assert out.dtype == torch.float32 and out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, tables, lengths, head_dim**-0.5), rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_is_float64_rounded_once(kernels):
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_bfloat16_is_float64_rounded_once(kernels, block_size):
     # The kernel computes in float32 from the bf16 inputs and rounds only its output, so it is
     # within one bf16 rounding (2^-8 relative) of the exact result on the same inputs.
-    q, k, v, tables, lengths = random_case(torch.bfloat16, 64, seed=1)
+    q, k, v, tables, lengths = random_case(torch.bfloat16, 64, block_size=block_size, seed=1)
     out = kernels.decode_attention(q, k, v, tables, lengths, 0.125)
     assert out.dtype == torch.bfloat16
     want = reference(q, k, v, tables, lengths, 0.125)
