@@ -88,9 +88,11 @@ def build() -> Path:
 
 
 def _check(*tensors: torch.Tensor) -> None:
+    """The kernels read raw memory: refuse anything but contiguous CPU tensors of one dtype."""
     dtype = tensors[0].dtype
-    if any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
-        raise ValueError("CPU kernels need contiguous CPU tensors of one dtype")
+    for t in tensors:  # (a plain loop: this runs a few hundred times per step)
+        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
+            raise ValueError("CPU kernels need contiguous CPU tensors of one dtype")
 
 
 class CPUKernels:
