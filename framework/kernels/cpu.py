@@ -47,7 +47,18 @@ SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FRAMEWORK_CACHE") or Path.home() / ".cache" / "framework") / "kernels"
+    """`$FRAMEWORK_CACHE/kernels`, else `~/.cache/framework/kernels`, else (a home without a
+    writable cache) one under the system's temporary directory."""
+    if os.environ.get("FRAMEWORK_CACHE"):
+        return Path(os.environ["FRAMEWORK_CACHE"]) / "kernels"
+    home = Path.home() / ".cache" / "framework"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home / "kernels"
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"framework-{os.getuid()}" / "kernels"
 
 
 def _cpu_signature() -> bytes:
