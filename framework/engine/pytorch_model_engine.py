@@ -186,12 +186,12 @@ class PyTorchModelEngine(ModelEngine):
         # Decode rows (one token) and prefill chunks attend separately, so a long chunk in the step
         # does not pad every decode row to its length.
         decoding = lengths_t == 1
-        cache_shape = kv_cache_manager.get_kv_caches()[0][0].shape
+        common = (starts_t, lengths_t, first_token, tables, bs, kv_cache_manager.get_kv_caches()[0][0].shape, self.dtype, device)
         meta = AttentionMetadata(
             slot_mapping=slots.to(device),
             cpu_kernels=self.cpu_kernels,
-            decode=_group(decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, self.dtype, device, kernel=self.cpu_kernels is not None),
-            prefill=_group(~decoding, starts_t, lengths_t, first_token, tables, bs, cache_shape, self.dtype, device),
+            decode=_group(decoding, *common, kernel=self.cpu_kernels is not None),
+            prefill=_group(~decoding, *common),
         )
         return (
             torch.tensor(input_ids, dtype=torch.long, device=device),

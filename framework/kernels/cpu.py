@@ -159,9 +159,9 @@ class CPUKernels:
 
     def small_linear(self, x, weight, bias=None) -> torch.Tensor | None:
         """`F.linear` for at most SMALL_LINEAR_ROWS rows, streaming the weight once at memory speed
-        (where oneDNN reaches about two thirds of it); None for larger inputs."""
+        (where oneDNN reaches about two thirds of it); None for larger inputs or another dtype."""
         in_features = weight.shape[1]
-        if x.numel() > SMALL_LINEAR_ROWS * in_features or in_features > SMALL_LINEAR_MAX_IN:
+        if x.numel() > SMALL_LINEAR_ROWS * in_features or in_features > SMALL_LINEAR_MAX_IN or x.dtype != weight.dtype:
             return None
         x = x.contiguous()
         _check(x, weight, *([] if bias is None else [bias]))
