@@ -88,6 +88,28 @@ inline float exp_and_sum(float* s, int n) {
     return lanes[0];
 }
 
+// sums[g] = sum_t p[g][t] v_t for G query heads at once, `scores` holding p[g] every `stride`
+// floats: each value row is widened to float32 once for all G heads.
+template <int G, int D, typename T>
+void weighted_values(const T* v_cache, const int32_t* table, int context, int block_size, const float* scores,
+                     int stride, float* sums) {
+    f32x16 acc[G][D / LANES] = {};
+    const int blocks = (context + block_size - 1) / block_size;
+    for (int j = 0; j < blocks; ++j) {
+        const int n = std::min(block_size, context - j * block_size);
+        const T* v = v_cache + int64_t(table[j]) * block_size * D;
+        for (int t = 0; t < n; ++t) {
+            f32x16 row[D / LANES];
+            for (int c = 0; c < D / LANES; ++c) row[c] = load16(v + t * D + c * LANES);
+            for (int g = 0; g < G; ++g) {
+                const float p = scores[g * stride + j * block_size + t];
+                for (int c = 0; c < D / LANES; ++c) acc[g][c] += p * row[c];
+            }
+        }
+    }
+    std::memcpy(sums, acc, sizeof acc);
+}
+
 // One request's query heads of one KV head. `k_cache`/`v_cache` point at that head's blocks;
 // `query` and `scores` are the calling thread's scratch space.
 template <typename T, int D>
@@ -113,18 +135,18 @@ void attend(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_
     }
     float total[64];
     for (int g = 0; g < group; ++g) total[g] = exp_and_sum(scores + g * stride, context);
-    for (int g = 0; g < group; ++g) {  // out_g = sum_t p[g][t] v_t / sum_t p[g][t]
-        f32x16 a[D / LANES] = {};
-        for (int j = 0; j < blocks; ++j) {
-            const int n = std::min(block_size, context - j * block_size);
-            const T* v = v_cache + int64_t(table[j]) * block_size * D;
-            const float* p = scores + g * stride + j * block_size;
-            for (int t = 0; t < n; ++t)
-                for (int c = 0; c < D / LANES; ++c) a[c] += p[t] * load16(v + t * D + c * LANES);
-        }
-        const float* sums = reinterpret_cast<const float*>(a);
-        for (int i = 0; i < D; ++i) store(out + g * D + i, sums[i] / total[g]);
+    float sums[64 * D];  // sum_t p[g][t] v_t
+    switch (group) {  // common group sizes keep every head's sums in registers
+        case 1: weighted_values<1, D>(v_cache, table, context, block_size, scores, stride, sums); break;
+        case 2: weighted_values<2, D>(v_cache, table, context, block_size, scores, stride, sums); break;
+        case 3: weighted_values<3, D>(v_cache, table, context, block_size, scores, stride, sums); break;
+        case 4: weighted_values<4, D>(v_cache, table, context, block_size, scores, stride, sums); break;
+        default:
+            for (int g = 0; g < group; ++g)
+                weighted_values<1, D>(v_cache, table, context, block_size, scores + g * stride, stride, sums + g * D);
     }
+    for (int g = 0; g < group; ++g)
+        for (int i = 0; i < D; ++i) store(out + g * D + i, sums[g * D + i] / total[g]);
 }
 
 template <typename T, int D>

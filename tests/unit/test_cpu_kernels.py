@@ -52,6 +52,13 @@ def test_float32_matches_float64_reference(kernels, head_dim, block_size):
     torch.testing.assert_close(out.double(), reference(q, k, v, tables, lengths, head_dim**-0.5), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (8, 2), (10, 2)])  # groups 1-4 and 5
+def test_every_query_group_size(kernels, heads, kv_heads):
+    q, k, v, tables, lengths = random_case(torch.float32, 64, heads=heads, kv_heads=kv_heads, block_size=16, seed=4)
+    out = kernels.decode_attention(q, k, v, tables, lengths, 0.125)
+    torch.testing.assert_close(out.double(), reference(q, k, v, tables, lengths, 0.125), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("block_size", [8, 16])
 def test_bfloat16_is_float64_rounded_once(kernels, block_size):
     # The kernel computes in float32 from the bf16 inputs and rounds only its output, so it is
