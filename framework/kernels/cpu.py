@@ -32,7 +32,7 @@ SOURCES = sorted(HERE.glob("*.cpp"))
 HEADERS = sorted(HERE.glob("*.h"))
 # -ffp-contract=off: no fused multiply-adds where PyTorch rounds a product before adding it
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-fPIC"]
-HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # decode attention's compiled head sizes (`dispatch`)
+HEAD_DIMS = (16, 32, 64, 128)  # decode attention's compiled head sizes (`dispatch`)
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # C function (without its dtype suffix): argument types

@@ -184,10 +184,7 @@ int dispatch(const T* q, const T* k_cache, const T* v_cache, T* out, const int32
         FRAMEWORK_HEAD_DIM(16)
         FRAMEWORK_HEAD_DIM(32)
         FRAMEWORK_HEAD_DIM(64)
-        FRAMEWORK_HEAD_DIM(80)
-        FRAMEWORK_HEAD_DIM(96)
         FRAMEWORK_HEAD_DIM(128)
-        FRAMEWORK_HEAD_DIM(256)
     }
 #undef FRAMEWORK_HEAD_DIM
     return -1;
