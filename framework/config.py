@@ -53,7 +53,7 @@ class EngineConfig:
     name: str = "pytorch"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     pack_weights: bool = True  # on CPU, repack linear weights once for oneDNN (faster matmuls)
-    cpu_kernels: bool = True  # on CPU, decode attention by the C++ kernel (framework/kernels)
+    cpu_kernels: bool = True  # on CPU, C++ kernels for decode attention, fused norm/RoPE/SwiGLU, batch-1 linear
 
 
 @dataclass

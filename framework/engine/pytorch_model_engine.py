@@ -64,29 +64,31 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
     max_query_len = int(lengths.max())
     request = torch.repeat_interleave(torch.arange(len(index)), lengths)
     offset = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths)[request]
+    common = dict(
+        token_index=(firsts[request] + offset).to(device),
+        query_slot=(request * max_query_len + offset).to(device),
+        max_query_len=max_query_len,
+        chunks=list(zip(starts.tolist(), lengths.tolist())),
+    )
     if kernel and max_query_len == 1:
         return AttentionGroup(
-            token_index=(firsts[request] + offset).to(device),
-            query_slot=(request + offset).to(device),
-            max_query_len=1,
-            chunks=list(zip(starts.tolist(), lengths.tolist())),
+            **common,
             block_tables=block_tables.to(device=device, dtype=torch.int32),
             context_lens=(starts + 1).to(device=device, dtype=torch.int32),
         )
     query_positions = starts[:, None] + torch.arange(max_query_len)[None, :]  # [b, max_q]
     shared = _shared_columns(block_tables)
     visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
-    bias = None
+    mask = bias = None
     if max_query_len == 1 or shared:  # the matmul paths add the mask to the scores
         bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
         bias = bias[:, None, :, None, :].expand(-1, cache_shape[0], -1, -1, -1).reshape(-1, max_query_len, 1, bias.shape[-1])
+    else:  # the prompt chunks pass it to SDPA
+        mask = visible.unsqueeze(1)
     return AttentionGroup(
-        token_index=(firsts[request] + offset).to(device),
-        query_slot=(request * max_query_len + offset).to(device),
-        attn_mask=visible.unsqueeze(1).to(device),
+        **common,
+        attn_mask=None if mask is None else mask.to(device),
         attn_bias=None if bias is None else bias.to(device),
-        max_query_len=max_query_len,
-        chunks=list(zip(starts.tolist(), lengths.tolist())),
         shared_blocks=shared,
         own_rows=_cache_rows(block_tables[:, shared:], cache_shape).to(device),
         shared_rows=_cache_rows(block_tables[:1, :shared], cache_shape).to(device) if shared else None,

@@ -23,9 +23,11 @@ class AttentionGroup:
     query_slot: torch.Tensor  # [t] index of each token in the padded [b * max_query_len] query
     max_query_len: int
     chunks: list[tuple[int, int]]  # (start position, query length) of each request, in packed order
-    attn_mask: torch.Tensor | None = None  # [b, 1, max_query_len, context], True where visible
-    # The same mask as 0 / -inf in the model dtype, [b * kv_heads, max_query_len, 1, context];
-    # only for the matmul paths (decode rows, shared prefixes), None for plain prompt chunks.
+    # The causal mask (hiding padding too), in the form its path reads: for plain prompt chunks
+    # (SDPA) `attn_mask` [b, 1, max_query_len, context], True where visible; for the matmul paths
+    # (decode rows, shared prefixes) `attn_bias`, 0 / -inf in the model dtype,
+    # [b * kv_heads, max_query_len, 1, context].
+    attn_mask: torch.Tensor | None = None
     attn_bias: torch.Tensor | None = None
     shared_blocks: int = 0  # leading block-table columns that every row has in common
     own_rows: torch.Tensor | None = None  # cache rows (see `gather`) of the blocks after the shared ones
