@@ -132,10 +132,6 @@ class PyTorchModelEngine(ModelEngine):
             model = model_cls(self.hf_config)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(iter_weights(checkpoint_dir))
-        if engine_config.pack_weights:
-            for module in model.modules():
-                if isinstance(module, Linear):
-                    module.pack()
         self.model = model.eval()
         self.cpu_kernels = None  # the C++ kernels, where they apply
         if use_kernels:
@@ -146,6 +142,10 @@ class PyTorchModelEngine(ModelEngine):
                 for module in model.modules():  # the layers that can use them say so
                     if hasattr(type(module), "kernels"):
                         module.kernels = kernels
+        if engine_config.pack_weights:  # (after the kernels: they pack too)
+            for module in model.modules():
+                if isinstance(module, Linear):
+                    module.pack()
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = model_config.max_model_len or self.hf_config.max_position_embeddings
 

@@ -1,7 +1,7 @@
 """C++ kernels for CPUs, compiled on first use with the system's C++ compiler and called through
 ctypes on tensors' memory: decode attention over the paged cache, the fused steps of a decoder
 layer that PyTorch runs as many small ops (residual add + RMSNorm, RoPE + KV cache write, SwiGLU),
-and linear layers for one or two rows (batch-1 decode reads every weight once per token).
+and linear layers of up to `LINEAR_MAX_ROWS` rows (decode steps) from weights repacked once.
 
 They need no PyTorch headers, so a build takes a few seconds (the engine starts it before loading
 the weights, so it mostly overlaps them); the shared library is cached under
@@ -40,9 +40,11 @@ SIGNATURES = {  # C function (without its dtype suffix): argument types
     "add_rms_norm": ([_P] * 4 + [_I, _I, _F], None),
     "silu_and_mul": ([_P, _P, _I, _I], None),
     "rope_and_cache": ([_P] * 5 + [_I] * 4 + [_L], None),
-    "small_linear": ([_P] * 4 + [_I] * 3, None),
+    "packed_linear": ([_P] * 4 + [_I] * 3, _I),
+    "pack_linear_weight": ([_P, _P, _I, _I], None),
+    "linear_covered": ([], _I),
 }
-SMALL_LINEAR_ROWS, SMALL_LINEAR_MAX_IN = 2, 8192  # linear.cpp's MAX_ROWS and MAX_IN
+LINEAR_MAX_ROWS = 128  # above it (prompt chunks) oneDNN multiplies as fast or faster
 SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -157,18 +159,34 @@ class CPUKernels:
         self._fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width), width)
         return out
 
-    def small_linear(self, x, weight, bias=None) -> torch.Tensor | None:
-        """`F.linear` for at most SMALL_LINEAR_ROWS rows, streaming the weight once at memory speed
-        (where oneDNN reaches about two thirds of it); None for larger inputs or another dtype."""
-        in_features = weight.shape[1]
-        if x.numel() > SMALL_LINEAR_ROWS * in_features or in_features > SMALL_LINEAR_MAX_IN or x.dtype != weight.dtype:
+    def covers_linear(self, dtype: torch.dtype) -> bool:
+        """Whether `linear` multiplies this dtype here (it needs AVX-512, and AVX512-BF16 for bf16)."""
+        return dtype in SUFFIXES and bool(self._fns["linear_covered", dtype]())
+
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """`weight` `[out, in]` repacked for `linear` (panels of 48 output columns, see linear.cpp);
+        None where this build or CPU does not multiply its dtype."""
+        out_features, in_features = weight.shape
+        if not self.covers_linear(weight.dtype) or in_features % (4 // weight.element_size()):
+            return None
+        weight = weight.contiguous()
+        _check(weight)
+        packed = weight.new_empty(in_features * -(-out_features // 16) * 16)
+        self._fns["pack_linear_weight", weight.dtype](weight.data_ptr(), packed.data_ptr(), in_features, out_features)
+        return packed
+
+    def linear(self, x, packed: torch.Tensor, out_features: int, bias=None) -> torch.Tensor | None:
+        """`F.linear` from a `pack_linear` weight for at most LINEAR_MAX_ROWS rows; None for
+        more rows or another dtype (the caller's matmul library takes those)."""
+        in_features = x.shape[-1]
+        if x.numel() > LINEAR_MAX_ROWS * in_features or x.dtype != packed.dtype:
             return None
         x = x.contiguous()
-        _check(x, weight, *([] if bias is None else [bias]))
-        out = x.new_empty(*x.shape[:-1], weight.shape[0])
-        self._fns["small_linear", x.dtype](
-            x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-            x.numel() // in_features, in_features, weight.shape[0],
+        _check(x, *([] if bias is None else [bias]))
+        out = x.new_empty(*x.shape[:-1], out_features)
+        self._fns["packed_linear", x.dtype](
+            x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+            x.numel() // in_features, in_features, out_features,
         )
         return out
 

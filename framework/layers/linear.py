@@ -1,9 +1,10 @@
-"""A linear layer whose weight can be repacked once, after loading, for the CPU matmul library.
+"""A linear layer whose weight can be repacked once, after loading, for the CPU matmul paths.
 
 oneDNN multiplies faster from its own blocked weight layout; `F.linear` re-lays the weight out on
 every call. `pack()` does it once and keeps the packed copy beside the plain weight (which stays the
-source of truth for loading, tying and `state_dict`). Elsewhere (CUDA, no oneDNN) nothing changes.
-With the CPU kernels, inputs of one or two rows (batch-1 decode) go to `small_linear` instead.
+source of truth for loading, tying and `state_dict`). With the CPU kernels, `pack()` also keeps the
+kernels' panel layout, and inputs of up to `LINEAR_MAX_ROWS` rows (decode steps) go to them.
+Elsewhere (CUDA, no oneDNN) nothing changes.
 """
 
 from __future__ import annotations
@@ -23,21 +24,21 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    packed_weight: torch.Tensor | None = None
+    packed_weight: torch.Tensor | None = None  # oneDNN's layout
+    kernel_weight: torch.Tensor | None = None  # the CPU kernels' layout
     kernels = None  # framework.kernels.cpu.CPUKernels, set by the engine where they apply
 
     @torch.no_grad()
     def pack(self) -> bool:
         """Pack the current weight (call again after changing it); False where packing does not apply."""
-        self.packed_weight = None
-        if not can_pack(self.weight):
-            return False
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
-        return True
+        weight = self.weight.detach()
+        self.kernel_weight = None if self.kernels is None else self.kernels.pack_linear(weight)
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if can_pack(weight) else None
+        return self.packed_weight is not None or self.kernel_weight is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None:  # one or two rows: the C++ kernel streams the weight faster
-            y = self.kernels.small_linear(x, self.weight, self.bias)
+        if self.kernel_weight is not None:
+            y = self.kernels.linear(x, self.kernel_weight, self.out_features, self.bias)
             if y is not None:
                 return y
         if self.packed_weight is None or x.dtype != self.weight.dtype:

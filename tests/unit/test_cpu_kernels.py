@@ -185,16 +185,33 @@ def test_rope_and_cache_matches_torch(kernels, dtype):
     assert torch.equal(caches[0], want_caches[0]) and torch.equal(caches[1], want_caches[1])
 
 
+def linear_case(dtype, rows, in_features, out_features, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    return x, weight, torch.randn(out_features, generator=g).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3])
-def test_small_linear_matches_float64(kernels, dtype, rows):
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(rows, 1536, generator=g).to(dtype)
-    weight, bias = torch.randn(100, 1536, generator=g).to(dtype), torch.randn(100, generator=g).to(dtype)
-    got = kernels.small_linear(x, weight, bias)
-    if rows > 2:
-        assert got is None  # left to oneDNN
-        return
-    want = x.double() @ weight.double().T + bias.double()
-    # float32 accumulation of 1536 products, then one rounding to the dtype
-    torch.testing.assert_close(got.double(), want, rtol=ulps(dtype), atol=1e-3)
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 128])  # whole 8-row tiles and every remainder kind
+@pytest.mark.parametrize("out_features", [96, 100, 1000])  # 48-column panels; 16- and 32-wide tails
+def test_packed_linear_matches_float64(kernels, dtype, rows, out_features):
+    if not kernels.covers_linear(dtype):
+        pytest.fail(f"this CPU has no {dtype} linear kernel (AVX-512 / AVX512-BF16): the engine uses oneDNN")
+    x, weight, bias = linear_case(dtype, rows, 1536, out_features)
+    packed = kernels.pack_linear(weight)
+    for b in (bias, None):
+        got = kernels.linear(x, packed, out_features, b)
+        want = x.double() @ weight.double().T + (0 if b is None else b.double())
+        # float32 accumulation of 1536 products, then one rounding to the dtype
+        torch.testing.assert_close(got.double(), want, rtol=ulps(dtype), atol=1e-3)
+
+
+def test_packed_linear_leaves_other_inputs_to_the_caller(kernels):
+    x, weight, _ = linear_case(torch.bfloat16, cpu.LINEAR_MAX_ROWS + 1, 64, 48)
+    packed = kernels.pack_linear(weight)
+    assert kernels.linear(x, packed, 48) is None  # a prompt chunk: oneDNN's
+    assert kernels.linear(x[:4].float(), packed, 48) is None  # another dtype
+    assert kernels.pack_linear(torch.randn(48, 63).to(torch.bfloat16)) is None  # an odd number of bf16 inputs
+    assert kernels.pack_linear(torch.randn(48, 64).half()) is None
+    assert kernels.linear(x[:3, None, :].expand(3, 2, 64), packed, 48).shape == (3, 2, 48)  # any leading shape
