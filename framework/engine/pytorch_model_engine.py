@@ -11,7 +11,7 @@ import torch
 
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.kernels import cpu as cpu_kernels
-from framework.layers.attention import AttentionGroup, AttentionMetadata
+from framework.layers.attention import AttentionGroup, AttentionMetadata, KernelTables
 from framework.layers.linear import Linear
 from framework.models.checkpoint import iter_weights, load_hf_config
 from framework.resources.base import KVCacheSpec
@@ -52,10 +52,9 @@ def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
     return torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
 
 
-def _group(members, starts, lengths, first_token, tables, block_size, cache_shape, dtype, device, kernel=False):
+def _group(members, starts, lengths, first_token, tables, block_size, cache_shape, dtype, device):
     """Attention metadata for the requests selected by the bool mask `members`; `cache_shape` is
-    the per-layer cache's `[kv_heads, num_blocks, block_size, head_dim]`, `dtype` the model's;
-    `kernel`: decode rows go to the CPU decode kernel, which reads the block tables itself."""
+    the per-layer cache's `[kv_heads, num_blocks, block_size, head_dim]`, `dtype` the model's."""
     index = members.nonzero().flatten()
     if len(index) == 0:
         return None
@@ -70,12 +69,6 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
         max_query_len=max_query_len,
         chunks=list(zip(starts.tolist(), lengths.tolist())),
     )
-    if kernel and max_query_len == 1:
-        return AttentionGroup(
-            **common,
-            block_tables=block_tables.to(device=device, dtype=torch.int32),
-            context_lens=(starts + 1).to(device=device, dtype=torch.int32),
-        )
     query_positions = starts[:, None] + torch.arange(max_query_len)[None, :]  # [b, max_q]
     shared = _shared_columns(block_tables)
     visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
@@ -185,16 +178,26 @@ class PyTorchModelEngine(ModelEngine):
         positions = starts_t[request_of_token] + offset
         block_tables = _pad_tables(tables)
         slots = block_tables[request_of_token, positions // bs] * bs + positions % bs
-        # Decode rows (one token) and prefill chunks attend separately, so a long chunk in the step
-        # does not pad every decode row to its length.
-        decoding = lengths_t == 1
-        common = (starts_t, lengths_t, first_token, tables, bs, kv_cache_manager.get_kv_caches()[0][0].shape, self.dtype, device)
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(device),
-            cpu_kernels=self.cpu_kernels,
-            decode=_group(decoding, *common, kernel=self.cpu_kernels is not None),
-            prefill=_group(~decoding, *common),
-        )
+        if self.cpu_kernels is not None:  # one kernel call attends the whole step
+            meta = AttentionMetadata(
+                slot_mapping=slots,
+                decode=None,
+                prefill=None,
+                cpu_kernels=self.cpu_kernels,
+                kernel_tables=KernelTables(
+                    block_tables=block_tables.to(torch.int32),
+                    query_lens=lengths_t.to(torch.int32),
+                    context_lens=(starts_t + lengths_t).to(torch.int32),
+                    shared_blocks=_shared_columns(block_tables),
+                ),
+            )
+        else:  # decode rows (one token) and prefill chunks attend separately, so a long chunk in
+            # the step does not pad every decode row to its length
+            decoding = lengths_t == 1
+            common = (starts_t, lengths_t, first_token, tables, bs, kv_cache_manager.get_kv_caches()[0][0].shape, self.dtype, device)
+            meta = AttentionMetadata(
+                slot_mapping=slots.to(device), decode=_group(decoding, *common), prefill=_group(~decoding, *common)
+            )
         return (
             torch.tensor(input_ids, dtype=torch.long, device=device),
             positions.to(device),

@@ -86,15 +86,33 @@ inline float sum16(f32x16 v) {
 #endif
 }
 
-// e^x within a few ulp (clamped to [-87, 88]): x = k ln2 + r with |r| <= ln2 / 2, e^r by
-// its degree-7 Taylor polynomial, 2^k written straight into the exponent bits. Plain arithmetic,
-// so loops over it vectorize.
-inline float exp_approx(float x) {
-    x = std::min(std::max(x, -87.0f), 88.0f);
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline float lesser(float a, float b) { return std::min(a, b); }
+inline float greater(float a, float b) { return std::max(a, b); }
+inline f32x16 lesser(f32x16 a, f32x16 b) { return a < b ? a : b; }
+inline f32x16 greater(f32x16 a, f32x16 b) { return a > b ? a : b; }
+
+// 2^k for a whole number k in [-126, 127], written straight into the exponent bits
+inline float pow2(float k) {
+    const uint32_t bits = uint32_t(int32_t(k) + 127) << 23;
+    float r;
+    std::memcpy(&r, &bits, sizeof r);
+    return r;
+}
+inline f32x16 pow2(f32x16 k) { return (f32x16)((__builtin_convertvector(k, i32x16) + 127) << 23); }
+
+// e^x within a few ulp (clamped to [-87, 88]), for a float or 16 at once: x = k ln2 + r with
+// |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial, times 2^k. Plain arithmetic, so loops
+// over the float version vectorize too.
+template <typename V>
+__attribute__((always_inline)) inline V exp_approx(V x) {
+    const V zero = V{};
+    x = lesser(greater(x, zero - 87.0f), zero + 88.0f);
     const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and removing it rounds to an integer
-    const float k = (x * 1.44269504f + shifter) - shifter;
-    const float r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln2 split in two: r stays exact
-    float p = 1.f / 5040;
+    const V k = (x * 1.44269504f + shifter) - shifter;
+    const V r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln2 split in two: r stays exact
+    V p = zero + 1.f / 5040;
     p = p * r + 1.f / 720;
     p = p * r + 1.f / 120;
     p = p * r + 1.f / 24;
@@ -102,10 +120,29 @@ inline float exp_approx(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    const uint32_t bits = uint32_t(int32_t(k) + 127) << 23;
-    float two_k;
-    std::memcpy(&two_k, &bits, sizeof two_k);
-    return p * two_k;
+    return p * pow2(k);
 }
+
+template <typename T>
+constexpr int STEP = 4 / sizeof(T);  // values per 32-bit word: 1 float32, 2 bfloat16
+
+#if defined(__AVX512F__)
+// acc + x * w for 16 lanes of 32-bit words: float32 products, or for bfloat16 the sum of each
+// word's two products (`vdpbf16ps`, only where the CPU has AVX512-BF16)
+template <typename T>
+inline __m512 multiply_add(__m512 acc, __m512i x, __m512i w);
+
+template <>
+inline __m512 multiply_add<float>(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+}
+
+#if defined(__AVX512BF16__)
+template <>
+inline __m512 multiply_add<bf16>(__m512 acc, __m512i x, __m512i w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+}
+#endif
+#endif
 
 }  // namespace framework

@@ -1,5 +1,6 @@
 """C++ kernels for CPUs, compiled on first use with the system's C++ compiler and called through
-ctypes on tensors' memory: decode attention over the paged cache, the fused steps of a decoder
+ctypes on tensors' memory: attention over the paged cache (a whole step's decode rows and prompt
+chunks in one call, a prefix shared by every request attended once), the fused steps of a decoder
 layer that PyTorch runs as many small ops (residual add + RMSNorm, RoPE + KV cache write, SwiGLU),
 and linear layers of up to `LINEAR_MAX_ROWS` rows (decode steps) from weights repacked once.
 
@@ -32,17 +33,17 @@ SOURCES = sorted(HERE.glob("*.cpp"))
 HEADERS = sorted(HERE.glob("*.h"))
 # -ffp-contract=off: no fused multiply-adds where PyTorch rounds a product before adding it
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-fPIC"]
-HEAD_DIMS = (16, 32, 64, 128)  # decode attention's compiled head sizes (`dispatch`)
+HEAD_DIMS = (16, 32, 64, 128)  # attention's compiled head sizes (`dispatch`)
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # C function (without its dtype suffix): argument types
-    "decode_attention": ([_P] * 6 + [_I] * 7 + [_F], _I),
+    "paged_attention": ([_P] * 7 + [_I] * 8 + [_F], _I),
     "add_rms_norm": ([_P] * 4 + [_I, _I, _F], None),
     "silu_and_mul": ([_P, _P, _I, _I], None),
     "rope_and_cache": ([_P] * 5 + [_I] * 4 + [_L], None),
     "packed_linear": ([_P] * 4 + [_I] * 3, _I),
     "pack_linear_weight": ([_P, _P, _I, _I], None),
-    "linear_covered": ([], _I),
+    "covered": ([], _I),
 }
 LINEAR_MAX_ROWS = 128  # above it (prompt chunks) oneDNN multiplies as fast or faster
 SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -119,25 +120,30 @@ class CPUKernels:
                 self._fns[name, dtype] = fn
 
     def supports(self, dtype: torch.dtype, head_dim: int) -> bool:
-        return dtype in SUFFIXES and head_dim in HEAD_DIMS
+        """Whether the kernels run this model here: its dtype on this CPU (AVX-512, and AVX512-BF16
+        for bfloat16) and its head size (one of HEAD_DIMS)."""
+        return dtype in SUFFIXES and head_dim in HEAD_DIMS and bool(self._fns["covered", dtype]())
 
-    def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-        """One query per request: q `[b, heads, d]`; caches `[kv_heads, blocks, block_size, d]`;
-        block_tables `[b, max_blocks]` and context_lens `[b]` int32. Returns `[b, heads, d]`."""
+    def attention(self, q, k_cache, v_cache, block_tables, query_lens, context_lens, shared_blocks: int, scale: float):
+        """Causal attention of a step's packed queries `q` `[tokens, heads, d]` (each request's run of
+        `query_lens[i]` tokens, the last of which sees `context_lens[i]` positions) over the caches
+        `[kv_heads, blocks, block_size, d]`; `block_tables` `[b, max_blocks]`, all three int32. The
+        first `shared_blocks` table columns must hold the same blocks in every row. Returns `[tokens, heads, d]`."""
         q = q.contiguous()
-        batch, num_heads, head_dim = q.shape
-        num_kv_heads, num_blocks, block_size, _ = k_cache.shape
+        num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
         _check(q, k_cache, v_cache)
-        if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32 or not block_tables.is_contiguous():
-            raise ValueError("decode_attention needs contiguous int32 block tables and context lengths")
+        _check(block_tables, query_lens, context_lens)
+        if block_tables.dtype != torch.int32:
+            raise ValueError("attention needs int32 block tables, query and context lengths")
         out = torch.empty_like(q)
-        status = self._fns["decode_attention", q.dtype](
+        status = self._fns["paged_attention", q.dtype](
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
-            block_tables.data_ptr(), context_lens.data_ptr(),
-            batch, num_heads, num_kv_heads, num_blocks, block_size, head_dim, block_tables.shape[1], scale,
+            block_tables.data_ptr(), query_lens.data_ptr(), context_lens.data_ptr(),
+            block_tables.shape[0], q.shape[1], num_kv_heads, num_blocks, block_size, head_dim, block_tables.shape[1],
+            shared_blocks, scale,
         )
         if status != 0:
-            raise ValueError(f"decode_attention does not cover {num_heads} heads / {num_kv_heads} KV heads of {head_dim}")
+            raise ValueError(f"attention does not cover {q.shape[1]} heads / {num_kv_heads} KV heads of {head_dim} in {q.dtype} here")
         return out
 
     def rms_norm(self, x, weight, eps: float, residual=None) -> torch.Tensor:
@@ -159,15 +165,11 @@ class CPUKernels:
         self._fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width), width)
         return out
 
-    def covers_linear(self, dtype: torch.dtype) -> bool:
-        """Whether `linear` multiplies this dtype here (it needs AVX-512, and AVX512-BF16 for bf16)."""
-        return dtype in SUFFIXES and bool(self._fns["linear_covered", dtype]())
-
     def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | None:
         """`weight` `[out, in]` repacked for `linear` (panels of 48 output columns, see linear.cpp);
-        None where this build or CPU does not multiply its dtype."""
+        None where this CPU does not run its dtype (see `supports`) or its inputs do not fill whole words."""
         out_features, in_features = weight.shape
-        if not self.covers_linear(weight.dtype) or in_features % (4 // weight.element_size()):
+        if weight.dtype not in SUFFIXES or not self._fns["covered", weight.dtype]() or in_features % (4 // weight.element_size()):
             return None
         weight = weight.contiguous()
         _check(weight)

@@ -17,9 +17,6 @@ constexpr int PANEL = 48, TILE_ROWS = 8;
 inline int panel_width(int out, int n0) { return std::min(PANEL, (out - n0 + LANES - 1) / LANES * LANES); }
 
 template <typename T>
-constexpr int STEP = 4 / sizeof(T);  // inputs per 32-bit word
-
-template <typename T>
 void pack(const T* weight, T* packed, int in, int out) {
     int64_t o = 0;
     for (int n0 = 0; n0 < out; n0 += PANEL) {
@@ -32,16 +29,6 @@ void pack(const T* weight, T* packed, int in, int out) {
 }
 
 #if defined(__AVX512F__)
-
-inline __m512 multiply_add(__m512 acc, __m512i x_words, const float* w) {
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(x_words), _mm512_loadu_ps(w), acc);
-}
-
-#if defined(__AVX512BF16__)
-inline __m512 multiply_add(__m512 acc, __m512i x_words, const bf16* w) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)x_words, (__m512bh)_mm512_loadu_si512(w));
-}
-#endif
 
 inline __m512 widen(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 widen(const bf16* p, __mmask16 m) {
@@ -65,7 +52,7 @@ void tile(const T* x, int in, const T* panel, int width, const T* bias, T* y, in
             int32_t word;
             std::memcpy(&word, x + int64_t(r) * in + k * STEP<T>, sizeof word);
             const __m512i xw = _mm512_set1_epi32(word);
-            for (int z = 0; z < Z; ++z) acc[r][z] = multiply_add(acc[r][z], xw, w + z * LANES * STEP<T>);
+            for (int z = 0; z < Z; ++z) acc[r][z] = multiply_add<T>(acc[r][z], xw, _mm512_loadu_si512(w + z * LANES * STEP<T>));
         }
     }
     for (int z = 0; z < Z; ++z) {
@@ -116,25 +103,25 @@ int linear(const T* x, const T* packed, const T* bias, T* y, int rows, int in, i
 
 extern "C" {
 
-// Whether this build multiplies the dtype (AVX-512; bfloat16 also needs AVX512-BF16): where it does
-// not, the callers keep oneDNN.
+// Whether this build runs the dtype's matmul kernels, here and in attention.cpp (AVX-512; bfloat16
+// also needs AVX512-BF16): where it does not, the callers keep their PyTorch paths.
 #if defined(__AVX512F__)
-int linear_covered_f32() { return 1; }
+int covered_f32() { return 1; }
 int packed_linear_f32(const float* x, const float* packed, const float* bias, float* y, int rows, int in, int out) {
     return linear(x, packed, bias, y, rows, in, out);
 }
 #else
-int linear_covered_f32() { return 0; }
+int covered_f32() { return 0; }
 int packed_linear_f32(const float*, const float*, const float*, float*, int, int, int) { return -1; }
 #endif
 
 #if defined(__AVX512BF16__)
-int linear_covered_bf16() { return 1; }
+int covered_bf16() { return 1; }
 int packed_linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y, int rows, int in, int out) {
     return linear(x, packed, bias, y, rows, in, out);
 }
 #else
-int linear_covered_bf16() { return 0; }
+int covered_bf16() { return 0; }
 int packed_linear_bf16(const bf16*, const bf16*, const bf16*, bf16*, int, int, int) { return -1; }
 #endif
 

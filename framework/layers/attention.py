@@ -32,9 +32,6 @@ class AttentionGroup:
     shared_blocks: int = 0  # leading block-table columns that every row has in common
     own_rows: torch.Tensor | None = None  # cache rows (see `gather`) of the blocks after the shared ones
     shared_rows: torch.Tensor | None = None  # cache rows of the shared blocks
-    # Only for decode rows run by the CPU kernel (which needs nothing above but the first four):
-    block_tables: torch.Tensor | None = None  # [b, max_blocks] int32
-    context_lens: torch.Tensor | None = None  # [b] int32
 
     @property
     def batch_size(self) -> int:
@@ -42,11 +39,22 @@ class AttentionGroup:
 
 
 @dataclass
+class KernelTables:
+    """The whole step for the CPU attention kernel, which reads the block tables itself."""
+
+    block_tables: torch.Tensor  # [b, max_blocks] int32, in packed order
+    query_lens: torch.Tensor  # [b] int32: tokens of each request in the step
+    context_lens: torch.Tensor  # [b] int32: positions its last token sees
+    shared_blocks: int  # leading block-table columns that every row has in common
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
-    cpu_kernels: CPUKernels | None = None  # run decode groups that carry block tables
+    cpu_kernels: CPUKernels | None = None
+    kernel_tables: KernelTables | None = None  # set (and the groups None) where the kernels attend
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping) -> None:
@@ -61,12 +69,15 @@ def paged_attention(
 ) -> torch.Tensor:
     """q `[T, heads, head_dim]` over the caches `[kv_heads, blocks, block_size, head_dim]`, which
     already hold the step's own keys and values (`write_kv_cache`)."""
+    if meta.kernel_tables is not None:
+        t = meta.kernel_tables
+        return meta.cpu_kernels.attention(q, k_cache, v_cache, t.block_tables, t.query_lens, t.context_lens, t.shared_blocks, scale)
     groups = [g for g in (meta.decode, meta.prefill) if g is not None]
     if len(groups) == 1:  # the whole batch is one kind: no scatter needed
-        return _attend(q, k_cache, v_cache, groups[0], scale, meta.cpu_kernels)
+        return _attend(q, k_cache, v_cache, groups[0], scale)
     out = torch.empty_like(q)
     for group in groups:
-        out[group.token_index] = _attend(q[group.token_index], k_cache, v_cache, group, scale, meta.cpu_kernels)
+        out[group.token_index] = _attend(q[group.token_index], k_cache, v_cache, group, scale)
     return out
 
 
@@ -78,10 +89,8 @@ def gather(cache: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
     return flat.index_select(0, rows).view(batch, num_kv_heads, -1, head_dim)
 
 
-def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float, kernels: CPUKernels | None) -> torch.Tensor:
+def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     """Attention of one group's packed queries `[t, heads, head_dim]` over its cached context."""
-    if group.block_tables is not None:
-        return kernels.decode_attention(q, k_cache, v_cache, group.block_tables, group.context_lens, scale)
     if group.shared_blocks == 0:
         if group.max_query_len == 1:
             return _decode_attention(q, k_cache, v_cache, group, scale)

@@ -16,77 +16,117 @@ def kernels():
     return loaded
 
 
-def reference(q, k_cache, v_cache, tables, lengths, scale):
-    """Per request and head, softmax(q . K^T * scale) V in float64 over the first `length` slots of
-    the request's blocks."""
+def reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale):
+    """Per request, query token and head, softmax(q . K^T * scale) V in float64 over the positions
+    the token sees (causal), read from the request's blocks."""
     num_kv_heads, _, block_size, _ = k_cache.shape
     group = q.shape[1] // num_kv_heads
     out = torch.empty(q.shape, dtype=torch.float64)
-    for b, length in enumerate(lengths.tolist()):
-        positions = torch.arange(length)
-        blocks = tables[b].long()[positions // block_size]
-        for h in range(q.shape[1]):
-            keys = k_cache[h // group, blocks, positions % block_size].double()
-            values = v_cache[h // group, blocks, positions % block_size].double()
-            out[b, h] = torch.softmax(keys @ q[b, h].double() * scale, dim=0) @ values
+    token = 0
+    for b, (n, context) in enumerate(zip(query_lens.tolist(), context_lens.tolist())):
+        for i in range(n):
+            positions = torch.arange(context - n + i + 1)
+            blocks = tables[b].long()[positions // block_size]
+            for h in range(q.shape[1]):
+                keys = k_cache[h // group, blocks, positions % block_size].double()
+                values = v_cache[h // group, blocks, positions % block_size].double()
+                out[token, h] = torch.softmax(keys @ q[token, h].double() * scale, dim=0) @ values
+            token += 1
     return out
 
 
-def random_case(dtype, head_dim, batch=5, heads=6, kv_heads=2, block_size=8, num_blocks=64, seed=0):
+# (query tokens, context) per request: decode rows at block edges and a lone token, a whole
+# prompt, a chunk in the middle of one
+MIXED = [(1, 1), (1, 8), (1, 9), (5, 37), (1, 60), (24, 24), (7, 50)]
+
+
+def random_case(dtype, head_dim, shapes=MIXED, heads=6, kv_heads=2, block_size=8, num_blocks=64, shared=0, seed=0):
+    """Caches filled with NaN except where some request's context lies (the kernel must not read
+    anything else), queries, and block tables whose first `shared` columns are the same blocks."""
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=g).to(dtype)
-    q = torch.randn(batch, heads, head_dim, generator=g).to(dtype)
-    lengths = torch.tensor([1, 8, 9, 37, 60][:batch], dtype=torch.int32)  # block edges and a lone token
-    width = -(-int(lengths.max()) // block_size)
-    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in range(batch)]).to(torch.int32)
-    return q, k_cache, v_cache, tables, lengths
+    k_cache = torch.full((kv_heads, num_blocks, block_size, head_dim), float("nan")).to(dtype)
+    v_cache = k_cache.clone()
+    query_lens = torch.tensor([n for n, _ in shapes], dtype=torch.int32)
+    context_lens = torch.tensor([c for _, c in shapes], dtype=torch.int32)
+    width = -(-int(context_lens.max()) // block_size)
+    order = torch.randperm(num_blocks, generator=g)
+    prefix, rest = order[:shared], order[shared:].tolist()
+    tables = torch.stack([torch.cat([prefix, torch.tensor([rest.pop() for _ in range(width - shared)], dtype=torch.long)]) for _ in shapes])
+    for b, (_, context) in enumerate(shapes):
+        positions = torch.arange(context)
+        blocks, offsets = tables[b][positions // block_size], positions % block_size
+        for cache in (k_cache, v_cache):
+            if b == 0 or not shared:
+                cache[:, blocks, offsets] = torch.randn(kv_heads, context, head_dim, generator=g).to(dtype)
+            else:  # the shared prefix was written by request 0
+                own = positions >= shared * block_size
+                cache[:, blocks[own], offsets[own]] = torch.randn(kv_heads, int(own.sum()), head_dim, generator=g).to(dtype)
+    q = torch.randn(int(query_lens.sum()), heads, head_dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables.to(torch.int32), query_lens, context_lens
 
 
-@pytest.mark.parametrize("block_size", [8, 16, 32])  # 16 and 32: keys taken 16 at a time
+def attend(kernels, case, scale, shared=0):
+    return kernels.attention(*case, shared, scale)
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32])  # a tile is a whole block, or 16 keys of one
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_float32_matches_float64_reference(kernels, head_dim, block_size):
-    q, k, v, tables, lengths = random_case(torch.float32, head_dim, block_size=block_size)
-    out = kernels.decode_attention(q, k, v, tables, lengths, head_dim**-0.5)
-    assert out.dtype == torch.float32 and out.shape == q.shape
-    torch.testing.assert_close(out.double(), reference(q, k, v, tables, lengths, head_dim**-0.5), rtol=1e-5, atol=1e-5)
+    case = random_case(torch.float32, head_dim, block_size=block_size)
+    out = attend(kernels, case, head_dim**-0.5)
+    assert out.dtype == torch.float32 and out.shape == case[0].shape
+    torch.testing.assert_close(out.double(), reference(*case, head_dim**-0.5), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (8, 2), (10, 2)])  # groups 1-4 and 5
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 2), (8, 2), (10, 2)])  # groups 1-5
 def test_every_query_group_size(kernels, heads, kv_heads):
-    q, k, v, tables, lengths = random_case(torch.float32, 64, heads=heads, kv_heads=kv_heads, block_size=16, seed=4)
-    out = kernels.decode_attention(q, k, v, tables, lengths, 0.125)
-    torch.testing.assert_close(out.double(), reference(q, k, v, tables, lengths, 0.125), rtol=1e-5, atol=1e-5)
+    case = random_case(torch.float32, 64, heads=heads, kv_heads=kv_heads, block_size=16, seed=4)
+    torch.testing.assert_close(attend(kernels, case, 0.125).double(), reference(*case, 0.125), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [8, 16])
 def test_bfloat16_is_float64_rounded_once(kernels, block_size):
-    # The kernel computes in float32 from the bf16 inputs and rounds only its output, so it is
-    # within one bf16 rounding (2^-8 relative) of the exact result on the same inputs.
-    q, k, v, tables, lengths = random_case(torch.bfloat16, 64, block_size=block_size, seed=1)
-    out = kernels.decode_attention(q, k, v, tables, lengths, 0.125)
+    # float32 math on the bf16 inputs, only the output rounded: within one bf16 rounding (2^-8
+    # relative) of the exact result on the same inputs
+    case = random_case(torch.bfloat16, 64, block_size=block_size, seed=1)
+    out = attend(kernels, case, 0.125)
     assert out.dtype == torch.bfloat16
-    want = reference(q, k, v, tables, lengths, 0.125)
-    torch.testing.assert_close(out.double(), want, rtol=2**-8, atol=1e-3)
+    torch.testing.assert_close(out.double(), reference(*case, 0.125), rtol=2**-8, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_shared_prefix_attended_once_gives_the_same_result(kernels, dtype):
+    shapes = [(1, 70), (1, 65), (12, 80), (3, 49), (1, 64)]  # 4 shared blocks of 16, every row past them
+    case = random_case(dtype, 64, shapes=shapes, block_size=16, shared=4, seed=5)
+    once, per_request = attend(kernels, case, 0.125, shared=4), attend(kernels, case, 0.125)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-3)
+    torch.testing.assert_close(once.double(), reference(*case, 0.125), **tolerance)
+    torch.testing.assert_close(once.double(), per_request.double(), **tolerance)
+
+
+def test_a_shared_prefix_longer_than_a_rows_context_stays_causal(kernels):
+    # a prompt chunk whose first rows sit inside the shared blocks: they must not see later keys
+    shapes = [(40, 40), (1, 50), (1, 41)]
+    case = random_case(torch.float32, 64, shapes=shapes, block_size=8, shared=5, seed=6)
+    torch.testing.assert_close(attend(kernels, case, 0.125, shared=5).double(), reference(*case, 0.125), rtol=1e-5, atol=1e-5)
 
 
 def test_softmax_is_stable_for_large_scores(kernels):
-    q, k, v, tables, lengths = random_case(torch.float32, 64, seed=2)
-    out = kernels.decode_attention(q * 300, k, v, tables, lengths, 1.0)  # scores in the thousands
+    q, *rest = random_case(torch.float32, 64, seed=2)
+    out = kernels.attention(q * 300, *rest, 0, 1.0)  # scores in the thousands
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), reference(q * 300, k, v, tables, lengths, 1.0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), reference(q * 300, *rest, 1.0), rtol=1e-4, atol=1e-4)
 
 
 def test_refuses_what_it_does_not_cover(kernels):
-    q, k, v, tables, lengths = random_case(torch.float32, 64)
+    q, k, v, tables, query_lens, context_lens = random_case(torch.float32, 64)
     assert not kernels.supports(torch.float32, 48) and not kernels.supports(torch.float16, 64)
     with pytest.raises(ValueError, match="int32"):
-        kernels.decode_attention(q, k, v, tables.long(), lengths, 0.125)
+        kernels.attention(q, k, v, tables.long(), query_lens.long(), context_lens.long(), 0, 0.125)
     with pytest.raises(ValueError, match="dtype"):
-        kernels.decode_attention(q, k.bfloat16(), v, tables, lengths, 0.125)
-    q48, k48, v48, tables48, lengths48 = random_case(torch.float32, 48)
+        kernels.attention(q, k.bfloat16(), v, tables, query_lens, context_lens, 0, 0.125)
     with pytest.raises(ValueError, match="does not cover"):
-        kernels.decode_attention(q48, k48, v48, tables48, lengths48, 0.125)
+        kernels.attention(*random_case(torch.float32, 48), 0, 0.125)
 
 
 def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
@@ -196,7 +236,7 @@ def linear_case(dtype, rows, in_features, out_features, seed=6):
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 128])  # whole 8-row tiles and every remainder kind
 @pytest.mark.parametrize("out_features", [96, 100, 1000])  # 48-column panels; 16- and 32-wide tails
 def test_packed_linear_matches_float64(kernels, dtype, rows, out_features):
-    if not kernels.covers_linear(dtype):
+    if not kernels.supports(dtype, 64):
         pytest.fail(f"this CPU has no {dtype} linear kernel (AVX-512 / AVX512-BF16): the engine uses oneDNN")
     x, weight, bias = linear_case(dtype, rows, 1536, out_features)
     packed = kernels.pack_linear(weight)

@@ -1,0 +1,286 @@
+// Paged attention on the CPU for a whole step: every request's queries (one token when decoding, a
+// chunk of its prompt otherwise) attend causally to its context, read in place from the
+// block-paged cache. Flash-style: keys go by tiles of up to 16 (one block, or a 16-key part of
+// one); each query row keeps a running maximum, sum and float32 weighted sum of values, so no
+// score matrix is stored. A tile is laid out once for all the rows that meet it: keys transposed
+// to 32-bit words (a row's scores for 16 keys are `words` multiply-adds, bfloat16 pairs by
+// `vdpbf16ps`), values widened to float32. The output is rounded to the storage type once.
+//
+// The first `shared_blocks` block-table columns (a prefix every request has in common) are
+// attended once by all the requests' rows together, each of their tiles laid out once per step
+// instead of once per request; then each request attends to its own blocks.
+//
+// Layouts (all contiguous):
+//   q, out        [tokens, num_heads, head_dim]: each request's tokens in a run, requests in order
+//   k/v cache     [num_kv_heads, num_blocks, block_size, head_dim]
+//   block_tables  [batch, max_blocks] int32; query_lens, context_lens [batch] int32 (a request's
+//                 last query sees context_len positions)
+// Query heads h * group .. h * group + group - 1 share KV head h (grouped-query attention).
+
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace framework;
+
+constexpr int ROWS_PER_TASK = 16;  // query tokens handed to a thread at a time
+
+#if defined(__AVX512F__)
+
+// In place: 16 vectors of 16 32-bit words, transposed (4 rounds of interleaving rows i and i + 8:
+// each round rotates the bits of a word's row and column index by one).
+inline void transpose16(__m512i* rows) {
+    const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int round = 0; round < 4; ++round) {
+        __m512i next[LANES];
+        for (int i = 0; i < LANES / 2; ++i) {
+            next[2 * i] = _mm512_permutex2var_epi32(rows[i], low, rows[i + LANES / 2]);
+            next[2 * i + 1] = _mm512_permutex2var_epi32(rows[i], high, rows[i + LANES / 2]);
+        }
+        std::memcpy(rows, next, sizeof next);
+    }
+}
+
+inline __mmask16 first(int n) { return n >= LANES ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+// Up to 16 consecutive keys and values of one block, the keys laid out for `attend_tile`.
+template <typename T, int D>
+struct Tile {
+    static constexpr int WORDS = D / STEP<T>;  // 32-bit words per key
+    __m512i keys[WORDS];  // keys[w], lane j: word w of key j
+    const T* values;  // [n][D], in the cache
+
+    void load(const T* k, const T* v, int n) {
+        for (int c = 0; c < WORDS; c += LANES) {
+            __m512i rows[LANES];
+            for (int j = 0; j < LANES; ++j)  // (keys past n: zeros, never read as data)
+                rows[j] = j < n ? _mm512_maskz_loadu_epi32(first(WORDS - c), (const uint32_t*)(k + j * D) + c)
+                                : _mm512_setzero_si512();
+            transpose16(rows);
+            for (int w = 0; w < std::min(LANES, WORDS - c); ++w) keys[c + w] = rows[w];
+        }
+        values = v;
+    }
+};
+
+// R query rows meet a tile: row r (q[r], D values) sees its first count[r] keys and takes them into
+// its running maximum m[r], sum l[r] and weighted sum of values acc[r] (D floats). The rows go
+// together so that their independent chains overlap, and each value row is loaded once for all.
+template <typename T, int D, int R>
+__attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, const T* const* q, const int* count, float scale, float* const* m,
+                        float* const* l, float* const* acc) {
+    constexpr int WORDS = Tile<T, D>::WORDS;
+    float p[R][LANES];
+    float rescale[R];
+    int longest = 0;
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0;  // two independent chains per row
+        #pragma GCC unroll 16
+        for (int w = 0; w < WORDS; w += 2) {
+            int32_t x0, x1;
+            std::memcpy(&x0, q[r] + w * STEP<T>, 4);
+            std::memcpy(&x1, q[r] + (w + 1) * STEP<T>, 4);
+            s0 = multiply_add<T>(s0, _mm512_set1_epi32(x0), tile.keys[w]);
+            s1 = multiply_add<T>(s1, _mm512_set1_epi32(x1), tile.keys[w + 1]);
+        }
+        const __m512 s = _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(scale));
+        const __mmask16 valid = first(count[r]);
+        const float m_new = std::max(*m[r], _mm512_mask_reduce_max_ps(valid, s));
+        const __m512 e = (__m512)exp_approx((f32x16)_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
+        const __m512 probs = _mm512_maskz_mov_ps(valid, e);  // exactly 0 past count[r]
+        _mm512_storeu_ps(p[r], probs);
+        rescale[r] = *m[r] == -INFINITY ? 0.f : exp_approx(*m[r] - m_new);
+        *l[r] = *l[r] * rescale[r] + _mm512_reduce_add_ps(probs);
+        *m[r] = m_new;
+        longest = std::max(longest, count[r]);
+    }
+    __m512 sums[R][D / LANES];
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 16
+        for (int z = 0; z < D / LANES; ++z)
+            sums[r][z] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + z * LANES), _mm512_set1_ps(rescale[r]));
+    for (int j = 0; j < longest; ++j)  // (values past a row's count are real data times 0)
+        #pragma GCC unroll 16
+        for (int z = 0; z < D / LANES; ++z) {
+            const __m512 v = (__m512)load16(tile.values + j * D + z * LANES);
+            #pragma GCC unroll 16
+            for (int r = 0; r < R; ++r) sums[r][z] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), v, sums[r][z]);
+        }
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+        #pragma GCC unroll 16
+        for (int z = 0; z < D / LANES; ++z) _mm512_storeu_ps(acc[r] + z * LANES, sums[r][z]);
+}
+
+// Query rows gathered for `attend_tile`, run four at a time.
+template <typename T, int D>
+struct RowBatch {
+    static constexpr int ROWS = 4;
+    const T* q[ROWS];
+    int count[ROWS];
+    float *m[ROWS], *l[ROWS], *acc[ROWS];
+    int size = 0;
+
+    void add(const T* row_q, int row_count, float* row_m, float* row_l, float* row_acc) {
+        q[size] = row_q, count[size] = row_count, m[size] = row_m, l[size] = row_l, acc[size] = row_acc;
+        ++size;
+    }
+
+    void run(const Tile<T, D>& tile, float scale) {
+        switch (size) {
+            case 1: attend_tile<T, D, 1>(tile, q, count, scale, m, l, acc); break;
+            case 2: attend_tile<T, D, 2>(tile, q, count, scale, m, l, acc); break;
+            case 3: attend_tile<T, D, 3>(tile, q, count, scale, m, l, acc); break;
+            case 4: attend_tile<T, D, 4>(tile, q, count, scale, m, l, acc); break;
+        }
+        size = 0;
+    }
+};
+
+template <typename T, int D>
+struct Step {
+    using Batch = RowBatch<T, D>;
+    const T *q, *k_cache, *v_cache;
+    T* out;
+    const int32_t *block_tables, *context_lens;
+    int num_heads, num_kv_heads, num_blocks, block_size, max_blocks;
+    float scale;
+    std::vector<int> position;  // [tokens] absolute position of each query token
+    std::vector<float> m, l, acc;  // [tokens * num_heads] running state of each query row (acc: x D)
+
+    // Rows of tokens [t0, t1) under KV head h meet blocks [j0, j1) of `table` (context `context`).
+    void attend(Tile<T, D>& tile, int h, int t0, int t1, const int32_t* table, int j0, int j1, int context) {
+        const int group = num_heads / num_kv_heads;
+        const int64_t head = int64_t(h) * num_blocks * block_size * D;
+        const int last = *std::max_element(position.begin() + t0, position.begin() + t1);
+        for (int j = j0; j < j1; ++j)
+            for (int key0 = j * block_size; key0 < std::min((j + 1) * block_size, context); key0 += LANES) {
+                if (key0 > last) return;  // causal: no row sees further
+                const int n = std::min({LANES, (j + 1) * block_size - key0, context - key0});
+                const int64_t at = head + (int64_t(table[j]) * block_size + key0 - j * block_size) * D;
+                tile.load(k_cache + at, v_cache + at, n);
+                Batch rows;
+                for (int t = t0; t < t1; ++t) {
+                    const int count = std::min(n, position[t] - key0 + 1);
+                    for (int g = 0; count > 0 && g < group; ++g) {
+                        const int64_t row = int64_t(t) * num_heads + h * group + g;
+                        rows.add(q + row * D, count, &m[row], &l[row], acc.data() + row * D);
+                        if (rows.size == Batch::ROWS) rows.run(tile, scale);
+                    }
+                }
+                rows.run(tile, scale);
+            }
+    }
+
+    void finish(int h, int t0, int t1) {
+        const int group = num_heads / num_kv_heads;
+        for (int t = t0; t < t1; ++t)
+            for (int g = 0; g < group; ++g) {
+                const int64_t row = int64_t(t) * num_heads + h * group + g;
+                for (int i = 0; i < D; ++i) store(out + row * D + i, acc[row * D + i] / l[row]);
+            }
+    }
+};
+
+template <typename T, int D>
+void attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
+               const int32_t* query_lens, const int32_t* context_lens, int batch, int num_heads, int num_kv_heads,
+               int num_blocks, int block_size, int max_blocks, int shared_blocks, float scale) {
+    Step<T, D> step{q, k_cache, v_cache, out, block_tables, context_lens, num_heads, num_kv_heads, num_blocks,
+                    block_size, max_blocks, scale};
+    std::vector<int> first_token(batch + 1, 0);
+    for (int b = 0; b < batch; ++b) first_token[b + 1] = first_token[b] + query_lens[b];
+    const int tokens = first_token[batch];
+    step.position.resize(tokens);
+    struct Task { int b, t0, t1; };  // a request's tokens [t0, t1)
+    std::vector<Task> tasks;
+    for (int b = 0; b < batch; ++b) {
+        for (int t = first_token[b]; t < first_token[b + 1]; ++t)
+            step.position[t] = context_lens[b] - query_lens[b] + t - first_token[b];
+        for (int t = first_token[b]; t < first_token[b + 1]; t += ROWS_PER_TASK)
+            tasks.push_back({b, t, std::min(t + ROWS_PER_TASK, first_token[b + 1])});
+    }
+    step.m.assign(size_t(tokens) * num_heads, -INFINITY);
+    step.l.assign(size_t(tokens) * num_heads, 0.f);
+    step.acc.assign(size_t(tokens) * num_heads * D, 0.f);
+    int longest = 0;
+    for (int b = 0; b < batch; ++b) longest = std::max(longest, context_lens[b]);
+    const int shared_tasks = shared_blocks > 0 ? (tokens + ROWS_PER_TASK - 1) / ROWS_PER_TASK : 0;
+#pragma omp parallel
+    {
+        Tile<T, D> tile;
+#pragma omp for schedule(dynamic)
+        for (int i = 0; i < shared_tasks * num_kv_heads; ++i) {  // the shared prefix, all requests' rows
+            const int t0 = i / num_kv_heads * ROWS_PER_TASK, t1 = std::min(t0 + ROWS_PER_TASK, tokens);
+            step.attend(tile, i % num_kv_heads, t0, t1, block_tables, 0, shared_blocks, longest);
+        }
+#pragma omp for schedule(dynamic)
+        for (int i = 0; i < int(tasks.size()) * num_kv_heads; ++i) {  // each request's own blocks
+            const Task& task = tasks[i / num_kv_heads];
+            const int h = i % num_kv_heads, context = context_lens[task.b];
+            const int blocks = (context + block_size - 1) / block_size;
+            step.attend(tile, h, task.t0, task.t1, block_tables + int64_t(task.b) * max_blocks, shared_blocks, blocks,
+                        context);
+            step.finish(h, task.t0, task.t1);
+        }
+    }
+}
+
+template <typename T>
+int dispatch(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
+             const int32_t* query_lens, const int32_t* context_lens, int batch, int num_heads, int num_kv_heads,
+             int num_blocks, int block_size, int head_dim, int max_blocks, int shared_blocks, float scale) {
+    if (num_heads % num_kv_heads != 0) return -1;
+#define FRAMEWORK_HEAD_DIM(D)                                                                                     \
+    case D:                                                                                                     \
+        attention<T, D>(q, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads,      \
+                        num_kv_heads, num_blocks, block_size, max_blocks, shared_blocks, scale);                 \
+        return 0;
+    switch (head_dim) {
+        FRAMEWORK_HEAD_DIM(16)
+        FRAMEWORK_HEAD_DIM(32)
+        FRAMEWORK_HEAD_DIM(64)
+        FRAMEWORK_HEAD_DIM(128)
+    }
+#undef FRAMEWORK_HEAD_DIM
+    return -1;
+}
+
+#endif
+
+}  // namespace
+
+// Return 0, or -1 (nothing written) for a shape or CPU the kernel does not cover (it needs
+// AVX-512, and AVX512-BF16 for bfloat16).
+extern "C" {
+
+int paged_attention_f32(const float* q, const float* k_cache, const float* v_cache, float* out,
+                        const int32_t* block_tables, const int32_t* query_lens, const int32_t* context_lens, int batch,
+                        int num_heads, int num_kv_heads, int num_blocks, int block_size, int head_dim, int max_blocks,
+                        int shared_blocks, float scale) {
+#if defined(__AVX512F__)
+    return dispatch(q, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads, num_kv_heads,
+                    num_blocks, block_size, head_dim, max_blocks, shared_blocks, scale);
+#else
+    return -1;
+#endif
+}
+
+int paged_attention_bf16(const bf16* q, const bf16* k_cache, const bf16* v_cache, bf16* out,
+                         const int32_t* block_tables, const int32_t* query_lens, const int32_t* context_lens, int batch,
+                         int num_heads, int num_kv_heads, int num_blocks, int block_size, int head_dim, int max_blocks,
+                         int shared_blocks, float scale) {
+#if defined(__AVX512BF16__)
+    return dispatch(q, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads, num_kv_heads,
+                    num_blocks, block_size, head_dim, max_blocks, shared_blocks, scale);
+#else
+    return -1;
+#endif
+}
+
+}  // extern "C"
