@@ -52,8 +52,8 @@ class DecoderConfig:
 class EngineConfig:
     name: str = "pytorch"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    pack_weights: bool = True  # on CPU, repack linear weights once for oneDNN (faster matmuls)
-    cpu_kernels: bool = True  # on CPU, C++ kernels for decode attention, fused norm/RoPE/SwiGLU, batch-1 linear
+    pack_weights: bool = True  # on CPU, repack linear weights once for oneDNN (and the kernels' linear)
+    cpu_kernels: bool = True  # on CPU, C++ kernels for attention, decode-step linear, fused norm/RoPE/SwiGLU
 
 
 @dataclass

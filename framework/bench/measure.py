@@ -7,17 +7,21 @@ import time
 import torch
 
 
-def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of a square matrix product in this dtype, on this device and thread count."""
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5, seconds: float = 1.0) -> float:
+    """Best GFLOP/s of a square matrix product in this dtype, on this device and thread count: at
+    least `repeats` products and `seconds` of them, so that a slow moment of a shared machine does
+    not pass for its peak."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first is a warm-up
+    torch.mm(a, b)  # warm-up
+    best, count, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while count < repeats or time.perf_counter() < deadline:
         _sync(device)
         started = time.perf_counter()
         torch.mm(a, b)
         _sync(device)
         best = min(best, time.perf_counter() - started)
+        count += 1
     return 2 * size**3 / best / 1e9
 
 
