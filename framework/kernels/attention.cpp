@@ -26,6 +26,7 @@ namespace {
 using namespace framework;
 
 constexpr int ROWS_PER_TASK = 16;  // query tokens handed to a thread at a time
+constexpr int PREFETCH = 1;  // blocks read ahead
 
 #if defined(__AVX512F__)
 
@@ -158,7 +159,14 @@ struct Step {
         const int group = num_heads / num_kv_heads;
         const int64_t head = int64_t(h) * num_blocks * block_size * D;
         const int last = *std::max_element(position.begin() + t0, position.begin() + t1);
-        for (int j = j0; j < j1; ++j)
+        for (int j = j0; j < j1; ++j) {
+            if (j + PREFETCH < j1) {  // blocks lie anywhere in the cache: fetch ahead while this one runs
+                const int64_t next = head + int64_t(table[j + PREFETCH]) * block_size * D;
+                for (int64_t byte = 0; byte < int64_t(block_size) * D * int64_t(sizeof(T)); byte += 64) {
+                    _mm_prefetch((const char*)(k_cache + next) + byte, _MM_HINT_T0);
+                    _mm_prefetch((const char*)(v_cache + next) + byte, _MM_HINT_T0);
+                }
+            }
             for (int key0 = j * block_size; key0 < std::min((j + 1) * block_size, context); key0 += LANES) {
                 if (key0 > last) return;  // causal: no row sees further
                 const int n = std::min({LANES, (j + 1) * block_size - key0, context - key0});
@@ -175,6 +183,7 @@ struct Step {
                 }
                 rows.run(tile, scale);
             }
+        }
     }
 
     void finish(int h, int t0, int t1) {
