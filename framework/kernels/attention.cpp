@@ -47,48 +47,104 @@ inline void transpose16(__m512i* rows) {
 
 inline __mmask16 first(int n) { return n >= LANES ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
-// Up to 16 consecutive keys and values of one block, the keys laid out for `attend_tile`.
+// One round of `sum_each`: each input's lanes, in segments of 2w, halved (a segment's two w-lane
+// halves added) and the two inputs' halved segments interleaved.
+inline __m512 halve(__m512 a, __m512 b, __m512i low, __m512i high) {
+    return _mm512_add_ps(_mm512_permutex2var_ps(a, low, b), _mm512_permutex2var_ps(a, high, b));
+}
+
+// The lane sums of 16 vectors as one vector: lane i holds the sum of p[bit-reversed i] (15
+// halvings instead of 16 full reductions).
+inline __m512 sum_each(const __m512* p) {
+    const __m512i low8 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i high8 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const __m512i low4 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    const __m512i high4 = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    const __m512i low2 = _mm512_setr_epi32(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    const __m512i high2 = _mm512_setr_epi32(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    const __m512i low1 = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    const __m512i high1 = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    __m512 r8[8], r4[4], r2[2];
+    for (int k = 0; k < 8; ++k) r8[k] = halve(p[2 * k], p[2 * k + 1], low8, high8);
+    for (int k = 0; k < 4; ++k) r4[k] = halve(r8[2 * k], r8[2 * k + 1], low4, high4);
+    for (int k = 0; k < 2; ++k) r2[k] = halve(r4[2 * k], r4[2 * k + 1], low2, high2);
+    return halve(r2[0], r2[1], low1, high1);
+}
+
+// Up to 16 consecutive keys and values of one block ([n][D] each, in the cache). bfloat16 keys are
+// also transposed to 32-bit words, so that a row's 16 scores take D / 2 multiply-adds (two 16 x 16
+// transposes for a 64-wide head, shared by every row that meets the tile); float32 keys would
+// need twice as many, so their scores sum each key's products by a shuffle tree instead.
 template <typename T, int D>
 struct Tile {
+    static constexpr bool TRANSPOSED = STEP<T> == 2;
     static constexpr int WORDS = D / STEP<T>;  // 32-bit words per key
-    __m512i keys[WORDS];  // keys[w], lane j: word w of key j
-    const T* values;  // [n][D], in the cache
+    __m512i words[TRANSPOSED ? WORDS : 1];  // words[w], lane j: word w of key j
+    const T *keys, *values;
+    int n;
 
-    void load(const T* k, const T* v, int n) {
-        for (int c = 0; c < WORDS; c += LANES) {
-            __m512i rows[LANES];
-            for (int j = 0; j < LANES; ++j)  // (keys past n: zeros, never read as data)
-                rows[j] = j < n ? _mm512_maskz_loadu_epi32(first(WORDS - c), (const uint32_t*)(k + j * D) + c)
-                                : _mm512_setzero_si512();
-            transpose16(rows);
-            for (int w = 0; w < std::min(LANES, WORDS - c); ++w) keys[c + w] = rows[w];
-        }
-        values = v;
+    void load(const T* k, const T* v, int count) {
+        keys = k, values = v, n = count;
+        if constexpr (TRANSPOSED)
+            for (int c = 0; c < WORDS; c += LANES) {
+                __m512i rows[LANES];
+                for (int j = 0; j < LANES; ++j)  // (keys past n: zeros, never read as data)
+                    rows[j] = j < n ? _mm512_maskz_loadu_epi32(first(WORDS - c), (const uint32_t*)(k + j * D) + c)
+                                    : _mm512_setzero_si512();
+                transpose16(rows);
+                for (int w = 0; w < std::min(LANES, WORDS - c); ++w) words[c + w] = rows[w];
+            }
     }
 };
+
+// q . k_t * scale for the tile's 16 keys t (keys past n: anything, masked by the caller)
+template <typename T, int D>
+__attribute__((always_inline)) inline __m512 scores(const Tile<T, D>& tile, const T* q, float scale) {
+    constexpr int WORDS = Tile<T, D>::WORDS;
+    if constexpr (Tile<T, D>::TRANSPOSED) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0;  // two independent chains
+        for (int w = 0; w < WORDS; w += 2) {
+            int32_t x0, x1;
+            std::memcpy(&x0, q + w * STEP<T>, 4);
+            std::memcpy(&x1, q + (w + 1) * STEP<T>, 4);
+            s0 = multiply_add<T>(s0, _mm512_set1_epi32(x0), tile.words[w]);
+            s1 = multiply_add<T>(s1, _mm512_set1_epi32(x1), tile.words[w + 1]);
+        }
+        return _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(scale));
+    } else {
+        constexpr int VECTORS = (WORDS + LANES - 1) / LANES;
+        constexpr int reversed[LANES] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+        const __mmask16 tail = first(WORDS - (VECTORS - 1) * LANES);
+        __m512i x[VECTORS];
+        for (int c = 0; c < VECTORS; ++c)
+            x[c] = _mm512_maskz_loadu_epi32(c + 1 < VECTORS ? __mmask16(0xffff) : tail, (const uint32_t*)q + c * LANES);
+        __m512 partial[LANES];  // key t's products, in lane sums, at reversed[t]: sum_each puts t back
+#pragma GCC unroll 16
+        for (int t = 0; t < LANES; ++t) {
+            __m512 dot = _mm512_setzero_ps();
+            if (t < tile.n)  // (keys past n: never read)
+                for (int c = 0; c < VECTORS; ++c) {
+                    const auto* k = (const uint32_t*)(tile.keys + t * D) + c * LANES;
+                    dot = multiply_add<T>(dot, x[c], _mm512_maskz_loadu_epi32(c + 1 < VECTORS ? __mmask16(0xffff) : tail, k));
+                }
+            partial[reversed[t]] = dot;
+        }
+        return _mm512_mul_ps(sum_each(partial), _mm512_set1_ps(scale));
+    }
+}
 
 // R query rows meet a tile: row r (q[r], D values) sees its first count[r] keys and takes them into
 // its running maximum m[r], sum l[r] and weighted sum of values acc[r] (D floats). The rows go
 // together so that their independent chains overlap, and each value row is loaded once for all.
 template <typename T, int D, int R>
-__attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, const T* const* q, const int* count, float scale, float* const* m,
-                        float* const* l, float* const* acc) {
-    constexpr int WORDS = Tile<T, D>::WORDS;
+__attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, const T* const* q, const int* count,
+                                                       float scale, float* const* m, float* const* l, float* const* acc) {
     float p[R][LANES];
     float rescale[R];
     int longest = 0;
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0;  // two independent chains per row
-        #pragma GCC unroll 16
-        for (int w = 0; w < WORDS; w += 2) {
-            int32_t x0, x1;
-            std::memcpy(&x0, q[r] + w * STEP<T>, 4);
-            std::memcpy(&x1, q[r] + (w + 1) * STEP<T>, 4);
-            s0 = multiply_add<T>(s0, _mm512_set1_epi32(x0), tile.keys[w]);
-            s1 = multiply_add<T>(s1, _mm512_set1_epi32(x1), tile.keys[w + 1]);
-        }
-        const __m512 s = _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(scale));
+        const __m512 s = scores(tile, q[r], scale);
         const __mmask16 valid = first(count[r]);
         const float m_new = std::max(*m[r], _mm512_mask_reduce_max_ps(valid, s));
         const __m512 e = (__m512)exp_approx((f32x16)_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
@@ -100,21 +156,21 @@ __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, c
         longest = std::max(longest, count[r]);
     }
     __m512 sums[R][D / LANES];
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 16
+    #pragma GCC unroll 16
         for (int z = 0; z < D / LANES; ++z)
             sums[r][z] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + z * LANES), _mm512_set1_ps(rescale[r]));
     for (int j = 0; j < longest; ++j)  // (values past a row's count are real data times 0)
-        #pragma GCC unroll 16
+    #pragma GCC unroll 16
         for (int z = 0; z < D / LANES; ++z) {
             const __m512 v = (__m512)load16(tile.values + j * D + z * LANES);
-            #pragma GCC unroll 16
+#pragma GCC unroll 16
             for (int r = 0; r < R; ++r) sums[r][z] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), v, sums[r][z]);
         }
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-        #pragma GCC unroll 16
+    #pragma GCC unroll 16
         for (int z = 0; z < D / LANES; ++z) _mm512_storeu_ps(acc[r] + z * LANES, sums[r][z]);
 }
 
