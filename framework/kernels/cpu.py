@@ -183,6 +183,8 @@ class CPUKernels:
         in_features = x.shape[-1]
         if x.numel() > LINEAR_MAX_ROWS * in_features or x.dtype != packed.dtype:
             return None
+        if packed.numel() != in_features * -(-out_features // 16) * 16:  # (the kernel would read past it)
+            raise ValueError(f"input of {in_features} features for a weight packed with another shape")
         x = x.contiguous()
         _check(x, *([] if bias is None else [bias]))
         out = x.new_empty(*x.shape[:-1], out_features)

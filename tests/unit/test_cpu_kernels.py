@@ -255,3 +255,5 @@ def test_packed_linear_leaves_other_inputs_to_the_caller(kernels):
     assert kernels.pack_linear(torch.randn(48, 63).to(torch.bfloat16)) is None  # an odd number of bf16 inputs
     assert kernels.pack_linear(torch.randn(48, 64).half()) is None
     assert kernels.linear(x[:3, None, :].expand(3, 2, 64), packed, 48).shape == (3, 2, 48)  # any leading shape
+    with pytest.raises(ValueError, match="features"):  # a wrong width fails instead of reading past the weight
+        kernels.linear(x[:4, :32].contiguous(), packed, 48)
