@@ -45,8 +45,6 @@ inline void transpose16(__m512i* rows) {
     }
 }
 
-inline __mmask16 first(int n) { return n >= LANES ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
-
 // One round of `sum_each`: each input's lanes, in segments of 2w, halved (a segment's two w-lane
 // halves added) and the two inputs' halved segments interleaved.
 inline __m512 halve(__m512 a, __m512 b, __m512i low, __m512i high) {
@@ -158,11 +156,11 @@ __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, c
     __m512 sums[R][D / LANES];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int z = 0; z < D / LANES; ++z)
             sums[r][z] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + z * LANES), _mm512_set1_ps(rescale[r]));
     for (int j = 0; j < longest; ++j)  // (values past a row's count are real data times 0)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int z = 0; z < D / LANES; ++z) {
             const __m512 v = (__m512)load16(tile.values + j * D + z * LANES);
 #pragma GCC unroll 16
@@ -170,7 +168,7 @@ __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, c
         }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int z = 0; z < D / LANES; ++z) _mm512_storeu_ps(acc[r] + z * LANES, sums[r][z]);
 }
 
@@ -204,8 +202,7 @@ struct Step {
     using Batch = RowBatch<T, D>;
     const T *q, *k_cache, *v_cache;
     T* out;
-    const int32_t *block_tables, *context_lens;
-    int num_heads, num_kv_heads, num_blocks, block_size, max_blocks;
+    int num_heads, num_kv_heads, num_blocks, block_size;
     float scale;
     std::vector<int> position;  // [tokens] absolute position of each query token
     std::vector<float> m, l, acc;  // [tokens * num_heads] running state of each query row (acc: x D)
@@ -256,8 +253,7 @@ template <typename T, int D>
 void attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
                const int32_t* query_lens, const int32_t* context_lens, int batch, int num_heads, int num_kv_heads,
                int num_blocks, int block_size, int max_blocks, int shared_blocks, float scale) {
-    Step<T, D> step{q, k_cache, v_cache, out, block_tables, context_lens, num_heads, num_kv_heads, num_blocks,
-                    block_size, max_blocks, scale};
+    Step<T, D> step{q, k_cache, v_cache, out, num_heads, num_kv_heads, num_blocks, block_size, scale};
     std::vector<int> first_token(batch + 1, 0);
     for (int b = 0; b < batch; ++b) first_token[b + 1] = first_token[b] + query_lens[b];
     const int tokens = first_token[batch];

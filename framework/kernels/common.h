@@ -127,6 +127,8 @@ template <typename T>
 constexpr int STEP = 4 / sizeof(T);  // values per 32-bit word: 1 float32, 2 bfloat16
 
 #if defined(__AVX512F__)
+inline __mmask16 first(int n) { return n >= LANES ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }  // lanes < n
+
 // acc + x * w for 16 lanes of 32-bit words: float32 products, or for bfloat16 the sum of each
 // word's two products (`vdpbf16ps`, only where the CPU has AVX512-BF16)
 template <typename T>

@@ -56,9 +56,9 @@ void tile(const T* x, int in, const T* panel, int width, const T* bias, T* y, in
         }
     }
     for (int z = 0; z < Z; ++z) {
-        const int left = std::min(cols - z * LANES, LANES);
+        const int left = cols - z * LANES;
         if (left <= 0) break;
-        const __mmask16 m = __mmask16((1u << left) - 1);
+        const __mmask16 m = first(left);
         const __m512 b = bias != nullptr ? widen(bias + z * LANES, m) : _mm512_setzero_ps();
         for (int r = 0; r < R; ++r) store16(y + int64_t(r) * out + z * LANES, _mm512_add_ps(acc[r][z], b), m);
     }
