@@ -54,6 +54,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     pack_weights: bool = True  # on CPU, repack linear weights once for oneDNN (and the kernels' linear)
     cpu_kernels: bool = True  # on CPU, C++ kernels for attention, decode-step linear, fused norm/RoPE/SwiGLU
+    cuda_graphs: bool = True  # on CUDA, replay decode-only steps from CUDA graphs (one per padded batch/width)
+    cuda_graph_max_batch: int = 128  # larger decode steps run eagerly
 
 
 @dataclass

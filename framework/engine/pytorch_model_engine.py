@@ -10,6 +10,7 @@ import threading
 import torch
 
 from framework.engine.base import ForwardOutput, ModelEngine
+from framework.engine.cuda_graphs import DecodeGraphs
 from framework.kernels import cpu as cpu_kernels
 from framework.layers.attention import AttentionGroup, AttentionMetadata, KernelTables
 from framework.layers.linear import Linear
@@ -141,6 +142,9 @@ class PyTorchModelEngine(ModelEngine):
                     module.pack()
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = model_config.max_model_len or self.hf_config.max_position_embeddings
+        self.use_cuda_graphs = engine_config.cuda_graphs and self.device.type == "cuda"
+        self.cuda_graph_max_batch = engine_config.cuda_graph_max_batch
+        self.decode_graphs: DecodeGraphs | None = None  # made at the first decode step (it needs the caches)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(
@@ -207,9 +211,31 @@ class PyTorchModelEngine(ModelEngine):
             chunk_ranges,
         )
 
+    def _graph_step(self, scheduled, kv) -> torch.Tensor | None:
+        """Logits of a decode-only step (every request adds its last token and samples) from the
+        CUDA graphs; None where the step is not one or does not fit them."""
+        if not all(r.num_scheduled_tokens == 1 and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled):
+            return None
+        tables = [kv.get_block_table(r) for r in scheduled]
+        if self.decode_graphs is None or self.decode_graphs.kv_caches is not kv.get_kv_caches():
+            max_blocks = -(-self.max_model_len // kv.block_size)
+            self.decode_graphs = DecodeGraphs(
+                self.model, kv.get_kv_caches(), kv.block_size, self.cuda_graph_max_batch, max_blocks,
+                capture=self.device.type == "cuda",
+            )
+        if not self.decode_graphs.covers(len(scheduled), max(len(t) for t in tables)):
+            return None
+        positions = [r.num_computed_tokens for r in scheduled]
+        tokens = [r.tokens(p, p + 1)[0] for r, p in zip(scheduled, positions)]
+        return self.decode_graphs.run(tokens, positions, tables)
+
     @torch.inference_mode()
     def forward(self, scheduled, resource_manager):
         kv = resource_manager.kv_cache_manager
+        if self.use_cuda_graphs:
+            logits = self._graph_step(scheduled, kv)
+            if logits is not None:
+                return ForwardOutput(logits=logits, sampled=list(scheduled), prompt_logits=[])
         input_ids, positions, meta, sample_index, sampled, chunk_ranges = self.prepare_inputs(scheduled, kv)
         hidden = self.model(input_ids, positions, meta, kv.get_kv_caches())
         logits = self.model.compute_logits(hidden[sample_index]).float()

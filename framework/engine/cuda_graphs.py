@@ -1,0 +1,103 @@
+"""Decode-only steps replayed from CUDA graphs.
+
+On a GPU, a decode step of a small model is bound by launching its few hundred kernels from Python,
+not by the GPU itself. A CUDA graph records a step's kernels once and replays them with one launch.
+A graph has fixed shapes and reads fixed addresses, so steps are padded to buckets (the batch and
+the block-table width, each to a power of two) and every graph reads its inputs from one set of
+static buffers; a bucket's graph is recorded the first time a step needs it.
+
+With `capture=False` the same padded step runs eagerly: the path the graphs record, on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from framework.layers.attention import AttentionGroup, AttentionMetadata
+
+# columns of the static input buffer, before each row's block table
+TOKEN, POSITION, SLOT, CONTEXT, TABLE = range(5)
+
+
+def bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n, at most `limit` (a bucket of its own when not a power)."""
+    return min(1 << (n - 1).bit_length(), limit)
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches, block_size: int, max_batch: int, max_blocks: int, capture: bool = True):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_batch = max_batch
+        self.max_blocks = max_blocks
+        self.capture = capture
+        k_cache = kv_caches[0][0]
+        self.num_kv_heads, num_blocks = k_cache.shape[:2]
+        self.dtype, device = k_cache.dtype, k_cache.device
+        # one copy from the host per step: each row is a request's token, position, slot, context
+        # length, then its block table
+        self.inputs = torch.zeros(max_batch, TABLE + max_blocks, dtype=torch.long, device=device)
+        self.head_offsets = (torch.arange(self.num_kv_heads, device=device) * num_blocks)[None, :, None]
+        self.key_positions = torch.arange(max_blocks * block_size, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # the graphs share one memory pool: they never run at the same time
+
+    def covers(self, batch: int, width: int) -> bool:
+        return batch <= self.max_batch and width <= self.max_blocks
+
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Float32 logits `[len(tokens), vocab]` of one decode step: each request's `tokens[i]` at
+        `positions[i]`, its K/V written to the cache at that position of its block table."""
+        batch = bucket(len(tokens), self.max_batch)
+        width = bucket(max(len(t) for t in tables), self.max_blocks)
+        bs = self.block_size
+        rows = [
+            [token, pos, table[pos // bs] * bs + pos % bs, pos + 1] + table + [table[0]] * (width - len(table))
+            for token, pos, table in zip(tokens, positions, tables)
+        ]
+        # Padding rows repeat the first request: the same inputs give the same K/V, written to the
+        # same slot, so the duplicate writes agree whatever their order.
+        rows += [rows[0]] * (batch - len(rows))
+        self.inputs[:batch, : TABLE + width].copy_(torch.tensor(rows), non_blocking=False)
+        if not self.capture:
+            return self._forward(batch, width)[: len(tokens)]
+        if (batch, width) not in self.graphs:
+            self.graphs[batch, width] = self._record(batch, width)
+        graph, logits = self.graphs[batch, width]
+        graph.replay()
+        return logits[: len(tokens)].clone()  # the next replay overwrites the static output
+
+    def _forward(self, batch: int, width: int) -> torch.Tensor:
+        """The padded step, from the static buffers alone (nothing read from the host)."""
+        inputs = self.inputs[:batch]
+        tables = inputs[:, TABLE : TABLE + width]
+        visible = self.key_positions[: width * self.block_size] < inputs[:, CONTEXT : CONTEXT + 1]
+        bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+        decode = AttentionGroup(
+            token_index=None,
+            query_slot=None,
+            max_query_len=1,
+            chunks=[(0, 1)] * batch,
+            attn_bias=bias[:, None, None, :].expand(-1, self.num_kv_heads, -1, -1).reshape(batch * self.num_kv_heads, 1, 1, -1),
+            own_rows=(self.head_offsets + tables[:, None, :]).flatten(),
+        )
+        meta = AttentionMetadata(slot_mapping=inputs[:, SLOT].contiguous(), decode=decode, prefill=None)
+        hidden = self.model(inputs[:, TOKEN].contiguous(), inputs[:, POSITION].contiguous(), meta, self.kv_caches)
+        return self.model.compute_logits(hidden).float()
+
+    def _record(self, batch: int, width: int):
+        """Record the bucket's graph. The step is run once first, outside the graph (lazy set-ups
+        such as cuBLAS handles and the rotary table must not happen while recording); that run
+        computes the current step for real, and the replay that follows writes the same K/V again."""
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._forward(batch, width)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(batch, width)
+        self.pool = graph.pool()
+        return graph, logits

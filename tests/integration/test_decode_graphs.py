@@ -1,0 +1,86 @@
+"""The decode steps that CUDA graphs replay: batches padded to power-of-two buckets, block tables
+padded to a bucket width, inputs read from static buffers. On a CPU the same padded step runs
+eagerly (`capture=False`), so everything but the recording itself is checked here; on a GPU the
+whole suite runs with the graphs on (they are the default there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from framework import LLM, SamplingParams
+from framework.engine.cuda_graphs import DecodeGraphs, bucket
+from tests.conftest import GREEDY, random_prompts
+
+
+def test_bucket_is_the_next_power_of_two_up_to_the_limit():
+    assert [bucket(n, 128) for n in (1, 2, 3, 5, 33, 64, 65, 128)] == [1, 2, 4, 8, 64, 64, 128, 128]
+    assert bucket(40, 48) == 48  # a limit that is not a power of two is a bucket of its own
+
+
+def _generate(llm, prompts, max_tokens):
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in max_tokens]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_padded_decode_steps_match_the_packed_path(tiny_dir, cpu_kernels):
+    llm = LLM(str(tiny_dir), **{"kv_cache.max_tokens": 4096, "kv_cache.block_size": 8, "engine.cpu_kernels": cpu_kernels})
+    engine = llm.executor.model_engine
+    # 5 requests (bucket 8, three padding rows), finishing at different steps (buckets 4, 2, 1),
+    # with block tables of 1 to 7 blocks (widths 1 to 8)
+    prompts = random_prompts([3, 9, 17, 30, 41], seed=5)
+    max_tokens = [15, 4, 9, 2, 3]
+    on_gpu = engine.device.type == "cuda"
+    assert engine.use_cuda_graphs == on_gpu  # the default: on where they can be recorded
+    engine.use_cuda_graphs = False
+    expected = _generate(llm, prompts, max_tokens)
+
+    engine.use_cuda_graphs = True
+    steps = []
+    original = DecodeGraphs.run
+
+    def spy(self, tokens, positions, tables):
+        steps.append((bucket(len(tokens), self.max_batch), bucket(max(map(len, tables)), self.max_blocks)))
+        return original(self, tokens, positions, tables)
+
+    DecodeGraphs.run = spy
+    try:
+        assert _generate(llm, prompts, max_tokens) == expected
+    finally:
+        DecodeGraphs.run = original
+    assert engine.decode_graphs is not None and engine.decode_graphs.capture == on_gpu
+    assert {b for b, _ in steps} >= {8, 4, 1} and len({w for _, w in steps}) >= 2
+    assert llm.executor.kv_cache_manager.num_free_blocks == llm.executor.kv_cache_manager.get_max_resource_count()
+
+
+def test_steps_beyond_the_largest_bucket_run_eagerly(tiny_dir):
+    llm = LLM(str(tiny_dir), **{"kv_cache.max_tokens": 4096, "engine.cuda_graph_max_batch": 2})
+    engine = llm.executor.model_engine
+    engine.use_cuda_graphs = False
+    prompts = random_prompts([5, 6, 7], seed=6)
+    expected = _generate(llm, prompts, [6, 6, 3])
+    engine.use_cuda_graphs = True
+    assert _generate(llm, prompts, [6, 6, 3]) == expected  # 3 rows: eager; then 2 rows: the graphs
+    assert engine.decode_graphs is not None and engine.decode_graphs.max_batch == 2
+
+
+def test_padding_rows_leave_other_blocks_untouched(tiny_dir):
+    """A padded step writes each request's K/V to its own slot and nothing else. (The caches are
+    filled with a large finite marker, not NaN: the PyTorch attention multiplies whole blocks and
+    masks afterwards, and a NaN would survive the mask.)"""
+    llm = LLM(str(tiny_dir), **{"kv_cache.max_tokens": 512, "kv_cache.block_size": 4, "engine.cpu_kernels": False})
+    engine = llm.executor.model_engine
+    engine.use_cuda_graphs = True
+    kv = llm.executor.kv_cache_manager
+    for k_cache, v_cache in kv.get_kv_caches():
+        k_cache.fill_(1000.0)
+        v_cache.fill_(1000.0)
+    prompts = random_prompts([6, 11, 2], seed=7)
+    outputs = _generate(llm, prompts, [5, 5, 5])
+    assert all(len(o) == 5 for o in outputs)
+    written = sum(len(p) + 4 for p in prompts)  # the last sampled token is never written
+    for k_cache, v_cache in kv.get_kv_caches():
+        for cache in (k_cache, v_cache):
+            slots = (cache[0] != 1000.0).any(-1).sum().item()  # [blocks, block_size] of head 0
+            assert slots == written
