@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from framework.kernels.cpu import CPUKernels
 
@@ -116,10 +117,20 @@ def _decode_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) 
     return torch.bmm(torch.softmax(scores, dim=-1), values).view_as(q)
 
 
+# SDPA's backends less cuDNN's: cuDNN builds an execution plan for every new pair of query and
+# context lengths (W4's prompt steps: 7.6 s instead of 0.5 s on an H200), and prompt lengths rarely repeat
+_CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _chunk_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     """Prompt chunks one request at a time through the fused SDPA kernel, each over its own
     context length: no padding to the longest chunk, and a chunk that starts its prompt is plain
     causal (the kernel then skips the masked half)."""
+    with sdpa_kernel(_CHUNK_BACKENDS):
+        return _chunks_through_sdpa(q, k_cache, v_cache, group, scale)
+
+
+def _chunks_through_sdpa(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     batch = group.batch_size
     keys, values = gather(k_cache, group.own_rows, batch), gather(v_cache, group.own_rows, batch)
     out = torch.empty_like(q)
