@@ -10,7 +10,7 @@ using namespace framework;
 
 template <typename T>
 void add_rms_norm(const T* x, T* residual, const T* weight, T* out, int rows, int hidden, float eps) {
-#pragma omp parallel for if (rows >= 64)
+#pragma omp parallel for if (int64_t(rows) * hidden >= PARALLEL_ELEMENTS)
     for (int r = 0; r < rows; ++r) {
         const T* in = x + int64_t(r) * hidden;
         T* res = residual == nullptr ? nullptr : residual + int64_t(r) * hidden;

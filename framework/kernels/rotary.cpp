@@ -16,7 +16,7 @@ void rope_and_cache(T* qkv, const T* cos_sin, T* k_cache, T* v_cache, const int6
                     int num_heads, int num_kv_heads, int head_dim, int64_t slots_per_head) {
     const int half = head_dim / 2;
     const int64_t width = int64_t(num_heads + 2 * num_kv_heads) * head_dim;
-#pragma omp parallel for if (tokens >= 64)
+#pragma omp parallel for if (tokens * width >= PARALLEL_ELEMENTS)
     for (int t = 0; t < tokens; ++t) {
         T* row = qkv + t * width;
         const T* cos = cos_sin + int64_t(t) * 2 * head_dim;

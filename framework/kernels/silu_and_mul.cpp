@@ -9,7 +9,7 @@ using namespace framework;
 
 template <typename T>
 void silu_and_mul(const T* gate_up, T* out, int rows, int width) {
-#pragma omp parallel for if (rows >= 64)
+#pragma omp parallel for if (int64_t(rows) * width >= PARALLEL_ELEMENTS)
     for (int r = 0; r < rows; ++r) {
         const T* gate = gate_up + int64_t(r) * 2 * width;
         const T* up = gate + width;
