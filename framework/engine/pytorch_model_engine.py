@@ -142,6 +142,8 @@ class PyTorchModelEngine(ModelEngine):
                     module.pack()
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = model_config.max_model_len or self.hf_config.max_position_embeddings
+        if engine_config.cuda_graph_max_batch < 1:
+            raise ValueError(f"engine.cuda_graph_max_batch must be >= 1, got {engine_config.cuda_graph_max_batch}")
         self.use_cuda_graphs = engine_config.cuda_graphs and self.device.type == "cuda"
         self.cuda_graph_max_batch = engine_config.cuda_graph_max_batch
         self.decode_graphs: DecodeGraphs | None = None  # made at the first decode step (it needs the caches)

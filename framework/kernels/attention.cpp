@@ -1,8 +1,8 @@
 // Paged attention on the CPU for a whole step: every request's queries (one token when decoding, a
 // chunk of its prompt otherwise) attend causally to its context, read in place from the
 // block-paged cache. Flash-style: keys go by tiles of up to 16 (one block, or a 16-key part of
-// one); each query row keeps a running maximum, sum and float32 weighted sum of values, so no
-// score matrix is stored. A tile is laid out once for all the rows that meet it: keys transposed
+// one); each query row keeps a reference maximum (moved only when a score passes it by LAZY), sums
+// of weights and a float32 weighted sum of values, so no score matrix is stored. A tile is laid out once for all the rows that meet it: keys transposed
 // to 32-bit words (a row's scores for 16 keys are `words` multiply-adds, bfloat16 pairs by
 // `vdpbf16ps`), values widened to float32. The output is rounded to the storage type once.
 //
@@ -27,6 +27,10 @@ using namespace framework;
 
 constexpr int ROWS_PER_TASK = 16;  // query tokens handed to a thread at a time
 constexpr int PREFETCH = 1;  // blocks read ahead
+// A row's reference maximum moves only when a score passes it by more than LAZY (weights up to
+// e^8 ~ 3000, far from overflow): softmax comes out the same from any reference, and most tiles
+// then need neither a horizontal maximum nor a rescaling exp
+constexpr float LAZY = 8.f;
 
 #if defined(__AVX512F__)
 
@@ -132,7 +136,7 @@ __attribute__((always_inline)) inline __m512 scores(const Tile<T, D>& tile, cons
 }
 
 // R query rows meet a tile: row r (q[r], D values) sees its first count[r] keys and takes them into
-// its running maximum m[r], sum l[r] and weighted sum of values acc[r] (D floats). The rows go
+// its reference maximum m[r], sums of weights l[r] (16 lanes) and weighted sum of values acc[r] (D floats). The rows go
 // together so that their independent chains overlap, and each value row is loaded once for all.
 template <typename T, int D, int R>
 __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, const T* const* q, const int* count,
@@ -144,13 +148,16 @@ __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, c
     for (int r = 0; r < R; ++r) {
         const __m512 s = scores(tile, q[r], scale);
         const __mmask16 valid = first(count[r]);
-        const float m_new = std::max(*m[r], _mm512_mask_reduce_max_ps(valid, s));
-        const __m512 e = (__m512)exp_approx((f32x16)_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
+        rescale[r] = 1.f;
+        if (_mm512_mask_cmp_ps_mask(valid, s, _mm512_set1_ps(*m[r] + LAZY), _CMP_GT_OQ)) {  // (always at first)
+            const float m_new = std::max(*m[r], _mm512_mask_reduce_max_ps(valid, s));
+            rescale[r] = *m[r] == -INFINITY ? 0.f : exp_approx(*m[r] - m_new);
+            *m[r] = m_new;
+        }
+        const __m512 e = (__m512)exp_approx((f32x16)_mm512_sub_ps(s, _mm512_set1_ps(*m[r])));
         const __m512 probs = _mm512_maskz_mov_ps(valid, e);  // exactly 0 past count[r]
         _mm512_storeu_ps(p[r], probs);
-        rescale[r] = *m[r] == -INFINITY ? 0.f : exp_approx(*m[r] - m_new);
-        *l[r] = *l[r] * rescale[r] + _mm512_reduce_add_ps(probs);
-        *m[r] = m_new;
+        _mm512_storeu_ps(l[r], _mm512_fmadd_ps(_mm512_loadu_ps(l[r]), _mm512_set1_ps(rescale[r]), probs));
         longest = std::max(longest, count[r]);
     }
     __m512 sums[R][D / LANES];
@@ -205,7 +212,9 @@ struct Step {
     int num_heads, num_kv_heads, num_blocks, block_size;
     float scale;
     std::vector<int> position;  // [tokens] absolute position of each query token
-    std::vector<float> m, l, acc;  // [tokens * num_heads] running state of each query row (acc: x D)
+    // running state of each of the [tokens * num_heads] query rows: reference maximum m, sum of
+    // weights l (LANES partial sums, added up at the end), weighted sum of values acc (D floats)
+    std::vector<float> m, l, acc;
 
     // Rows of tokens [t0, t1) under KV head h meet blocks [j0, j1) of `table` (context `context`).
     void attend(Tile<T, D>& tile, int h, int t0, int t1, const int32_t* table, int j0, int j1, int context) {
@@ -232,7 +241,7 @@ struct Step {
                     const int count = std::min(n, position[t] - key0 + 1);
                     for (int g = 0; count > 0 && g < group; ++g) {
                         const int64_t row = int64_t(t) * num_heads + h * group + g;
-                        rows.add(q + row * D, count, &m[row], &l[row], acc.data() + row * D);
+                        rows.add(q + row * D, count, &m[row], l.data() + row * LANES, acc.data() + row * D);
                         if (rows.size == Batch::ROWS) rows.run(tile, scale);
                     }
                 }
@@ -246,7 +255,8 @@ struct Step {
         for (int t = t0; t < t1; ++t)
             for (int g = 0; g < group; ++g) {
                 const int64_t row = int64_t(t) * num_heads + h * group + g;
-                for (int i = 0; i < D; ++i) store(out + row * D + i, acc[row * D + i] / l[row]);
+                const float sum = _mm512_reduce_add_ps(_mm512_loadu_ps(l.data() + row * LANES));
+                for (int i = 0; i < D; ++i) store(out + row * D + i, acc[row * D + i] / sum);
             }
     }
 };
@@ -269,7 +279,7 @@ void attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int
             tasks.push_back({b, t, std::min(t + ROWS_PER_TASK, first_token[b + 1])});
     }
     step.m.assign(size_t(tokens) * num_heads, -INFINITY);
-    step.l.assign(size_t(tokens) * num_heads, 0.f);
+    step.l.assign(size_t(tokens) * num_heads * LANES, 0.f);
     step.acc.assign(size_t(tokens) * num_heads * D, 0.f);
     int longest = 0;
     for (int b = 0; b < batch; ++b) longest = std::max(longest, context_lens[b]);

@@ -6,7 +6,6 @@ whole suite runs with the graphs on (they are the default there)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from framework import LLM, SamplingParams
 from framework.engine.cuda_graphs import DecodeGraphs, bucket
@@ -24,7 +23,7 @@ def _generate(llm, prompts, max_tokens):
 
 
 @pytest.mark.parametrize("cpu_kernels", [False, True])
-def test_padded_decode_steps_match_the_packed_path(tiny_dir, cpu_kernels):
+def test_padded_decode_steps_match_the_packed_path(tiny_dir, cpu_kernels, monkeypatch):
     llm = LLM(str(tiny_dir), **{"kv_cache.max_tokens": 4096, "kv_cache.block_size": 8, "engine.cpu_kernels": cpu_kernels})
     engine = llm.executor.model_engine
     # 5 requests (bucket 8, three padding rows), finishing at different steps (buckets 4, 2, 1),
@@ -44,11 +43,8 @@ def test_padded_decode_steps_match_the_packed_path(tiny_dir, cpu_kernels):
         steps.append((bucket(len(tokens), self.max_batch), bucket(max(map(len, tables)), self.max_blocks)))
         return original(self, tokens, positions, tables)
 
-    DecodeGraphs.run = spy
-    try:
-        assert _generate(llm, prompts, max_tokens) == expected
-    finally:
-        DecodeGraphs.run = original
+    monkeypatch.setattr(DecodeGraphs, "run", spy)
+    assert _generate(llm, prompts, max_tokens) == expected
     assert engine.decode_graphs is not None and engine.decode_graphs.capture == on_gpu
     assert {b for b, _ in steps} >= {8, 4, 1} and len({w for _, w in steps}) >= 2
     assert llm.executor.kv_cache_manager.num_free_blocks == llm.executor.kv_cache_manager.get_max_resource_count()
@@ -84,3 +80,8 @@ def test_padding_rows_leave_other_blocks_untouched(tiny_dir):
         for cache in (k_cache, v_cache):
             slots = (cache[0] != 1000.0).any(-1).sum().item()  # [blocks, block_size] of head 0
             assert slots == written
+
+
+def test_a_largest_bucket_below_one_is_refused(tiny_dir):
+    with pytest.raises(ValueError, match="cuda_graph_max_batch must be >= 1"):
+        LLM(str(tiny_dir), **{"engine.cuda_graph_max_batch": 0})
