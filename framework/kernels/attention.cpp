@@ -104,15 +104,17 @@ template <typename T, int D>
 __attribute__((always_inline)) inline __m512 scores(const Tile<T, D>& tile, const T* q, float scale) {
     constexpr int WORDS = Tile<T, D>::WORDS;
     if constexpr (Tile<T, D>::TRANSPOSED) {
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0;  // two independent chains
-        for (int w = 0; w < WORDS; w += 2) {
-            int32_t x0, x1;
-            std::memcpy(&x0, q + w * STEP<T>, 4);
-            std::memcpy(&x1, q + (w + 1) * STEP<T>, 4);
-            s0 = multiply_add<T>(s0, _mm512_set1_epi32(x0), tile.words[w]);
-            s1 = multiply_add<T>(s1, _mm512_set1_epi32(x1), tile.words[w + 1]);
+        constexpr int CHAINS = WORDS >= 4 ? 4 : WORDS;  // independent chains (WORDS: 8, 16, 32 or 64)
+        __m512 s[CHAINS];
+        for (int c = 0; c < CHAINS; ++c) s[c] = _mm512_setzero_ps();
+#pragma GCC unroll 64
+        for (int w = 0; w < WORDS; ++w) {
+            int32_t x;
+            std::memcpy(&x, q + w * STEP<T>, 4);
+            s[w % CHAINS] = multiply_add<T>(s[w % CHAINS], _mm512_set1_epi32(x), tile.words[w]);
         }
-        return _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(scale));
+        for (int c = 1; c < CHAINS; ++c) s[0] = _mm512_add_ps(s[0], s[c]);
+        return _mm512_mul_ps(s[0], _mm512_set1_ps(scale));
     } else {
         constexpr int VECTORS = (WORDS + LANES - 1) / LANES;
         constexpr int reversed[LANES] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
