@@ -2,9 +2,10 @@
 // chunk of its prompt otherwise) attend causally to its context, read in place from the
 // block-paged cache. Flash-style: keys go by tiles of up to 16 (one block, or a 16-key part of
 // one); each query row keeps a reference maximum (moved only when a score passes it by LAZY), sums
-// of weights and a float32 weighted sum of values, so no score matrix is stored. A tile is laid out once for all the rows that meet it: keys transposed
-// to 32-bit words (a row's scores for 16 keys are `words` multiply-adds, bfloat16 pairs by
-// `vdpbf16ps`), values widened to float32. The output is rounded to the storage type once.
+// of weights and a float32 weighted sum of values, so no score matrix is stored. A tile is laid
+// out once for all the rows that meet it: keys transposed to 32-bit words (a row's scores for 16
+// keys are `words` multiply-adds, bfloat16 pairs by `vdpbf16ps`), values widened to float32. The
+// output is rounded to the storage type once.
 //
 // The first `shared_blocks` block-table columns (a prefix every request has in common) are
 // attended once by all the requests' rows together, each of their tiles laid out once per step
@@ -138,8 +139,9 @@ __attribute__((always_inline)) inline __m512 scores(const Tile<T, D>& tile, cons
 }
 
 // R query rows meet a tile: row r (q[r], D values) sees its first count[r] keys and takes them into
-// its reference maximum m[r], sums of weights l[r] (16 lanes) and weighted sum of values acc[r] (D floats). The rows go
-// together so that their independent chains overlap, and each value row is loaded once for all.
+// its reference maximum m[r], sums of weights l[r] (16 lanes) and weighted sum of values acc[r]
+// (D floats). The rows go together so that their independent chains overlap, and each value row
+// is loaded once for all.
 template <typename T, int D, int R>
 __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, const T* const* q, const int* count,
                                                        float scale, float* const* m, float* const* l, float* const* acc) {
