@@ -56,10 +56,10 @@ class DecodeGraphs:
             [token, pos, table[pos // bs] * bs + pos % bs, pos + 1] + table + [table[0]] * (width - len(table))
             for token, pos, table in zip(tokens, positions, tables)
         ]
-        # Padding rows repeat the first request: the same inputs give the same K/V, written to the
-        # same slot, so the duplicate writes agree whatever their order.
+        # Padding rows repeat the first request: identical rows of one step come out identical, so
+        # the duplicate K/V writes to its slot agree whatever their order.
         rows += [rows[0]] * (batch - len(rows))
-        self.inputs[:batch, : TABLE + width].copy_(torch.tensor(rows), non_blocking=False)
+        self.inputs[:batch, : TABLE + width].copy_(torch.tensor(rows))
         if not self.capture:
             return self._forward(batch, width)[: len(tokens)]
         if (batch, width) not in self.graphs:
