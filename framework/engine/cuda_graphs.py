@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.layers.attention import AttentionGroup, AttentionMetadata
+from framework.layers.attention import AttentionGroup, AttentionMetadata, additive_mask, cache_rows
 
 # columns of the static input buffer, before each row's block table
 TOKEN, POSITION, SLOT, CONTEXT, TABLE = range(5)
@@ -33,12 +33,11 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.capture = capture
         k_cache = kv_caches[0][0]
-        self.num_kv_heads, num_blocks = k_cache.shape[:2]
+        self.num_kv_heads, self.num_blocks = k_cache.shape[:2]
         self.dtype, device = k_cache.dtype, k_cache.device
         # one copy from the host per step: each row is a request's token, position, slot, context
         # length, then its block table
         self.inputs = torch.zeros(max_batch, TABLE + max_blocks, dtype=torch.long, device=device)
-        self.head_offsets = (torch.arange(self.num_kv_heads, device=device) * num_blocks)[None, :, None]
         self.key_positions = torch.arange(max_blocks * block_size, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # the graphs share one memory pool: they never run at the same time
@@ -73,14 +72,13 @@ class DecodeGraphs:
         inputs = self.inputs[:batch]
         tables = inputs[:, TABLE : TABLE + width]
         visible = self.key_positions[: width * self.block_size] < inputs[:, CONTEXT : CONTEXT + 1]
-        bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
         decode = AttentionGroup(
             token_index=None,
             query_slot=None,
             max_query_len=1,
             chunks=[(0, 1)] * batch,
-            attn_bias=bias[:, None, None, :].expand(-1, self.num_kv_heads, -1, -1).reshape(batch * self.num_kv_heads, 1, 1, -1),
-            own_rows=(self.head_offsets + tables[:, None, :]).flatten(),
+            attn_bias=additive_mask(visible[:, None, :], self.num_kv_heads, self.dtype),
+            own_rows=cache_rows(tables, self.num_kv_heads, self.num_blocks),
         )
         meta = AttentionMetadata(slot_mapping=inputs[:, SLOT].contiguous(), decode=decode, prefill=None)
         hidden = self.model(inputs[:, TOKEN].contiguous(), inputs[:, POSITION].contiguous(), meta, self.kv_caches)

@@ -12,7 +12,7 @@ import torch
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.engine.cuda_graphs import DecodeGraphs
 from framework.kernels import cpu as cpu_kernels
-from framework.layers.attention import AttentionGroup, AttentionMetadata, KernelTables
+from framework.layers.attention import AttentionGroup, AttentionMetadata, KernelTables, additive_mask, cache_rows
 from framework.layers.linear import Linear
 from framework.models.checkpoint import iter_weights, load_hf_config
 from framework.resources.base import KVCacheSpec
@@ -75,8 +75,7 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
     visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
     mask = bias = None
     if max_query_len == 1 or shared:  # the matmul paths add the mask to the scores
-        bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
-        bias = bias[:, None, :, None, :].expand(-1, cache_shape[0], -1, -1, -1).reshape(-1, max_query_len, 1, bias.shape[-1])
+        bias = additive_mask(visible, cache_shape[0], dtype)
     else:  # the prompt chunks pass it to SDPA
         mask = visible.unsqueeze(1)
     return AttentionGroup(
@@ -84,18 +83,9 @@ def _group(members, starts, lengths, first_token, tables, block_size, cache_shap
         attn_mask=None if mask is None else mask.to(device),
         attn_bias=None if bias is None else bias.to(device),
         shared_blocks=shared,
-        own_rows=_cache_rows(block_tables[:, shared:], cache_shape).to(device),
-        shared_rows=_cache_rows(block_tables[:1, :shared], cache_shape).to(device) if shared else None,
+        own_rows=cache_rows(block_tables[:, shared:], *cache_shape[:2]).to(device),
+        shared_rows=cache_rows(block_tables[:1, :shared], *cache_shape[:2]).to(device) if shared else None,
     )
-
-
-def _cache_rows(block_tables: torch.Tensor, cache_shape) -> torch.Tensor:
-    """Rows of the cache seen as `[kv_heads * num_blocks, block_size * head_dim]` that hold the
-    tables' blocks, request by request and head by head: one `index_select` gathers every
-    request's context as `[requests, kv_heads, context, head_dim]`."""
-    num_kv_heads, num_blocks = cache_shape[0], cache_shape[1]
-    heads = torch.arange(num_kv_heads)[None, :, None] * num_blocks
-    return (heads + block_tables[:, None, :]).flatten()
 
 
 def _shared_columns(block_tables: torch.Tensor) -> int:

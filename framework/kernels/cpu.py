@@ -101,6 +101,12 @@ def build() -> Path:
     return library
 
 
+def _packed_size(in_features: int, out_features: int) -> int:
+    """Values in a `pack_linear` weight: every input times the outputs rounded up to whole
+    16-column vectors (linear.cpp's panels)."""
+    return in_features * -(-out_features // 16) * 16
+
+
 def _check(*tensors: torch.Tensor) -> None:
     """The kernels read raw memory: refuse anything but contiguous CPU tensors of one dtype."""
     dtype = tensors[0].dtype
@@ -173,7 +179,7 @@ class CPUKernels:
             return None
         weight = weight.contiguous()
         _check(weight)
-        packed = weight.new_empty(in_features * -(-out_features // 16) * 16)
+        packed = weight.new_empty(_packed_size(in_features, out_features))
         self._fns["pack_linear_weight", weight.dtype](weight.data_ptr(), packed.data_ptr(), in_features, out_features)
         return packed
 
@@ -183,7 +189,7 @@ class CPUKernels:
         in_features = x.shape[-1]
         if x.numel() > LINEAR_MAX_ROWS * in_features or x.dtype != packed.dtype:
             return None
-        if packed.numel() != in_features * -(-out_features // 16) * 16:  # (the kernel would read past it)
+        if packed.numel() != _packed_size(in_features, out_features):  # (the kernel would read past it)
             raise ValueError(f"input of {in_features} features for a weight packed with another shape")
         x = x.contiguous()
         _check(x, *([] if bias is None else [bias]))

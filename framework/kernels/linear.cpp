@@ -1,5 +1,5 @@
-// y = x W^T (+ bias) for up to a few dozen rows of x (decode steps), where oneDNN leaves a third of
-// the machine unused. The weight is repacked once into panels of 48 output columns, each panel
+// y = x W^T (+ bias) for the few rows of a decode step (the caller sends up to LINEAR_MAX_ROWS =
+// 128), where oneDNN leaves a part of the machine unused. The weight is repacked once into panels of 48 output columns, each panel
 // `[in / step][48][step]` with `step` inputs per 32-bit word (1 float32, 2 bfloat16): a panel is
 // read front to back, each word-row loaded as three vectors, and every row of x meets it while it
 // sits in cache. A tile of 8 rows x 48 columns keeps its 24 sums in registers; one row's word is

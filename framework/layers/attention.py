@@ -90,6 +90,22 @@ def gather(cache: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
     return flat.index_select(0, rows).view(batch, num_kv_heads, -1, head_dim)
 
 
+def cache_rows(block_tables: torch.Tensor, num_kv_heads: int, num_blocks: int) -> torch.Tensor:
+    """Rows of the cache seen as `[kv_heads * num_blocks, block_size * head_dim]` that hold the
+    tables' blocks, request by request and head by head: `gather` over them yields every request's
+    context as `[requests, kv_heads, context, head_dim]`."""
+    heads = torch.arange(num_kv_heads, device=block_tables.device)[None, :, None] * num_blocks
+    return (heads + block_tables[:, None, :]).flatten()
+
+
+def additive_mask(visible: torch.Tensor, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """The bool mask `visible` `[b, q, context]` as the matmul paths' `attn_bias`: 0 where visible,
+    -inf elsewhere, `[b * kv_heads, q, 1, context]`."""
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    batch, queries, context = visible.shape
+    return bias[:, None, :, None, :].expand(-1, num_kv_heads, -1, -1, -1).reshape(batch * num_kv_heads, queries, 1, context)
+
+
 def _attend(q, k_cache, v_cache, group: AttentionGroup, scale: float) -> torch.Tensor:
     """Attention of one group's packed queries `[t, heads, head_dim]` over its cached context."""
     if group.shared_blocks == 0:
