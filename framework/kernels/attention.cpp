@@ -100,69 +100,105 @@ struct Tile {
     }
 };
 
-// q . k_t * scale for the tile's 16 keys t (keys past n: anything, masked by the caller)
-template <typename T, int D>
-__attribute__((always_inline)) inline __m512 scores(const Tile<T, D>& tile, const T* q, float scale) {
+// s[r] = q[r] . k_t * scale for R rows and the tile's 16 keys t (keys past n: anything, masked by
+// the caller)
+template <typename T, int D, int R>
+__attribute__((always_inline)) inline void scores(const Tile<T, D>& tile, const T* const* q, float scale, __m512* s) {
     constexpr int WORDS = Tile<T, D>::WORDS;
     if constexpr (Tile<T, D>::TRANSPOSED) {
-        constexpr int CHAINS = WORDS >= 4 ? 4 : WORDS;  // independent chains (WORDS: 8, 16, 32 or 64)
-        __m512 s[CHAINS];
-        for (int c = 0; c < CHAINS; ++c) s[c] = _mm512_setzero_ps();
+        // the rows step through the words together, each key word loaded once for all of them and
+        // R x CHAINS independent sums in flight
+        constexpr int CHAINS = R >= 4 ? 2 : 4;
+        __m512 sum[R][CHAINS];
+        for (int r = 0; r < R; ++r)
+            for (int c = 0; c < CHAINS; ++c) sum[r][c] = _mm512_setzero_ps();
 #pragma GCC unroll 64
         for (int w = 0; w < WORDS; ++w) {
-            int32_t x;
-            std::memcpy(&x, q + w * STEP<T>, 4);
-            s[w % CHAINS] = multiply_add<T>(s[w % CHAINS], _mm512_set1_epi32(x), tile.words[w]);
+            const __m512i key_word = tile.words[w];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                int32_t x;
+                std::memcpy(&x, q[r] + w * STEP<T>, 4);
+                sum[r][w % CHAINS] = multiply_add<T>(sum[r][w % CHAINS], _mm512_set1_epi32(x), key_word);
+            }
         }
-        for (int c = 1; c < CHAINS; ++c) s[0] = _mm512_add_ps(s[0], s[c]);
-        return _mm512_mul_ps(s[0], _mm512_set1_ps(scale));
+        for (int r = 0; r < R; ++r) {
+            for (int c = 1; c < CHAINS; ++c) sum[r][0] = _mm512_add_ps(sum[r][0], sum[r][c]);
+            s[r] = _mm512_mul_ps(sum[r][0], _mm512_set1_ps(scale));
+        }
     } else {
         constexpr int VECTORS = (WORDS + LANES - 1) / LANES;
         constexpr int reversed[LANES] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
         const __mmask16 tail = first(WORDS - (VECTORS - 1) * LANES);
-        __m512i x[VECTORS];
-        for (int c = 0; c < VECTORS; ++c)
-            x[c] = _mm512_maskz_loadu_epi32(c + 1 < VECTORS ? __mmask16(0xffff) : tail, (const uint32_t*)q + c * LANES);
-        __m512 partial[LANES];  // key t's products, in lane sums, at reversed[t]: sum_each puts t back
+        for (int r = 0; r < R; ++r) {
+            __m512i x[VECTORS];
+            for (int c = 0; c < VECTORS; ++c)
+                x[c] = _mm512_maskz_loadu_epi32(c + 1 < VECTORS ? __mmask16(0xffff) : tail, (const uint32_t*)q[r] + c * LANES);
+            __m512 partial[LANES];  // key t's products, in lane sums, at reversed[t]: sum_each puts t back
 #pragma GCC unroll 16
-        for (int t = 0; t < LANES; ++t) {
-            __m512 dot = _mm512_setzero_ps();
-            if (t < tile.n)  // (keys past n: never read)
-                for (int c = 0; c < VECTORS; ++c) {
-                    const auto* k = (const uint32_t*)(tile.keys + t * D) + c * LANES;
-                    dot = multiply_add<T>(dot, x[c], _mm512_maskz_loadu_epi32(c + 1 < VECTORS ? __mmask16(0xffff) : tail, k));
-                }
-            partial[reversed[t]] = dot;
+            for (int t = 0; t < LANES; ++t) {
+                __m512 dot = _mm512_setzero_ps();
+                if (t < tile.n)  // (keys past n: never read)
+                    for (int c = 0; c < VECTORS; ++c) {
+                        const auto* k = (const uint32_t*)(tile.keys + t * D) + c * LANES;
+                        dot = multiply_add<T>(dot, x[c], _mm512_maskz_loadu_epi32(c + 1 < VECTORS ? __mmask16(0xffff) : tail, k));
+                    }
+                partial[reversed[t]] = dot;
+            }
+            s[r] = _mm512_mul_ps(sum_each(partial), _mm512_set1_ps(scale));
         }
-        return _mm512_mul_ps(sum_each(partial), _mm512_set1_ps(scale));
     }
+}
+
+// e^x in place for R vectors of finite x <= 88 (a tile's scores less the reference maximum), the R
+// computations interleaved step by step: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-7
+// Taylor polynomial in fused multiply-adds, times 2^k by `vscalefps` (0 for k far below the float
+// range, so no clamp)
+template <int R>
+__attribute__((always_inline)) inline void exp_rows(__m512* x) {
+    __m512 k[R], r[R], p[R];
+    for (int i = 0; i < R; ++i) k[i] = _mm512_roundscale_ps(_mm512_mul_ps(x[i], _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(0.693145752f), x[i]);
+    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(1.42860677e-6f), r[i]);
+    for (int i = 0; i < R; ++i) p[i] = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 5040), r[i], _mm512_set1_ps(1.f / 720));
+    const float c[] = {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+    for (float ci : c)
+        for (int i = 0; i < R; ++i) p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(ci));
+    for (int i = 0; i < R; ++i) x[i] = _mm512_scalef_ps(p[i], k[i]);
 }
 
 // R query rows meet a tile: row r (q[r], D values) sees its first count[r] keys and takes them into
 // its reference maximum m[r], sums of weights l[r] (16 lanes) and weighted sum of values acc[r]
-// (D floats). The rows go together so that their independent chains overlap, and each value row
-// is loaded once for all.
+// (D floats). The rows go through each phase together, so that their independent chains overlap,
+// and each value row is loaded once for all.
 template <typename T, int D, int R>
 __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, const T* const* q, const int* count,
                                                        float scale, float* const* m, float* const* l, float* const* acc) {
+    __m512 s[R];
+    scores<T, D, R>(tile, q, scale, s);
     float p[R][LANES];
     float rescale[R];
+    __mmask16 valid[R];
     int longest = 0;
+    __m512 e[R];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-        const __m512 s = scores(tile, q[r], scale);
-        const __mmask16 valid = first(count[r]);
+        valid[r] = first(count[r]);
         rescale[r] = 1.f;
-        if (_mm512_mask_cmp_ps_mask(valid, s, _mm512_set1_ps(*m[r] + LAZY), _CMP_GT_OQ)) {  // (always at first)
-            const float m_new = std::max(*m[r], _mm512_mask_reduce_max_ps(valid, s));
+        if (_mm512_mask_cmp_ps_mask(valid[r], s[r], _mm512_set1_ps(*m[r] + LAZY), _CMP_GT_OQ)) {  // (always at first)
+            const float m_new = std::max(*m[r], _mm512_mask_reduce_max_ps(valid[r], s[r]));
             rescale[r] = *m[r] == -INFINITY ? 0.f : exp_approx(*m[r] - m_new);
             *m[r] = m_new;
         }
-        const __m512 e = (__m512)exp_approx((f32x16)_mm512_sub_ps(s, _mm512_set1_ps(*m[r])));
-        const __m512 probs = _mm512_maskz_mov_ps(valid, e);  // exactly 0 past count[r]
+        e[r] = _mm512_sub_ps(s[r], _mm512_set1_ps(*m[r]));
+        longest = std::max(longest, count[r]);
+    }
+    exp_rows<R>(e);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+        const __m512 probs = _mm512_maskz_mov_ps(valid[r], e[r]);  // exactly 0 past count[r]
         _mm512_storeu_ps(p[r], probs);
         _mm512_storeu_ps(l[r], _mm512_fmadd_ps(_mm512_loadu_ps(l[r]), _mm512_set1_ps(rescale[r]), probs));
-        longest = std::max(longest, count[r]);
     }
     __m512 sums[R][D / LANES];
 #pragma GCC unroll 16
@@ -183,10 +219,11 @@ __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, c
         for (int z = 0; z < D / LANES; ++z) _mm512_storeu_ps(acc[r] + z * LANES, sums[r][z]);
 }
 
-// Query rows gathered for `attend_tile`, run four at a time.
+// Query rows gathered for `attend_tile`, run six at a time (their D / 16 value sums each stay in
+// registers: three at a time for wider heads).
 template <typename T, int D>
 struct RowBatch {
-    static constexpr int ROWS = 4;
+    static constexpr int ROWS = D <= 64 ? 6 : 3;
     const T* q[ROWS];
     int count[ROWS];
     float *m[ROWS], *l[ROWS], *acc[ROWS];
@@ -198,13 +235,14 @@ struct RowBatch {
     }
 
     void run(const Tile<T, D>& tile, float scale) {
-        switch (size) {
-            case 1: attend_tile<T, D, 1>(tile, q, count, scale, m, l, acc); break;
-            case 2: attend_tile<T, D, 2>(tile, q, count, scale, m, l, acc); break;
-            case 3: attend_tile<T, D, 3>(tile, q, count, scale, m, l, acc); break;
-            case 4: attend_tile<T, D, 4>(tile, q, count, scale, m, l, acc); break;
-        }
+        if (size > 0) run_rows<1>(tile, scale);
         size = 0;
+    }
+
+    template <int R>
+    void run_rows(const Tile<T, D>& tile, float scale) {
+        if (size == R) attend_tile<T, D, R>(tile, q, count, scale, m, l, acc);
+        else if constexpr (R < ROWS) run_rows<R + 1>(tile, scale);
     }
 };
 
