@@ -56,6 +56,7 @@ class EngineConfig:
     cpu_kernels: bool = True  # on CPU, C++ kernels for attention, decode-step linear, fused norm/RoPE/SwiGLU
     cuda_graphs: bool = True  # on CUDA, replay decode-only steps from CUDA graphs (one per padded batch/width)
     cuda_graph_max_batch: int = 128  # larger decode steps run eagerly
+    cpu_graphs: bool = True  # on CPU with the kernels, replay decode-only steps from recorded kernel calls
 
 
 @dataclass

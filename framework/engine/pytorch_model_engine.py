@@ -10,6 +10,7 @@ import threading
 import torch
 
 from framework.engine.base import ForwardOutput, ModelEngine
+from framework.engine.cpu_graphs import CPUDecodeGraphs
 from framework.engine.cuda_graphs import DecodeGraphs
 from framework.kernels import cpu as cpu_kernels
 from framework.layers.attention import AttentionGroup, AttentionMetadata, KernelTables, additive_mask, cache_rows
@@ -137,6 +138,8 @@ class PyTorchModelEngine(ModelEngine):
         self.use_cuda_graphs = engine_config.cuda_graphs and self.device.type == "cuda"
         self.cuda_graph_max_batch = engine_config.cuda_graph_max_batch
         self.decode_graphs: DecodeGraphs | None = None  # made at the first decode step (it needs the caches)
+        self.use_cpu_graphs = engine_config.cpu_graphs and self.cpu_kernels is not None
+        self.cpu_graphs: CPUDecodeGraphs | None = None  # likewise
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(
@@ -205,9 +208,7 @@ class PyTorchModelEngine(ModelEngine):
 
     def _graph_step(self, scheduled, kv) -> torch.Tensor | None:
         """Logits of a decode-only step (every request adds its last token and samples) from the
-        CUDA graphs; None where the step is not one or does not fit them."""
-        if not all(r.num_scheduled_tokens == 1 and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled):
-            return None
+        CUDA graphs; None where the step does not fit them."""
         tables = [kv.get_block_table(r) for r in scheduled]
         if self.decode_graphs is None or self.decode_graphs.kv_caches is not kv.get_kv_caches():
             max_blocks = -(-self.max_model_len // kv.block_size)
@@ -221,14 +222,28 @@ class PyTorchModelEngine(ModelEngine):
         tokens = [r.tokens(p, p + 1)[0] for r, p in zip(scheduled, positions)]
         return self.decode_graphs.run(tokens, positions, tables)
 
+    def _cpu_graph_step(self, input_ids, positions, meta, kv) -> torch.Tensor:
+        """Logits of a decode-only step with the CPU kernels, through the recorded CPU graphs."""
+        caches = kv.get_kv_caches()
+        if self.cpu_graphs is None or self.cpu_graphs.kv_caches is not caches:
+            self.cpu_graphs = CPUDecodeGraphs(self.cpu_kernels, caches)
+        tables = meta.kernel_tables
+        key = (len(input_ids), tables.block_tables.shape[1], tables.shared_blocks)
+        inputs = [input_ids, positions, meta.slot_mapping, tables.block_tables, tables.query_lens, tables.context_lens]
+        logits = self.cpu_graphs.run(key, lambda: self.model.compute_logits(self.model(input_ids, positions, meta, caches)), inputs)
+        return logits.to(torch.float32, copy=True)  # (the next replay overwrites the graph's output)
+
     @torch.inference_mode()
     def forward(self, scheduled, resource_manager):
         kv = resource_manager.kv_cache_manager
-        if self.use_cuda_graphs:
+        decode_only = all(r.num_scheduled_tokens == 1 and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled)
+        if self.use_cuda_graphs and decode_only:
             logits = self._graph_step(scheduled, kv)
             if logits is not None:
                 return ForwardOutput(logits=logits, sampled=list(scheduled), prompt_logits=[])
         input_ids, positions, meta, sample_index, sampled, chunk_ranges = self.prepare_inputs(scheduled, kv)
+        if self.use_cpu_graphs and decode_only:
+            return ForwardOutput(logits=self._cpu_graph_step(input_ids, positions, meta, kv), sampled=sampled, prompt_logits=[])
         hidden = self.model(input_ids, positions, meta, kv.get_kv_caches())
         logits = self.model.compute_logits(hidden[sample_index]).float()
         prompt_logits = [

@@ -118,6 +118,7 @@ def _check(*tensors: torch.Tensor) -> None:
 class CPUKernels:
     def __init__(self, library: Path):
         self.library = ctypes.CDLL(str(library))
+        self.tape = None  # while a step is recorded (framework/engine/cpu_graphs.py): its kernel calls go here too
         self._fns = {}
         for name, (argtypes, restype) in SIGNATURES.items():
             for dtype, suffix in SUFFIXES.items():
@@ -142,9 +143,9 @@ class CPUKernels:
         if block_tables.dtype != torch.int32:
             raise ValueError("attention needs int32 block tables, query and context lengths")
         out = torch.empty_like(q)
-        status = self._fns["paged_attention", q.dtype](
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
-            block_tables.data_ptr(), query_lens.data_ptr(), context_lens.data_ptr(),
+        status = self._call(
+            self._fns["paged_attention", q.dtype],
+            (q, k_cache, v_cache, out, block_tables, query_lens, context_lens),
             block_tables.shape[0], q.shape[1], num_kv_heads, num_blocks, block_size, head_dim, block_tables.shape[1],
             shared_blocks, scale,
         )
@@ -157,10 +158,7 @@ class CPUKernels:
         _check(x, weight, *([] if residual is None else [residual]))
         out = torch.empty_like(x)
         hidden = x.shape[-1]
-        self._fns["add_rms_norm", x.dtype](
-            x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), out.data_ptr(),
-            x.numel() // hidden, hidden, eps,
-        )
+        self._call(self._fns["add_rms_norm", x.dtype], (x, residual, weight, out), x.numel() // hidden, hidden, eps)
         return out
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -168,7 +166,7 @@ class CPUKernels:
         _check(gate_up)
         width = gate_up.shape[-1] // 2
         out = gate_up.new_empty(*gate_up.shape[:-1], width)
-        self._fns["silu_and_mul", gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width), width)
+        self._call(self._fns["silu_and_mul", gate_up.dtype], (gate_up, out), gate_up.numel() // (2 * width), width)
         return out
 
     def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | None:
@@ -194,10 +192,7 @@ class CPUKernels:
         x = x.contiguous()
         _check(x, *([] if bias is None else [bias]))
         out = x.new_empty(*x.shape[:-1], out_features)
-        self._fns["packed_linear", x.dtype](
-            x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-            x.numel() // in_features, in_features, out_features,
-        )
+        self._call(self._fns["packed_linear", x.dtype], (x, packed, bias, out), x.numel() // in_features, in_features, out_features)
         return out
 
     def rope_and_cache(self, qkv, cos_sin, k_cache, v_cache, slots, num_heads: int, num_kv_heads: int) -> None:
@@ -207,10 +202,18 @@ class CPUKernels:
         if slots.dtype != torch.int64 or not slots.is_contiguous():
             raise ValueError("rope_and_cache needs contiguous int64 slots")
         num_tokens, head_dim = qkv.shape[0], cos_sin.shape[-1]
-        self._fns["rope_and_cache", qkv.dtype](
-            qkv.data_ptr(), cos_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+        self._call(
+            self._fns["rope_and_cache", qkv.dtype], (qkv, cos_sin, k_cache, v_cache, slots),
             num_tokens, num_heads, num_kv_heads, head_dim, k_cache[0].numel() // head_dim,
         )
+
+    def _call(self, fn, tensors, *sizes):
+        """`fn` on the tensors' memory (None for a missing one), then the sizes; a recording tape
+        keeps the call with the tensors (so that their memory stays theirs)."""
+        args = (*(None if t is None else t.data_ptr() for t in tensors), *sizes)
+        if self.tape is not None:
+            self.tape.add_kernel(fn, args, tensors)
+        return fn(*args)
 
 
 _loaded: dict[str, CPUKernels | None] = {}

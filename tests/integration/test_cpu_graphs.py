@@ -1,0 +1,128 @@
+"""Decode steps replayed from recorded CPU graphs (framework/engine/cpu_graphs.py): a replay
+computes from the new inputs, a step whose effects a replay cannot repeat is never replayed, and
+the engine's outputs are the same with the graphs as without."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from framework import LLM, SamplingParams
+from framework.engine.cpu_graphs import CPUDecodeGraphs, CPUGraph, record
+from framework.kernels import cpu
+from tests.conftest import GREEDY, random_prompts
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    loaded = cpu.load()
+    assert loaded is not None, "the C++ kernels did not build on this machine (see the log)"
+    return loaded
+
+
+def test_a_replay_recomputes_kernels_and_torch_ops_from_new_inputs(kernels):
+    x = torch.randn(4, 64)
+    weight = torch.randn(32)
+
+    def step():
+        h = kernels.silu_and_mul(x * 2)  # a PyTorch op, then a kernel on its output
+        return kernels.rms_norm(h.view(4, 32), weight, 1e-6)  # a view, then a kernel
+
+    graph = record(kernels, step, [x])
+    assert graph.replayable
+    assert [e[0] for e in graph.entries] == ["torch", "kernel", "kernel"]  # the view is not an entry
+    assert torch.equal(graph.output, step())
+
+    fresh = torch.randn(4, 64)
+    expected = kernels.rms_norm(kernels.silu_and_mul(fresh * 2), weight, 1e-6)
+    out = graph.replay([fresh])
+    assert out.data_ptr() == graph.output.data_ptr()  # the graph's own output, overwritten
+    assert torch.equal(out, expected)
+    assert torch.equal(x, fresh)  # the recorded input now holds the new one
+
+
+def test_in_place_ops_are_replayed(kernels):
+    x = torch.zeros(8)
+    graph = record(kernels, lambda: x.add_(1), [])
+    assert [e[0] for e in graph.entries] == ["torch"]
+    graph.replay([])
+    assert torch.equal(x, torch.full((8,), 2.0))
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        lambda x: x * torch.tensor([1.0, 2.0]),  # a tensor made from Python data
+        lambda x: x * float(x.sum()),  # a value read back into Python
+    ],
+    ids=["tensor-from-python", "item"],
+)
+def test_a_step_a_replay_cannot_repeat_is_run_eagerly(kernels, step):
+    x = torch.ones(2)
+    graph = record(kernels, lambda: step(x), [x])
+    assert not graph.replayable
+
+    graphs = CPUDecodeGraphs(kernels, kv_caches=None)
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return step(x)
+
+    for _ in range(4):
+        graphs.run(("key",), counted, [x])
+    assert graphs.graphs[("key",)] is None
+    assert len(calls) == 4  # every step ran as it is
+
+
+def test_a_key_is_recorded_the_second_time_in_a_row_and_the_oldest_dropped(kernels):
+    x = torch.ones(3)
+    graphs = CPUDecodeGraphs(kernels, kv_caches=None, capacity=2)
+    calls = []
+
+    def step():
+        calls.append(1)
+        return x * 3
+
+    graphs.run("a", step, [x])
+    graphs.run("b", step, [x])  # a key seen once, then another: nothing recorded
+    assert not graphs.graphs
+    graphs.run("b", step, [x])  # second in a row: recorded (and run for real)
+    assert list(graphs.graphs) == ["b"] and len(calls) == 3
+    assert torch.equal(graphs.run("b", step, [torch.full((3,), 2.0)]), torch.full((3,), 6.0))
+    assert len(calls) == 3  # replayed: `step` itself did not run
+    for key in ("c", "c", "d", "d"):
+        graphs.run(key, step, [x])
+    assert list(graphs.graphs) == ["c", "d"]  # capacity 2: "b" dropped
+
+
+def _generate(llm, prompts, max_tokens):
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in max_tokens]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_outputs_are_the_same_with_the_graphs(tiny_dir, dtype, monkeypatch):
+    options = {"kv_cache.max_tokens": 4096, "kv_cache.block_size": 8, "model.dtype": dtype}
+    # requests finishing at different steps (the batch shrinks), contexts crossing blocks, two
+    # sharing a prefix
+    prefix = random_prompts([24], seed=8)[0]
+    prompts = random_prompts([3, 9, 17, 30], seed=7) + [prefix + [5, 6], prefix + [7]]
+    max_tokens = [20, 6, 13, 9, 12, 12]
+    expected = _generate(LLM(str(tiny_dir), **options, **{"engine.cpu_graphs": False}), prompts, max_tokens)
+
+    llm = LLM(str(tiny_dir), **options)
+    engine = llm.executor.model_engine
+    assert engine.use_cpu_graphs  # the default where the kernels run
+    replays = []
+    original = CPUGraph.replay
+    monkeypatch.setattr(CPUGraph, "replay", lambda self, inputs: replays.append(1) or original(self, inputs))
+    assert _generate(llm, prompts, max_tokens) == expected
+    assert len(replays) >= 5
+    kv = llm.executor.kv_cache_manager
+    assert kv.num_free_blocks == kv.get_max_resource_count()
+
+
+def test_graphs_are_off_without_the_kernels_or_when_asked(tiny_dir):
+    assert not LLM(str(tiny_dir), **{"engine.cpu_kernels": False}).executor.model_engine.use_cpu_graphs
+    assert not LLM(str(tiny_dir), **{"engine.cpu_graphs": False}).executor.model_engine.use_cpu_graphs
