@@ -13,6 +13,7 @@
 //
 // Layouts (all contiguous):
 //   q, out        [tokens, num_heads, head_dim]: each request's tokens in a run, requests in order
+//                 (q's tokens `q_stride` values apart: it may be a slice of a fused QKV output)
 //   k/v cache     [num_kv_heads, num_blocks, block_size, head_dim]
 //   block_tables  [batch, max_blocks] int32; query_lens, context_lens [batch] int32 (a request's
 //                 last query sees context_len positions)
@@ -251,6 +252,7 @@ struct Step {
     using Batch = RowBatch<T, D>;
     const T *q, *k_cache, *v_cache;
     T* out;
+    int64_t q_stride;
     int num_heads, num_kv_heads, num_blocks, block_size;
     float scale;
     std::vector<int> position;  // [tokens] absolute position of each query token
@@ -283,7 +285,7 @@ struct Step {
                     const int count = std::min(n, position[t] - key0 + 1);
                     for (int g = 0; count > 0 && g < group; ++g) {
                         const int64_t row = int64_t(t) * num_heads + h * group + g;
-                        rows.add(q + row * D, count, &m[row], l.data() + row * LANES, acc.data() + row * D);
+                        rows.add(q + t * q_stride + (h * group + g) * D, count, &m[row], l.data() + row * LANES, acc.data() + row * D);
                         if (rows.size == Batch::ROWS) rows.run(tile, scale);
                     }
                 }
@@ -304,10 +306,10 @@ struct Step {
 };
 
 template <typename T, int D>
-void attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
+void attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
                const int32_t* query_lens, const int32_t* context_lens, int batch, int num_heads, int num_kv_heads,
                int num_blocks, int block_size, int max_blocks, int shared_blocks, float scale) {
-    Step<T, D> step{q, k_cache, v_cache, out, num_heads, num_kv_heads, num_blocks, block_size, scale};
+    Step<T, D> step{q, k_cache, v_cache, out, q_stride, num_heads, num_kv_heads, num_blocks, block_size, scale};
     std::vector<int> first_token(batch + 1, 0);
     for (int b = 0; b < batch; ++b) first_token[b + 1] = first_token[b] + query_lens[b];
     const int tokens = first_token[batch];
@@ -347,13 +349,13 @@ void attention(const T* q, const T* k_cache, const T* v_cache, T* out, const int
 }
 
 template <typename T>
-int dispatch(const T* q, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
+int dispatch(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, T* out, const int32_t* block_tables,
              const int32_t* query_lens, const int32_t* context_lens, int batch, int num_heads, int num_kv_heads,
              int num_blocks, int block_size, int head_dim, int max_blocks, int shared_blocks, float scale) {
     if (num_heads % num_kv_heads != 0) return -1;
 #define FRAMEWORK_HEAD_DIM(D)                                                                                     \
     case D:                                                                                                     \
-        attention<T, D>(q, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads,      \
+        attention<T, D>(q, q_stride, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads,      \
                         num_kv_heads, num_blocks, block_size, max_blocks, shared_blocks, scale);                 \
         return 0;
     switch (head_dim) {
@@ -370,6 +372,7 @@ int dispatch(const T* q, const T* k_cache, const T* v_cache, T* out, const int32
 
 }  // namespace
 
+// q_stride: values from one token's queries to the next (num_heads * head_dim when q is contiguous).
 // Return 0, or -1 (nothing written) for a shape or CPU the kernel does not cover (it needs
 // AVX-512, and AVX512-BF16 for bfloat16).
 extern "C" {
@@ -377,9 +380,9 @@ extern "C" {
 int paged_attention_f32(const float* q, const float* k_cache, const float* v_cache, float* out,
                         const int32_t* block_tables, const int32_t* query_lens, const int32_t* context_lens, int batch,
                         int num_heads, int num_kv_heads, int num_blocks, int block_size, int head_dim, int max_blocks,
-                        int shared_blocks, float scale) {
+                        int shared_blocks, float scale, int64_t q_stride) {
 #if defined(__AVX512F__)
-    return dispatch(q, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads, num_kv_heads,
+    return dispatch(q, q_stride, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads, num_kv_heads,
                     num_blocks, block_size, head_dim, max_blocks, shared_blocks, scale);
 #else
     return -1;
@@ -389,9 +392,9 @@ int paged_attention_f32(const float* q, const float* k_cache, const float* v_cac
 int paged_attention_bf16(const bf16* q, const bf16* k_cache, const bf16* v_cache, bf16* out,
                          const int32_t* block_tables, const int32_t* query_lens, const int32_t* context_lens, int batch,
                          int num_heads, int num_kv_heads, int num_blocks, int block_size, int head_dim, int max_blocks,
-                         int shared_blocks, float scale) {
+                         int shared_blocks, float scale, int64_t q_stride) {
 #if defined(__AVX512BF16__)
-    return dispatch(q, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads, num_kv_heads,
+    return dispatch(q, q_stride, k_cache, v_cache, out, block_tables, query_lens, context_lens, batch, num_heads, num_kv_heads,
                     num_blocks, block_size, head_dim, max_blocks, shared_blocks, scale);
 #else
     return -1;

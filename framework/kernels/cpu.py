@@ -37,7 +37,7 @@ HEAD_DIMS = (16, 32, 64, 128)  # attention's compiled head sizes (`dispatch`)
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {  # C function (without its dtype suffix): argument types
-    "paged_attention": ([_P] * 7 + [_I] * 8 + [_F], _I),
+    "paged_attention": ([_P] * 7 + [_I] * 8 + [_F, _L], _I),
     "add_rms_norm": ([_P] * 4 + [_I, _I, _F], None),
     "silu_and_mul": ([_P, _P, _I, _I], None),
     "rope_and_cache": ([_P] * 5 + [_I] * 4 + [_L], None),
@@ -135,19 +135,23 @@ class CPUKernels:
         """Causal attention of a step's packed queries `q` `[tokens, heads, d]` (each request's run of
         `query_lens[i]` tokens, the last of which sees `context_lens[i]` positions) over the caches
         `[kv_heads, blocks, block_size, d]`; `block_tables` `[b, max_blocks]`, all three int32. The
-        first `shared_blocks` table columns must hold the same blocks in every row. Returns `[tokens, heads, d]`."""
-        q = q.contiguous()
+        first `shared_blocks` table columns must hold the same blocks in every row. `q` may be a
+        slice of a wider row (each token's heads contiguous). Returns `[tokens, heads, d]` (contiguous)."""
         num_kv_heads, num_blocks, block_size, head_dim = k_cache.shape
-        _check(q, k_cache, v_cache)
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            q = q.contiguous()
+        _check(k_cache, v_cache)
+        if q.dtype != k_cache.dtype or not q.is_cpu:
+            raise ValueError("CPU kernels need CPU tensors of one dtype")
         _check(block_tables, query_lens, context_lens)
         if block_tables.dtype != torch.int32:
             raise ValueError("attention needs int32 block tables, query and context lengths")
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape)
         status = self._call(
             self._fns["paged_attention", q.dtype],
             (q, k_cache, v_cache, out, block_tables, query_lens, context_lens),
             block_tables.shape[0], q.shape[1], num_kv_heads, num_blocks, block_size, head_dim, block_tables.shape[1],
-            shared_blocks, scale,
+            shared_blocks, scale, q.stride(0),
         )
         if status != 0:
             raise ValueError(f"attention does not cover {q.shape[1]} heads / {num_kv_heads} KV heads of {head_dim} in {q.dtype} here")

@@ -111,6 +111,17 @@ def test_a_shared_prefix_longer_than_a_rows_context_stays_causal(kernels):
     torch.testing.assert_close(attend(kernels, case, 0.125, shared=5).double(), reference(*case, 0.125), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_queries_may_be_a_slice_of_a_wider_row(kernels, dtype):
+    q, *rest = random_case(dtype, 64, seed=4)
+    qkv = torch.cat([q.flatten(1), torch.randn(len(q), 2 * 64, dtype=dtype)], dim=1)  # as in a fused QKV output
+    sliced = qkv[:, : q[0].numel()].view(q.shape)
+    assert not sliced.is_contiguous()
+    out = kernels.attention(sliced, *rest, 0, 0.125)
+    assert out.is_contiguous()
+    assert torch.equal(out, kernels.attention(q, *rest, 0, 0.125))
+
+
 def test_softmax_is_stable_for_large_scores(kernels):
     q, *rest = random_case(torch.float32, 64, seed=2)
     out = kernels.attention(q * 300, *rest, 0, 1.0)  # scores in the thousands
