@@ -92,12 +92,8 @@ def record(kernels, step, inputs: list[torch.Tensor]) -> CPUGraph:
     """Run `step()` (which reads `inputs` and returns a tensor) once for real, recording it."""
     graph = CPUGraph()
     graph.inputs = inputs
-    kernels.tape = graph
-    try:
-        with _Recorder(graph):
-            graph.output = step()
-    finally:
-        kernels.tape = None
+    with kernels.recording(graph), _Recorder(graph):
+        graph.output = step()
     return graph
 
 

@@ -15,6 +15,7 @@ fails, `load()` returns None and callers keep their PyTorch paths.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -22,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -115,10 +117,14 @@ def _check(*tensors: torch.Tensor) -> None:
             raise ValueError("CPU kernels need contiguous CPU tensors of one dtype")
 
 
+class _Recording(threading.local):
+    graph = None  # the CPU graph being recorded on this thread, if any
+
+
 class CPUKernels:
     def __init__(self, library: Path):
         self.library = ctypes.CDLL(str(library))
-        self.tape = None  # while a step is recorded (framework/engine/cpu_graphs.py): its kernel calls go here too
+        self._recording = _Recording()
         self._fns = {}
         for name, (argtypes, restype) in SIGNATURES.items():
             for dtype, suffix in SUFFIXES.items():
@@ -211,12 +217,22 @@ class CPUKernels:
             num_tokens, num_heads, num_kv_heads, head_dim, k_cache[0].numel() // head_dim,
         )
 
+    @contextlib.contextmanager
+    def recording(self, graph):
+        """Within it, this thread's kernel calls also go to `graph.add_kernel` (framework/engine/cpu_graphs.py)."""
+        self._recording.graph = graph
+        try:
+            yield
+        finally:
+            self._recording.graph = None
+
     def _call(self, fn, tensors, *sizes):
-        """`fn` on the tensors' memory (None for a missing one), then the sizes; a recording tape
+        """`fn` on the tensors' memory (None for a missing one), then the sizes; a recording graph
         keeps the call with the tensors (so that their memory stays theirs)."""
         args = (*(None if t is None else t.data_ptr() for t in tensors), *sizes)
-        if self.tape is not None:
-            self.tape.add_kernel(fn, args, tensors)
+        graph = self._recording.graph
+        if graph is not None:
+            graph.add_kernel(fn, args, tensors)
         return fn(*args)
 
 

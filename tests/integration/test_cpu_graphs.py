@@ -4,6 +4,8 @@ the engine's outputs are the same with the graphs as without."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -39,6 +41,19 @@ def test_a_replay_recomputes_kernels_and_torch_ops_from_new_inputs(kernels):
     assert out.data_ptr() == graph.output.data_ptr()  # the graph's own output, overwritten
     assert torch.equal(out, expected)
     assert torch.equal(x, fresh)  # the recorded input now holds the new one
+
+
+def test_a_recording_takes_only_its_own_threads_work(kernels):
+    x, other = torch.randn(4, 64), torch.randn(4, 64)
+
+    def step():
+        beside = threading.Thread(target=lambda: kernels.silu_and_mul(other * 2))
+        beside.start()
+        beside.join()
+        return kernels.silu_and_mul(x)
+
+    graph = record(kernels, step, [x])
+    assert [e[0] for e in graph.entries] == ["kernel"]
 
 
 def test_in_place_ops_are_replayed(kernels):
