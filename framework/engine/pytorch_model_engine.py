@@ -236,7 +236,9 @@ class PyTorchModelEngine(ModelEngine):
     @torch.inference_mode()
     def forward(self, scheduled, resource_manager):
         kv = resource_manager.kv_cache_manager
-        decode_only = all(r.num_scheduled_tokens == 1 and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled)
+        decode_only = (self.use_cuda_graphs or self.use_cpu_graphs) and all(
+            r.num_scheduled_tokens == 1 and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled
+        )
         if self.use_cuda_graphs and decode_only:
             logits = self._graph_step(scheduled, kv)
             if logits is not None:

@@ -11,7 +11,7 @@
 // attended once by all the requests' rows together, each of their tiles laid out once per step
 // instead of once per request; then each request attends to its own blocks.
 //
-// Layouts (all contiguous):
+// Layouts (contiguous but for q):
 //   q, out        [tokens, num_heads, head_dim]: each request's tokens in a run, requests in order
 //                 (q's tokens `q_stride` values apart: it may be a slice of a fused QKV output)
 //   k/v cache     [num_kv_heads, num_blocks, block_size, head_dim]
@@ -152,19 +152,17 @@ __attribute__((always_inline)) inline void scores(const Tile<T, D>& tile, const 
 }
 
 // e^x in place for R vectors of finite x <= 88 (a tile's scores less the reference maximum), the R
-// computations interleaved step by step: x = k ln2 + r with |r| <= ln2 / 2, e^r by its degree-7
-// Taylor polynomial in fused multiply-adds, times 2^k by `vscalefps` (0 for k far below the float
-// range, so no clamp)
+// computations interleaved step by step: common.h's polynomial in fused multiply-adds, times 2^k by
+// `vscalefps` (0 for k far below the float range, so no clamp)
 template <int R>
 __attribute__((always_inline)) inline void exp_rows(__m512* x) {
     __m512 k[R], r[R], p[R];
-    for (int i = 0; i < R; ++i) k[i] = _mm512_roundscale_ps(_mm512_mul_ps(x[i], _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(0.693145752f), x[i]);
-    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(1.42860677e-6f), r[i]);
-    for (int i = 0; i < R; ++i) p[i] = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 5040), r[i], _mm512_set1_ps(1.f / 720));
-    const float c[] = {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
-    for (float ci : c)
-        for (int i = 0; i < R; ++i) p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(ci));
+    for (int i = 0; i < R; ++i) k[i] = _mm512_roundscale_ps(_mm512_mul_ps(x[i], _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT);
+    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(LN2_HIGH), x[i]);
+    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(LN2_LOW), r[i]);
+    for (int i = 0; i < R; ++i) p[i] = _mm512_set1_ps(EXP_TAYLOR[0]);
+    for (int c = 1; c < 8; ++c)
+        for (int i = 0; i < R; ++i) p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(EXP_TAYLOR[c]));
     for (int i = 0; i < R; ++i) x[i] = _mm512_scalef_ps(p[i], k[i]);
 }
 

@@ -102,24 +102,23 @@ inline float pow2(float k) {
 }
 inline f32x16 pow2(f32x16 k) { return (f32x16)((__builtin_convertvector(k, i32x16) + 127) << 23); }
 
-// e^x within a few ulp (clamped to [-87, 88]), for a float or 16 at once: x = k ln2 + r with
-// |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial, times 2^k. Plain arithmetic, so loops
-// over the float version vectorize too.
+// e^x = 2^k e^r with x = k ln2 + r, |r| <= ln2 / 2: log2(e), ln2 split in two (so that r stays
+// exact), and e^r's degree-7 Taylor coefficients from the highest power down (exp_approx here, the
+// attention kernel's exp_rows)
+constexpr float LOG2E = 1.44269504f, LN2_HIGH = 0.693145752f, LN2_LOW = 1.42860677e-6f;
+constexpr float EXP_TAYLOR[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+
+// e^x within a few ulp (clamped to [-87, 88]), for a float or 16 at once, times 2^k. Plain
+// arithmetic, so loops over the float version vectorize too.
 template <typename V>
 __attribute__((always_inline)) inline V exp_approx(V x) {
     const V zero = V{};
     x = lesser(greater(x, zero - 87.0f), zero + 88.0f);
     const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and removing it rounds to an integer
-    const V k = (x * 1.44269504f + shifter) - shifter;
-    const V r = (x - k * 0.693145752f) - k * 1.42860677e-6f;  // ln2 split in two: r stays exact
-    V p = zero + 1.f / 5040;
-    p = p * r + 1.f / 720;
-    p = p * r + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
+    const V k = (x * LOG2E + shifter) - shifter;
+    const V r = (x - k * LN2_HIGH) - k * LN2_LOW;
+    V p = zero + EXP_TAYLOR[0];
+    for (int i = 1; i < 8; ++i) p = p * r + EXP_TAYLOR[i];
     return p * pow2(k);
 }
 
