@@ -19,6 +19,7 @@
 //                 last query sees context_len positions)
 // Query heads h * group .. h * group + group - 1 share KV head h (grouped-query attention).
 
+#include <atomic>
 #include <vector>
 
 #include "common.h"
@@ -28,7 +29,11 @@ namespace {
 using namespace framework;
 
 constexpr int ROWS_PER_TASK = 16;  // query tokens handed to a thread at a time
-constexpr int PREFETCH = 1;  // blocks read ahead
+// Blocks lie anywhere in the cache: while a tile runs, the same keys and values of the block
+// PREFETCH ahead (the next task's first ones near a task's end) are fetched into L2, two lines
+// per value row summed. (All 64 lines at a block's start stalled on the core's few miss buffers;
+// W1's 30 layers of decode attention in place: 9.6 ms that way, 6.4 ms this way.)
+constexpr int PREFETCH = 2;
 // A row's reference maximum moves only when a score passes it by more than LAZY (weights up to
 // e^8 ~ 3000, far from overflow): softmax comes out the same from any reference, and most tiles
 // then need neither a horizontal maximum nor a rescaling exp
@@ -86,6 +91,7 @@ struct Tile {
     __m512i words[TRANSPOSED ? WORDS : 1];  // words[w], lane j: word w of key j
     const T *keys, *values;
     int n;
+    const T *ahead_keys = nullptr, *ahead_values = nullptr;  // rows to fetch during the value sums (or none)
 
     void load(const T* k, const T* v, int count) {
         keys = k, values = v, n = count;
@@ -208,6 +214,10 @@ __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, c
     for (int j = 0; j < longest; ++j)  // (values past a row's count are real data times 0)
 #pragma GCC unroll 16
         for (int z = 0; z < D / LANES; ++z) {
+            if (tile.ahead_keys && z * LANES * sizeof(T) % 64 == 0) {
+                _mm_prefetch((const char*)(tile.ahead_keys + j * D + z * LANES), _MM_HINT_T1);
+                _mm_prefetch((const char*)(tile.ahead_values + j * D + z * LANES), _MM_HINT_T1);
+            }
             const __m512 v = (__m512)load16(tile.values + j * D + z * LANES);
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r) sums[r][z] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), v, sums[r][z]);
@@ -245,6 +255,12 @@ struct RowBatch {
     }
 };
 
+// The KV blocks a task reads: columns [j0, j1) of a block table, under KV head h.
+struct Blocks {
+    const int32_t* table;
+    int j0, j1, h;
+};
+
 template <typename T, int D>
 struct Step {
     using Batch = RowBatch<T, D>;
@@ -258,33 +274,35 @@ struct Step {
     // weights l (LANES partial sums, added up at the end), weighted sum of values acc (D floats)
     std::vector<float> m, l, acc;
 
-    // Rows of tokens [t0, t1) under KV head h meet blocks [j0, j1) of `table` (context `context`).
-    void attend(Tile<T, D>& tile, int h, int t0, int t1, const int32_t* table, int j0, int j1, int context) {
-        const int group = num_heads / num_kv_heads;
-        const int64_t head = int64_t(h) * num_blocks * block_size * D;
+    const T* block_keys(const Blocks& b, int j) const {
+        return k_cache + (int64_t(b.h) * num_blocks + b.table[j]) * block_size * D;
+    }
+
+    // Rows of tokens [t0, t1) meet the blocks `own` (context `context`); `after` (if any) are the
+    // blocks this thread reads next.
+    void attend(Tile<T, D>& tile, int t0, int t1, const Blocks& own, int context, const Blocks* after) {
+        const int group = num_heads / num_kv_heads, h = own.h;
         const int last = *std::max_element(position.begin() + t0, position.begin() + t1);
-        for (int j = j0; j < j1; ++j) {
-            // Blocks lie anywhere in the cache: fetch the next one while this one runs, into L2 (into L1,
-            // 64 lines at once stall on the core's few miss buffers: 30 layers of W1 decode 14.7 -> 11.3 ms)
-            if (j + PREFETCH < j1) {
-                const int64_t next = head + int64_t(table[j + PREFETCH]) * block_size * D;
-                for (int64_t byte = 0; byte < int64_t(block_size) * D * int64_t(sizeof(T)); byte += 64) {
-                    _mm_prefetch((const char*)(k_cache + next) + byte, _MM_HINT_T1);
-                    _mm_prefetch((const char*)(v_cache + next) + byte, _MM_HINT_T1);
-                }
-            }
+        for (int j = own.j0; j < own.j1; ++j) {
+            const int ahead = j + PREFETCH - own.j1 + (after ? after->j0 : 0);
+            const T* next = j + PREFETCH < own.j1        ? block_keys(own, j + PREFETCH)
+                            : after && ahead < after->j1 ? block_keys(*after, ahead)
+                                                         : nullptr;
             for (int key0 = j * block_size; key0 < std::min((j + 1) * block_size, context); key0 += LANES) {
                 if (key0 > last) return;  // causal: no row sees further
                 const int n = std::min({LANES, (j + 1) * block_size - key0, context - key0});
-                const int64_t at = head + (int64_t(table[j]) * block_size + key0 - j * block_size) * D;
-                tile.load(k_cache + at, v_cache + at, n);
+                const int64_t offset = int64_t(key0 - j * block_size) * D;
+                const T* keys = block_keys(own, j) + offset;
+                tile.load(keys, v_cache + (keys - k_cache), n);
+                tile.ahead_keys = next ? next + offset : nullptr;  // fetched by the first row batch only
+                tile.ahead_values = next ? v_cache + (next - k_cache) + offset : nullptr;
                 Batch rows;
                 for (int t = t0; t < t1; ++t) {
                     const int count = std::min(n, position[t] - key0 + 1);
                     for (int g = 0; count > 0 && g < group; ++g) {
                         const int64_t row = int64_t(t) * num_heads + h * group + g;
                         rows.add(q + t * q_stride + (h * group + g) * D, count, &m[row], l.data() + row * LANES, acc.data() + row * D);
-                        if (rows.size == Batch::ROWS) rows.run(tile, scale);
+                        if (rows.size == Batch::ROWS) rows.run(tile, scale), tile.ahead_keys = nullptr;
                     }
                 }
                 rows.run(tile, scale);
@@ -326,22 +344,31 @@ void attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
     int longest = 0;
     for (int b = 0; b < batch; ++b) longest = std::max(longest, context_lens[b]);
     const int shared_tasks = shared_blocks > 0 ? (tokens + ROWS_PER_TASK - 1) / ROWS_PER_TASK : 0;
+    auto own_blocks = [&](int i) {  // task i / num_kv_heads under KV head i % num_kv_heads
+        const int b = tasks[i / num_kv_heads].b;
+        return Blocks{block_tables + int64_t(b) * max_blocks, shared_blocks, (context_lens[b] + block_size - 1) / block_size,
+                      i % num_kv_heads};
+    };
+    const int own_tasks = int(tasks.size()) * num_kv_heads;
+    std::atomic<int> claimed{0};
 #pragma omp parallel
     {
         Tile<T, D> tile;
 #pragma omp for schedule(dynamic)
         for (int i = 0; i < shared_tasks * num_kv_heads; ++i) {  // the shared prefix, all requests' rows
             const int t0 = i / num_kv_heads * ROWS_PER_TASK, t1 = std::min(t0 + ROWS_PER_TASK, tokens);
-            step.attend(tile, i % num_kv_heads, t0, t1, block_tables, 0, shared_blocks, longest);
+            const Blocks shared{block_tables, 0, shared_blocks, i % num_kv_heads};
+            step.attend(tile, t0, t1, shared, longest, nullptr);
         }
-#pragma omp for schedule(dynamic)
-        for (int i = 0; i < int(tasks.size()) * num_kv_heads; ++i) {  // each request's own blocks
+        // each request's own blocks (after the barrier above); a thread claims its next task before
+        // running one, so that the one's last blocks can fetch the next one's first
+        for (int i = claimed++; i < own_tasks;) {
+            const int next = claimed++;
             const Task& task = tasks[i / num_kv_heads];
-            const int h = i % num_kv_heads, context = context_lens[task.b];
-            const int blocks = (context + block_size - 1) / block_size;
-            step.attend(tile, h, task.t0, task.t1, block_tables + int64_t(task.b) * max_blocks, shared_blocks, blocks,
-                        context);
-            step.finish(h, task.t0, task.t1);
+            const Blocks own = own_blocks(i), after = next < own_tasks ? own_blocks(next) : Blocks{};
+            step.attend(tile, task.t0, task.t1, own, context_lens[task.b], next < own_tasks ? &after : nullptr);
+            step.finish(own.h, task.t0, task.t1);
+            i = next;
         }
     }
 }
