@@ -157,21 +157,6 @@ __attribute__((always_inline)) inline void scores(const Tile<T, D>& tile, const 
     }
 }
 
-// e^x in place for R vectors of finite x <= 88 (a tile's scores less the reference maximum), the R
-// computations interleaved step by step: common.h's polynomial in fused multiply-adds, times 2^k by
-// `vscalefps` (0 for k far below the float range, so no clamp)
-template <int R>
-__attribute__((always_inline)) inline void exp_rows(__m512* x) {
-    __m512 k[R], r[R], p[R];
-    for (int i = 0; i < R; ++i) k[i] = _mm512_roundscale_ps(_mm512_mul_ps(x[i], _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT);
-    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(LN2_HIGH), x[i]);
-    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(LN2_LOW), r[i]);
-    for (int i = 0; i < R; ++i) p[i] = _mm512_set1_ps(EXP_TAYLOR[0]);
-    for (int c = 1; c < 8; ++c)
-        for (int i = 0; i < R; ++i) p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(EXP_TAYLOR[c]));
-    for (int i = 0; i < R; ++i) x[i] = _mm512_scalef_ps(p[i], k[i]);
-}
-
 // R query rows meet a tile: row r (q[r], D values) sees its first count[r] keys and takes them into
 // its reference maximum m[r], sums of weights l[r] (16 lanes) and weighted sum of values acc[r]
 // (D floats). The rows go through each phase together, so that their independent chains overlap,

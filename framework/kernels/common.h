@@ -104,7 +104,7 @@ inline f32x16 pow2(f32x16 k) { return (f32x16)((__builtin_convertvector(k, i32x1
 
 // e^x = 2^k e^r with x = k ln2 + r, |r| <= ln2 / 2: log2(e), ln2 split in two (so that r stays
 // exact), and e^r's degree-7 Taylor coefficients from the highest power down (exp_approx here, the
-// attention kernel's exp_rows)
+// vector exp_rows below)
 constexpr float LOG2E = 1.44269504f, LN2_HIGH = 0.693145752f, LN2_LOW = 1.42860677e-6f;
 constexpr float EXP_TAYLOR[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
 
@@ -132,6 +132,20 @@ constexpr int STEP = 4 / sizeof(T);  // values per 32-bit word: 1 float32, 2 bfl
 #if defined(__AVX512F__)
 inline __mmask16 first(int n) { return n >= LANES ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }  // lanes < n
 
+// The lanes of m: loaded from T as float32, rounded to T (as a float32 value), stored as T
+inline __m512 widen(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 widen(const bf16* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512 round16(float*, __m512 v) { return v; }
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+#if defined(__AVX512BF16__)  // to nearest, ties to even
+inline __m512 round16(bf16*, __m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+inline void store16(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v)); }
+#endif
+
 // acc + x * w for 16 lanes of 32-bit words: float32 products, or for bfloat16 the sum of each
 // word's two products (`vdpbf16ps`, only where the CPU has AVX512-BF16)
 template <typename T>
@@ -140,6 +154,21 @@ inline __m512 multiply_add(__m512 acc, __m512i x, __m512i w);
 template <>
 inline __m512 multiply_add<float>(__m512 acc, __m512i x, __m512i w) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(w), acc);
+}
+
+// e^x in place for R vectors of finite x <= 88, the R computations interleaved step by step (the
+// compiler schedules float32 attention worse from a loop over single vectors): the polynomial in
+// fused multiply-adds, times 2^k by `vscalefps` (0 for k far below the float range, so no clamp)
+template <int R>
+__attribute__((always_inline)) inline void exp_rows(__m512* x) {
+    __m512 k[R], r[R], p[R];
+    for (int i = 0; i < R; ++i) k[i] = _mm512_roundscale_ps(_mm512_mul_ps(x[i], _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT);
+    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(LN2_HIGH), x[i]);
+    for (int i = 0; i < R; ++i) r[i] = _mm512_fnmadd_ps(k[i], _mm512_set1_ps(LN2_LOW), r[i]);
+    for (int i = 0; i < R; ++i) p[i] = _mm512_set1_ps(EXP_TAYLOR[0]);
+    for (int c = 1; c < 8; ++c)
+        for (int i = 0; i < R; ++i) p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(EXP_TAYLOR[c]));
+    for (int i = 0; i < R; ++i) x[i] = _mm512_scalef_ps(p[i], k[i]);
 }
 
 #if defined(__AVX512BF16__)

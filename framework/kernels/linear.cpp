@@ -30,15 +30,6 @@ void pack(const T* weight, T* packed, int in, int out) {
 
 #if defined(__AVX512F__)
 
-inline __m512 widen(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 widen(const bf16* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(bf16* p, __m512 v, __mmask16 m) {
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));  // to nearest, ties to even
-}
-
 // R rows x Z vectors of one panel
 template <typename T, int R, int Z>
 void tile(const T* x, int in, const T* panel, int width, const T* bias, T* y, int out, int cols) {

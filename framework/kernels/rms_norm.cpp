@@ -15,6 +15,28 @@ void add_rms_norm(const T* x, T* residual, const T* weight, T* out, int rows, in
         const T* in = x + int64_t(r) * hidden;
         T* res = residual == nullptr ? nullptr : residual + int64_t(r) * hidden;
         T* o = out + int64_t(r) * hidden;
+#if defined(__AVX512BF16__)
+        __m512 squares = _mm512_setzero_ps();  // LANES partial sums of squares, as below
+        for (int i = 0; i < hidden; i += LANES) {
+            const __mmask16 m = first(hidden - i);
+            __m512 v = widen(in + i, m);
+            if (res != nullptr) {
+                v = round16(res, _mm512_add_ps(v, widen(res + i, m)));
+                store16(res + i, v, m);
+            }
+            squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+        }
+        float lanes[LANES];
+        _mm512_storeu_ps(lanes, squares);
+        for (int w = LANES / 2; w > 0; w /= 2)
+            for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+        const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(lanes[0] / hidden + eps));
+        const T* src = res != nullptr ? res : in;
+        for (int i = 0; i < hidden; i += LANES) {
+            const __mmask16 m = first(hidden - i);
+            store16(o + i, _mm512_mul_ps(widen(weight + i, m), round16(o, _mm512_mul_ps(widen(src + i, m), scale))), m);
+        }
+#else
         auto value = [&](int i) {  // the norm's input element, after the residual add
             float v = to_float(in[i]);
             if (res != nullptr) {
@@ -39,6 +61,7 @@ void add_rms_norm(const T* x, T* residual, const T* weight, T* out, int rows, in
         const float scale = 1.f / std::sqrt(lanes[0] / hidden + eps);
         const T* src = res != nullptr ? res : in;
         for (int i = 0; i < hidden; ++i) store(o + i, to_float(weight[i]) * round_to<T>(to_float(src[i]) * scale));
+#endif
     }
 }
 

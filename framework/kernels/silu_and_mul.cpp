@@ -14,11 +14,22 @@ void silu_and_mul(const T* gate_up, T* out, int rows, int width) {
         const T* gate = gate_up + int64_t(r) * 2 * width;
         const T* up = gate + width;
         T* o = out + int64_t(r) * width;
+#if defined(__AVX512BF16__)
+        for (int i = 0; i < width; i += LANES) {
+            const __mmask16 m = first(width - i);
+            const __m512 g = widen(gate + i, m);
+            __m512 e = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.f));
+            exp_rows<1>(&e);
+            const __m512 silu = round16(o, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+            store16(o + i, _mm512_mul_ps(silu, widen(up + i, m)), m);
+        }
+#else
 #pragma omp simd
         for (int i = 0; i < width; ++i) {
             const float g = to_float(gate[i]);
             store(o + i, round_to<T>(g / (1.f + exp_approx(-g))) * to_float(up[i]));
         }
+#endif
     }
 }
 
