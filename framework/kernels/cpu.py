@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from framework import huge_pages
+
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -187,7 +189,7 @@ class CPUKernels:
             return None
         weight = weight.contiguous()
         _check(weight)
-        packed = weight.new_empty(_packed_size(in_features, out_features))
+        packed = huge_pages.zeros((_packed_size(in_features, out_features),), weight.dtype)  # (read all over each step)
         self._fns["pack_linear_weight", weight.dtype](weight.data_ptr(), packed.data_ptr(), in_features, out_features)
         return packed
 

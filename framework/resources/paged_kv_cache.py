@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from framework import huge_pages
 from framework.request import LlmRequest, RequestState
 from framework.resources.base import KVCacheManager, KVCacheSpec, KVCacheStats
 from framework.resources.block_pool import BlockPool
@@ -15,6 +16,12 @@ def _device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _zeros(shape, spec: KVCacheSpec) -> torch.Tensor:
+    if spec.device.type == "cpu":  # blocks are read from all over the cache: 2 MB pages, where offered
+        return huge_pages.zeros(shape, spec.dtype, touch=True)
+    return torch.zeros(shape, dtype=spec.dtype, device=spec.device)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -41,10 +48,7 @@ class PagedKVCacheManager(KVCacheManager):
             num_blocks = int(budget // (spec.bytes_per_token * self.block_size))
         self.pool = BlockPool(num_blocks)
         shape = (spec.num_kv_heads, num_blocks, self.block_size, spec.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=spec.dtype, device=spec.device), torch.zeros(shape, dtype=spec.dtype, device=spec.device))
-            for _ in range(spec.num_layers)
-        ]
+        self.kv_caches = [(_zeros(shape, spec), _zeros(shape, spec)) for _ in range(spec.num_layers)]
         self.block_tables: dict[str, list[int]] = {}
         self.block_hashes: dict[str, list[tuple]] = {}  # keys of each request's full blocks, in order
         self.prefix_queried_tokens = 0
