@@ -15,7 +15,7 @@ void add_rms_norm(const T* x, T* residual, const T* weight, T* out, int rows, in
         const T* in = x + int64_t(r) * hidden;
         T* res = residual == nullptr ? nullptr : residual + int64_t(r) * hidden;
         T* o = out + int64_t(r) * hidden;
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__)  // (vectors of 16; bfloat16 rounds by `vcvtneps2bf16`)
         __m512 squares = _mm512_setzero_ps();  // LANES partial sums of squares, as below
         for (int i = 0; i < hidden; i += LANES) {
             const __mmask16 m = first(hidden - i);

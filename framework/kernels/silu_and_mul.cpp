@@ -14,10 +14,11 @@ void silu_and_mul(const T* gate_up, T* out, int rows, int width) {
         const T* gate = gate_up + int64_t(r) * 2 * width;
         const T* up = gate + width;
         T* o = out + int64_t(r) * width;
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__)  // (vectors of 16; bfloat16 rounds by `vcvtneps2bf16`)
         for (int i = 0; i < width; i += LANES) {
             const __mmask16 m = first(width - i);
             const __m512 g = widen(gate + i, m);
+            // e^-g, with -g at most 88 (below -88, g / (1 + e^-g) is 0 or a denormal either way)
             __m512 e = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.f));
             exp_rows<1>(&e);
             const __m512 silu = round16(o, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
