@@ -8,6 +8,13 @@ namespace {
 
 using namespace framework;
 
+// 1 / rms(row) from LANES partial sums of squares, added up in a fixed order
+inline float inverse_rms(float* lanes, int hidden, float eps) {
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+    return 1.f / std::sqrt(lanes[0] / hidden + eps);
+}
+
 template <typename T>
 void add_rms_norm(const T* x, T* residual, const T* weight, T* out, int rows, int hidden, float eps) {
 #pragma omp parallel for if (int64_t(rows) * hidden >= PARALLEL_ELEMENTS)
@@ -28,9 +35,7 @@ void add_rms_norm(const T* x, T* residual, const T* weight, T* out, int rows, in
         }
         float lanes[LANES];
         _mm512_storeu_ps(lanes, squares);
-        for (int w = LANES / 2; w > 0; w /= 2)
-            for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-        const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(lanes[0] / hidden + eps));
+        const __m512 scale = _mm512_set1_ps(inverse_rms(lanes, hidden, eps));
         const T* src = res != nullptr ? res : in;
         for (int i = 0; i < hidden; i += LANES) {
             const __mmask16 m = first(hidden - i);
@@ -56,9 +61,7 @@ void add_rms_norm(const T* x, T* residual, const T* weight, T* out, int rows, in
             const float v = value(i);
             lanes[0] += v * v;
         }
-        for (int w = LANES / 2; w > 0; w /= 2)
-            for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-        const float scale = 1.f / std::sqrt(lanes[0] / hidden + eps);
+        const float scale = inverse_rms(lanes, hidden, eps);
         const T* src = res != nullptr ? res : in;
         for (int i = 0; i < hidden; ++i) store(o + i, to_float(weight[i]) * round_to<T>(to_float(src[i]) * scale));
 #endif
