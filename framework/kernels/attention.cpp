@@ -203,7 +203,7 @@ __attribute__((always_inline)) inline void attend_tile(const Tile<T, D>& tile, c
                 _mm_prefetch((const char*)(tile.ahead_keys + j * D + z * LANES), _MM_HINT_T1);
                 _mm_prefetch((const char*)(tile.ahead_values + j * D + z * LANES), _MM_HINT_T1);
             }
-            const __m512 v = (__m512)load16(tile.values + j * D + z * LANES);
+            const __m512 v = widen(tile.values + j * D + z * LANES, __mmask16(0xffff));
 #pragma GCC unroll 16
             for (int r = 0; r < R; ++r) sums[r][z] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), v, sums[r][z]);
         }

@@ -53,46 +53,6 @@ inline float round_to<bf16>(float x) {
     return r;
 }
 
-// 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or two or four narrower)
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-inline f32x16 load16(const float* p) {
-    f32x16 v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
-inline f32x16 load16(const bf16* p) {
-#if defined(__AVX512F__)  // one widening load and a shift (compilers may split the generic form)
-    return (f32x16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
-#else
-    u16x16 half;
-    std::memcpy(&half, p, sizeof half);
-    return (f32x16)(__builtin_convertvector(half, u32x16) << 16);
-#endif
-}
-
-inline float sum16(f32x16 v) {
-#if defined(__AVX512F__)
-    return _mm512_reduce_add_ps((__m512)v);
-#else
-    float lanes[LANES];
-    std::memcpy(lanes, &v, sizeof lanes);
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-    return lanes[0];
-#endif
-}
-
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-inline float lesser(float a, float b) { return std::min(a, b); }
-inline float greater(float a, float b) { return std::max(a, b); }
-inline f32x16 lesser(f32x16 a, f32x16 b) { return a < b ? a : b; }
-inline f32x16 greater(f32x16 a, f32x16 b) { return a > b ? a : b; }
-
 // 2^k for a whole number k in [-126, 127], written straight into the exponent bits
 inline float pow2(float k) {
     const uint32_t bits = uint32_t(int32_t(k) + 127) << 23;
@@ -100,7 +60,6 @@ inline float pow2(float k) {
     std::memcpy(&r, &bits, sizeof r);
     return r;
 }
-inline f32x16 pow2(f32x16 k) { return (f32x16)((__builtin_convertvector(k, i32x16) + 127) << 23); }
 
 // e^x = 2^k e^r with x = k ln2 + r, |r| <= ln2 / 2: log2(e), ln2 split in two (so that r stays
 // exact), and e^r's degree-7 Taylor coefficients from the highest power down (exp_approx here, the
@@ -108,16 +67,14 @@ inline f32x16 pow2(f32x16 k) { return (f32x16)((__builtin_convertvector(k, i32x1
 constexpr float LOG2E = 1.44269504f, LN2_HIGH = 0.693145752f, LN2_LOW = 1.42860677e-6f;
 constexpr float EXP_TAYLOR[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
 
-// e^x within a few ulp (clamped to [-87, 88]), for a float or 16 at once, times 2^k. Plain
-// arithmetic, so loops over the float version vectorize too.
-template <typename V>
-__attribute__((always_inline)) inline V exp_approx(V x) {
-    const V zero = V{};
-    x = lesser(greater(x, zero - 87.0f), zero + 88.0f);
+// e^x within a few ulp (clamped to [-87, 88]), times 2^k. Plain arithmetic, so loops over it
+// vectorize.
+__attribute__((always_inline)) inline float exp_approx(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
     const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and removing it rounds to an integer
-    const V k = (x * LOG2E + shifter) - shifter;
-    const V r = (x - k * LN2_HIGH) - k * LN2_LOW;
-    V p = zero + EXP_TAYLOR[0];
+    const float k = (x * LOG2E + shifter) - shifter;
+    const float r = (x - k * LN2_HIGH) - k * LN2_LOW;
+    float p = EXP_TAYLOR[0];
     for (int i = 1; i < 8; ++i) p = p * r + EXP_TAYLOR[i];
     return p * pow2(k);
 }
