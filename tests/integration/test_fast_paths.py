@@ -78,12 +78,14 @@ def test_repacking_follows_a_changed_weight(dtype):
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    """`engine(dtype, pack)`: one LLM per combination, built on first use and shared by the module."""
+    """`engine(dtype, pack)`: one LLM per combination, built on first use and shared by the module;
+    on the CPU even where a GPU is present (packed weights are a CPU path)."""
     built = {}
 
     def get(dtype: str, pack: bool = True) -> LLM:
         if (dtype, pack) not in built:
-            built[dtype, pack] = LLM(str(tiny_dir), dtype=dtype, **{"kv_cache.max_tokens": 4096, "engine.pack_weights": pack})
+            options = {"kv_cache.max_tokens": 4096, "engine.pack_weights": pack, "model.device": "cpu"}
+            built[dtype, pack] = LLM(str(tiny_dir), dtype=dtype, **options)
         return built[dtype, pack]
 
     return get
