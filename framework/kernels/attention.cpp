@@ -19,7 +19,8 @@
 //                 last query sees context_len positions)
 // Query heads h * group .. h * group + group - 1 share KV head h (grouped-query attention).
 
-#include <atomic>
+#include <omp.h>
+
 #include <vector>
 
 #include "common.h"
@@ -255,9 +256,18 @@ struct Step {
     int num_heads, num_kv_heads, num_blocks, block_size;
     float scale;
     std::vector<int> position;  // [tokens] absolute position of each query token
-    // running state of each of the [tokens * num_heads] query rows: reference maximum m, sum of
-    // weights l (LANES partial sums, added up at the end), weighted sum of values acc (D floats)
-    std::vector<float> m, l, acc;
+    // running state of each query row, by KV head, then token, then query head of the group: the
+    // rows a task writes lie together, and no cache line holds two tasks' rows (the two threads
+    // writing one line in turn would pass it back and forth between their cores)
+    struct alignas(64) Row {
+        float acc[D];     // weighted sum of values
+        float l[LANES];   // sum of weights, LANES partial sums (added up at the end)
+        float m = -INFINITY;  // reference maximum
+    };
+    std::vector<Row> rows;
+    int tokens = 0;
+
+    Row& row(int h, int t, int g) { return rows[(int64_t(h) * tokens + t) * (num_heads / num_kv_heads) + g]; }
 
     const T* block_keys(const Blocks& b, int j) const {
         return k_cache + (int64_t(b.h) * num_blocks + b.table[j]) * block_size * D;
@@ -281,16 +291,16 @@ struct Step {
                 tile.load(keys, v_cache + (keys - k_cache), n);
                 tile.ahead_keys = next ? next + offset : nullptr;  // fetched by the first row batch only
                 tile.ahead_values = next ? v_cache + (next - k_cache) + offset : nullptr;
-                Batch rows;
+                Batch batch;
                 for (int t = t0; t < t1; ++t) {
                     const int count = std::min(n, position[t] - key0 + 1);
                     for (int g = 0; count > 0 && g < group; ++g) {
-                        const int64_t row = int64_t(t) * num_heads + h * group + g;
-                        rows.add(q + t * q_stride + (h * group + g) * D, count, &m[row], l.data() + row * LANES, acc.data() + row * D);
-                        if (rows.size == Batch::ROWS) rows.run(tile, scale), tile.ahead_keys = nullptr;
+                        Row& state = row(h, t, g);
+                        batch.add(q + t * q_stride + (h * group + g) * D, count, &state.m, state.l, state.acc);
+                        if (batch.size == Batch::ROWS) batch.run(tile, scale), tile.ahead_keys = nullptr;
                     }
                 }
-                rows.run(tile, scale);
+                batch.run(tile, scale);
             }
         }
     }
@@ -299,9 +309,10 @@ struct Step {
         const int group = num_heads / num_kv_heads;
         for (int t = t0; t < t1; ++t)
             for (int g = 0; g < group; ++g) {
-                const int64_t row = int64_t(t) * num_heads + h * group + g;
-                const float sum = _mm512_reduce_add_ps(_mm512_loadu_ps(l.data() + row * LANES));
-                for (int i = 0; i < D; ++i) store(out + row * D + i, acc[row * D + i] / sum);
+                const Row& state = row(h, t, g);
+                const float sum = _mm512_reduce_add_ps(_mm512_loadu_ps(state.l));
+                T* o = out + (int64_t(t) * num_heads + h * group + g) * D;
+                for (int i = 0; i < D; ++i) store(o + i, state.acc[i] / sum);
             }
     }
 };
@@ -323,9 +334,8 @@ void attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
         for (int t = first_token[b]; t < first_token[b + 1]; t += ROWS_PER_TASK)
             tasks.push_back({b, t, std::min(t + ROWS_PER_TASK, first_token[b + 1])});
     }
-    step.m.assign(size_t(tokens) * num_heads, -INFINITY);
-    step.l.assign(size_t(tokens) * num_heads * LANES, 0.f);
-    step.acc.assign(size_t(tokens) * num_heads * D, 0.f);
+    step.tokens = tokens;
+    step.rows.assign(size_t(tokens) * num_heads, typename Step<T, D>::Row{});
     int longest = 0;
     for (int b = 0; b < batch; ++b) longest = std::max(longest, context_lens[b]);
     const int shared_tasks = shared_blocks > 0 ? (tokens + ROWS_PER_TASK - 1) / ROWS_PER_TASK : 0;
@@ -335,25 +345,40 @@ void attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
                       i % num_kv_heads};
     };
     const int own_tasks = int(tasks.size()) * num_kv_heads;
-    std::atomic<int> claimed{0};
+    // the threads split the own tasks into runs of about equal work (rows and tiles), each thread's
+    // run in order, so that a task's last blocks can fetch the next one's first, with no counter
+    // passed between the cores
+    std::vector<int64_t> work(own_tasks + 1, 0);  // work[i]: of the tasks before i
+    for (int i = 0; i < own_tasks; ++i) {
+        const Task& task = tasks[i / num_kv_heads];
+        const int keys = std::max(0, step.position[task.t1 - 1] + 1 - shared_blocks * block_size);
+        work[i + 1] = work[i] + int64_t(keys / LANES + 2) * (task.t1 - task.t0 + 2);
+    }
 #pragma omp parallel
     {
         Tile<T, D> tile;
-#pragma omp for schedule(dynamic)
-        for (int i = 0; i < shared_tasks * num_kv_heads; ++i) {  // the shared prefix, all requests' rows
-            const int t0 = i / num_kv_heads * ROWS_PER_TASK, t1 = std::min(t0 + ROWS_PER_TASK, tokens);
-            const Blocks shared{block_tables, 0, shared_blocks, i % num_kv_heads};
+        const int me = omp_get_thread_num(), threads = omp_get_num_threads();
+        // the shared prefix, all requests' rows: tasks by KV head, then tokens, in equal runs (a
+        // thread reads the prefix of as few KV heads as it can)
+        const int all_shared = shared_tasks * num_kv_heads;
+        for (int i = all_shared * me / threads; i < all_shared * (me + 1) / threads; ++i) {
+            const int t0 = i % shared_tasks * ROWS_PER_TASK, t1 = std::min(t0 + ROWS_PER_TASK, tokens);
+            const Blocks shared{block_tables, 0, shared_blocks, i / shared_tasks};
             step.attend(tile, t0, t1, shared, longest, nullptr);
         }
-        // each request's own blocks (after the barrier above); a thread claims its next task before
-        // running one, so that the one's last blocks can fetch the next one's first
-        for (int i = claimed++; i < own_tasks;) {
-            const int next = claimed++;
+        if (all_shared > 0) {
+#pragma omp barrier
+        }
+        // each request's own blocks, once its rows have met the prefix
+        auto run_start = [&](int k) {
+            return k == threads ? own_tasks : int(std::lower_bound(work.begin(), work.end(), work.back() * k / threads) - work.begin());
+        };
+        const int end = run_start(me + 1);
+        for (int i = run_start(me); i < end; ++i) {
             const Task& task = tasks[i / num_kv_heads];
-            const Blocks own = own_blocks(i), after = next < own_tasks ? own_blocks(next) : Blocks{};
-            step.attend(tile, task.t0, task.t1, own, context_lens[task.b], next < own_tasks ? &after : nullptr);
+            const Blocks own = own_blocks(i), after = i + 1 < end ? own_blocks(i + 1) : Blocks{};
+            step.attend(tile, task.t0, task.t1, own, context_lens[task.b], i + 1 < end ? &after : nullptr);
             step.finish(own.h, task.t0, task.t1);
-            i = next;
         }
     }
 }
