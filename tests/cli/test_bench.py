@@ -37,3 +37,16 @@ def test_bench_smoke_prints_json_for_each_workload(tiny_dir, tmp_path):
 def test_bench_rejects_an_unknown_workload(tiny_dir, tmp_path):
     result = run_cli(["mode=bench", f"model.path={tiny_dir}", "kv_cache.max_tokens=1024", "bench.workload=W9"], tmp_path)
     assert result.returncode == 2 and "unknown workload 'W9'" in result.stderr
+
+
+def test_matmul_peak_is_the_best_measured_so_far(tiny_dir, monkeypatch):
+    from framework import LLM
+    from framework.bench import runner
+
+    readings = iter([200.0, 100.0, 400.0])  # at start, then after each of the two workloads
+    monkeypatch.setattr(runner, "matmul_peak_gflops", lambda dtype, device: next(readings))
+    llm = LLM(str(tiny_dir), **{"kv_cache.max_tokens": 8192, "bench.workload": "W2,W3", "bench.scale": 0.1,
+                                "bench.runs": 1, "bench.warmup": False})
+    rows = runner.run_benchmark(llm.config, llm, tiny_dir, cold_start_s=0.0)
+    assert [r["matmul_peak_gflops"] for r in rows] == [200.0, 400.0]
+    assert rows[1]["peak_share"] == rows[1]["gflops"] / 400.0
