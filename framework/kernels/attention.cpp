@@ -265,9 +265,9 @@ struct Step {
         float m = -INFINITY;  // reference maximum
     };
     std::vector<Row> rows;
-    int tokens = 0;
+    int group = 0;  // query heads per KV head
 
-    Row& row(int h, int t, int g) { return rows[(int64_t(h) * tokens + t) * (num_heads / num_kv_heads) + g]; }
+    Row& row(int h, int t, int g) { return rows[(int64_t(h) * position.size() + t) * group + g]; }
 
     const T* block_keys(const Blocks& b, int j) const {
         return k_cache + (int64_t(b.h) * num_blocks + b.table[j]) * block_size * D;
@@ -276,7 +276,7 @@ struct Step {
     // Rows of tokens [t0, t1) meet the blocks `own` (context `context`); `after` (if any) are the
     // blocks this thread reads next.
     void attend(Tile<T, D>& tile, int t0, int t1, const Blocks& own, int context, const Blocks* after) {
-        const int group = num_heads / num_kv_heads, h = own.h;
+        const int h = own.h;
         const int last = *std::max_element(position.begin() + t0, position.begin() + t1);
         for (int j = own.j0; j < own.j1; ++j) {
             const int ahead = j + PREFETCH - own.j1 + (after ? after->j0 : 0);
@@ -306,7 +306,6 @@ struct Step {
     }
 
     void finish(int h, int t0, int t1) {
-        const int group = num_heads / num_kv_heads;
         for (int t = t0; t < t1; ++t)
             for (int g = 0; g < group; ++g) {
                 const Row& state = row(h, t, g);
@@ -334,7 +333,7 @@ void attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
         for (int t = first_token[b]; t < first_token[b + 1]; t += ROWS_PER_TASK)
             tasks.push_back({b, t, std::min(t + ROWS_PER_TASK, first_token[b + 1])});
     }
-    step.tokens = tokens;
+    step.group = num_heads / num_kv_heads;
     step.rows.assign(size_t(tokens) * num_heads, typename Step<T, D>::Row{});
     int longest = 0;
     for (int b = 0; b < batch; ++b) longest = std::max(longest, context_lens[b]);

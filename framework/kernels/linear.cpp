@@ -74,13 +74,12 @@ template <typename T, int Z>
 void panel_rows(const T* x, int rows, int in, const T* panel, int width, const T* bias, T* y, int out, int cols,
                 const char* next, const char* next_end) {
     const int tiles = rows / TILE_ROWS, words = in / STEP<T>;
-    Fetch fetch;  // the next panel, shared out among the full tiles after the first
-    if (next != nullptr && tiles > 1) fetch.per_word = (LINES_PER_WORD + tiles - 2) / (tiles - 1), fetch.end = next_end;
+    const int per_word = tiles > 1 ? (LINES_PER_WORD + tiles - 2) / (tiles - 1) : 0;
     int m = 0;
     for (int t = 0; t < tiles; ++t, m += TILE_ROWS) {
-        fetch.from = t > 0 ? next + int64_t(t - 1) * words * fetch.per_word * 64 : nullptr;
-        tile<T, TILE_ROWS, Z>(x + int64_t(m) * in, in, panel, width, bias, y + int64_t(m) * out, out, cols,
-                              t > 0 ? fetch : Fetch{});
+        Fetch share;  // the first tile reads this panel from memory; the others fetch the next one
+        if (t > 0 && next != nullptr) share = {next + int64_t(t - 1) * words * per_word * 64, next_end, per_word};
+        tile<T, TILE_ROWS, Z>(x + int64_t(m) * in, in, panel, width, bias, y + int64_t(m) * out, out, cols, share);
     }
     x += int64_t(m) * in, y += int64_t(m) * out;
     switch (rows - m) {
