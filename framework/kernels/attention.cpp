@@ -9,7 +9,8 @@
 //
 // The first `shared_blocks` block-table columns (a prefix every request has in common) are
 // attended once by all the requests' rows together, each of their tiles laid out once per step
-// instead of once per request; then each request attends to its own blocks.
+// instead of once per request (rows that see all of it in two passes, see `Prefix`); then each
+// request attends to its own blocks.
 //
 // Layouts (contiguous but for q):
 //   q, out        [tokens, num_heads, head_dim]: each request's tokens in a run, requests in order
@@ -90,9 +91,33 @@ struct Tile {
     static constexpr bool TRANSPOSED = STEP<T> == 2;
     static constexpr int WORDS = D / STEP<T>;  // 32-bit words per key
     __m512i words[TRANSPOSED ? WORDS : 1];  // words[w], lane j: word w of key j
+    // pairs[i * D / 16 + z], lane d: values d of keys 2i and 2i + 1 (bfloat16; laid out by
+    // `pair_values` for the shared prefix)
+    __m512i pairs[TRANSPOSED ? LANES / 2 * D / LANES : 1];
     const T *keys, *values;
     int n;
     const T *ahead_keys = nullptr, *ahead_values = nullptr;  // rows to fetch during the value sums (or none)
+
+    void pair_values() {
+        if constexpr (TRANSPOSED) {
+            alignas(64) static constexpr int16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+            const __m512i interleave = _mm512_load_si512(order);
+            auto part = [&](int j, int z) {  // (keys past n: zeros, weighed by 0, never NaN)
+                return j < n ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(values + j * D + z * LANES)))
+                             : _mm512_setzero_si512();
+            };
+            for (int i = 0; i < LANES / 2; ++i)
+                for (int z = 0; z < D / LANES; ++z)
+                    pairs[i * (D / LANES) + z] = _mm512_permutex2var_epi16(part(2 * i, z), interleave, part(2 * i + 1, z));
+        }
+    }
+
+    // word i of values d = 16 z .. 16 z + 15: key i's in float32, keys 2i and 2i + 1's pairs in bfloat16
+    __m512i value_word(int i, int z) const {
+        if constexpr (TRANSPOSED) return pairs[i * (D / LANES) + z];
+        else return _mm512_loadu_si512(values + i * D + z * LANES);
+    }
 
     void load(const T* k, const T* v, int count) {
         keys = k, values = v, n = count;
@@ -247,6 +272,19 @@ struct Blocks {
     int j0, j1, h;
 };
 
+// A thread's copy of the shared prefix under one KV head, for rows that see all of it: its tiles
+// laid out once (bfloat16 values also in pairs), so that each row batch first scores every key,
+// then knows its exact maximum before any e^x (no lazy check, no rescaling), then sums the values
+// with its state in registers. The weights are rounded to the storage type for the value sums, two
+// keys a `vdpbf16ps` in bfloat16, as PyTorch's CPU flash attention rounds them.
+template <typename T, int D>
+struct Prefix {
+    int head = -1;
+    std::vector<Tile<T, D>> tiles;
+    std::vector<float> scores;  // [ROWS][tiles * 16] of the row batch in hand
+    std::vector<T> weights;     // the same, as weights
+};
+
 template <typename T, int D>
 struct Step {
     using Batch = RowBatch<T, D>;
@@ -305,6 +343,102 @@ struct Step {
         }
     }
 
+    // The shared prefix under KV head `prefix.head` for tokens [t0, t1), whose rows all see the
+    // whole of it, ROWS rows at a time (see `Prefix`)
+    void attend_prefix(Prefix<T, D>& prefix, int t0, int t1) {
+        constexpr int ROWS = RowBatch<T, D>::ROWS;
+        const int h = prefix.head;
+        prefix.scores.resize(size_t(ROWS) * prefix.tiles.size() * LANES);
+        prefix.weights.resize(prefix.scores.size());
+        const T* q_rows[ROWS];
+        Row* states[ROWS];
+        int size = 0;
+        for (int t = t0; t < t1; ++t)
+            for (int g = 0; g < group; ++g) {
+                q_rows[size] = q + t * q_stride + (h * group + g) * D, states[size] = &row(h, t, g);
+                if (++size == ROWS || (t + 1 == t1 && g + 1 == group)) prefix_rows<1>(prefix, q_rows, states, size), size = 0;
+            }
+    }
+
+    template <int R>
+    void prefix_rows(Prefix<T, D>& prefix, const T* const* q_rows, Row* const* states, int size) {
+        if constexpr (R < RowBatch<T, D>::ROWS)
+            if (size != R) return prefix_rows<R + 1>(prefix, q_rows, states, size);
+        const int tiles = int(prefix.tiles.size()), stride = tiles * LANES;
+        float* const s = prefix.scores.data();
+        T* const w = prefix.weights.data();
+        // each row's scores, and its maximum
+        __m512 top[R];
+        for (int r = 0; r < R; ++r) top[r] = _mm512_set1_ps(-INFINITY);
+        for (int c = 0; c < tiles; ++c) {
+            __m512 tile_s[R];
+            scores<T, D, R>(prefix.tiles[c], q_rows, scale, tile_s);
+            const __mmask16 valid = first(prefix.tiles[c].n);
+            for (int r = 0; r < R; ++r) {
+                top[r] = _mm512_mask_max_ps(top[r], valid, top[r], tile_s[r]);
+                _mm512_storeu_ps(s + r * stride + c * LANES, tile_s[r]);
+            }
+        }
+        // the weights e^(s - max) in the storage type, and their sums
+        __m512 m[R], l[R];
+        for (int r = 0; r < R; ++r) m[r] = _mm512_set1_ps(_mm512_reduce_max_ps(top[r])), l[r] = _mm512_setzero_ps();
+        for (int c = 0; c < tiles; ++c) {
+            __m512 e[R];
+            for (int r = 0; r < R; ++r) e[r] = _mm512_sub_ps(_mm512_loadu_ps(s + r * stride + c * LANES), m[r]);
+            exp_rows<R>(e);
+            const __mmask16 valid = first(prefix.tiles[c].n);
+            for (int r = 0; r < R; ++r) {
+                const __m512 weight = round16(w, _mm512_maskz_mov_ps(valid, e[r]));  // exactly 0 past the tile's keys
+                l[r] = _mm512_add_ps(l[r], weight);
+                store16(w + r * stride + c * LANES, weight, __mmask16(0xffff));
+            }
+        }
+        // the value sums: a word of weights (one or two keys) broadcast against a word-vector of values
+        __m512 sums[R][D / LANES];
+        for (int r = 0; r < R; ++r)
+            for (int z = 0; z < D / LANES; ++z) sums[r][z] = _mm512_setzero_ps();
+        for (int c = 0; c < tiles; ++c) {
+            const Tile<T, D>& tile = prefix.tiles[c];
+            for (int i = 0; i < (tile.n + STEP<T> - 1) / STEP<T>; ++i)
+#pragma GCC unroll 16
+                for (int z = 0; z < D / LANES; ++z) {
+                    const __m512i v = tile.value_word(i, z);
+#pragma GCC unroll 16
+                    for (int r = 0; r < R; ++r) {
+                        int32_t word;
+                        std::memcpy(&word, w + r * stride + c * LANES + i * STEP<T>, sizeof word);
+                        sums[r][z] = multiply_add<T>(sums[r][z], _mm512_set1_epi32(word), v);
+                    }
+                }
+        }
+        for (int r = 0; r < R; ++r) {
+            for (int z = 0; z < D / LANES; ++z) _mm512_storeu_ps(states[r]->acc + z * LANES, sums[r][z]);
+            _mm512_storeu_ps(states[r]->l, l[r]);
+            states[r]->m = _mm512_cvtss_f32(m[r]);
+        }
+    }
+
+    // The tiles of the first `keys` keys of the blocks `blocks` laid out in `prefix` (the keys and
+    // values of the block PREFETCH ahead fetched meanwhile, the values for the first row batch)
+    void lay_out(Prefix<T, D>& prefix, const Blocks& blocks, int keys) const {
+        prefix.head = blocks.h;
+        prefix.tiles.clear();
+        for (int j = 0; j * block_size < keys; ++j) {
+            if (const int ahead = j + PREFETCH; ahead * block_size < keys) {
+                const char* k = (const char*)block_keys(blocks, ahead);
+                const char* v = (const char*)(v_cache + ((const T*)k - k_cache));
+                for (int line = 0; line < std::min(block_size, keys - ahead * block_size) * D * int(sizeof(T)); line += 64)
+                    _mm_prefetch(k + line, _MM_HINT_T1), _mm_prefetch(v + line, _MM_HINT_T1);
+            }
+            for (int key0 = j * block_size; key0 < std::min((j + 1) * block_size, keys); key0 += LANES) {
+                const T* k = block_keys(blocks, j) + int64_t(key0 - j * block_size) * D;
+                prefix.tiles.emplace_back();
+                prefix.tiles.back().load(k, v_cache + (k - k_cache), std::min({LANES, (j + 1) * block_size - key0, keys - key0}));
+                prefix.tiles.back().pair_values();
+            }
+        }
+    }
+
     void finish(int h, int t0, int t1) {
         for (int t = t0; t < t1; ++t)
             for (int g = 0; g < group; ++g) {
@@ -338,6 +472,7 @@ void attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
     int longest = 0;
     for (int b = 0; b < batch; ++b) longest = std::max(longest, context_lens[b]);
     const int shared_tasks = shared_blocks > 0 ? (tokens + ROWS_PER_TASK - 1) / ROWS_PER_TASK : 0;
+    const int prefix_keys = std::min(shared_blocks * block_size, longest);
     auto own_blocks = [&](int i) {  // task i / num_kv_heads under KV head i % num_kv_heads
         const int b = tasks[i / num_kv_heads].b;
         return Blocks{block_tables + int64_t(b) * max_blocks, shared_blocks, (context_lens[b] + block_size - 1) / block_size,
@@ -360,10 +495,16 @@ void attention(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache,
         // the shared prefix, all requests' rows: tasks by KV head, then tokens, in equal runs (a
         // thread reads the prefix of as few KV heads as it can)
         const int all_shared = shared_tasks * num_kv_heads;
+        Prefix<T, D> prefix;
         for (int i = all_shared * me / threads; i < all_shared * (me + 1) / threads; ++i) {
             const int t0 = i % shared_tasks * ROWS_PER_TASK, t1 = std::min(t0 + ROWS_PER_TASK, tokens);
             const Blocks shared{block_tables, 0, shared_blocks, i / shared_tasks};
-            step.attend(tile, t0, t1, shared, longest, nullptr);
+            if (*std::min_element(step.position.begin() + t0, step.position.begin() + t1) + 1 < prefix_keys) {
+                step.attend(tile, t0, t1, shared, longest, nullptr);  // a row inside the prefix: causal tiles
+                continue;
+            }
+            if (prefix.head != shared.h) step.lay_out(prefix, shared, prefix_keys);
+            step.attend_prefix(prefix, t0, t1);
         }
         if (all_shared > 0) {
 #pragma omp barrier

@@ -104,6 +104,23 @@ def test_a_shared_prefix_attended_once_gives_the_same_result(kernels, dtype):
     torch.testing.assert_close(once.double(), per_request.double(), **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,block_size", [(16, 8), (64, 16), (128, 32)])
+def test_rows_that_see_the_whole_shared_prefix(kernels, dtype, head_dim, block_size):
+    # every row past the shared blocks (scored in one pass, bfloat16 weights rounded for the value
+    # sums): decode rows, a prompt chunk, a row whose last key ends the prefix; more rows than a
+    # task holds, so that both threads take some
+    shared = 48 // block_size
+    shapes = [(1, 50), (1, 49), (9, 64), (1, 48), (14, 70)]
+    case = random_case(dtype, head_dim, shapes=shapes, heads=9, kv_heads=3, block_size=block_size, num_blocks=96, shared=shared, seed=7)
+    once, per_request = attend(kernels, case, 0.125, shared=shared), attend(kernels, case, 0.125)
+    # bfloat16: the weights rounded for the value sums, as in PyTorch's flash attention (whose
+    # bfloat16 SDPA is off by up to 7.5e-3 on this case too), and per request a different rounding
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-3)
+    torch.testing.assert_close(once.double(), reference(*case, 0.125), **tolerance)
+    torch.testing.assert_close(once.double(), per_request.double(), **tolerance)
+
+
 def test_a_shared_prefix_longer_than_a_rows_context_stays_causal(kernels):
     # a prompt chunk whose first rows sit inside the shared blocks: they must not see later keys
     shapes = [(40, 40), (1, 50), (1, 41)]
