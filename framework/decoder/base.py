@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from framework.kernels import cpu
 from framework.request import LlmRequest
 
 
@@ -23,3 +24,13 @@ class Decoder(ABC):
     @abstractmethod
     def decode(self, requests: list[LlmRequest], logits) -> DecoderOutput:
         """`logits` is `[len(requests), vocab]` float32, one row per request, in order."""
+
+
+def argmax(logits):
+    """`logits.argmax(dim=-1)`, by the CPU kernel where the engine has loaded the kernels: PyTorch's
+    CPU argmax over a batch of vocabulary rows is scalar code (1.2 ms for 32 x 49152 here, ~0.05 ms
+    this way)."""
+    kernels = cpu.loaded()
+    if kernels is not None and logits.dim() == 2 and logits.is_cpu and logits.is_contiguous() and logits.dtype in cpu.SUFFIXES:
+        return kernels.argmax(logits)
+    return logits.argmax(dim=-1)

@@ -1,9 +1,9 @@
 """A pure-greedy decoder: argmax, whatever the request's sampling settings (a fast path for
 benchmarks and exactness checks)."""
 
-from framework.decoder.base import Decoder, DecoderOutput
+from framework.decoder.base import Decoder, DecoderOutput, argmax
 
 
 class GreedyDecoder(Decoder):
     def decode(self, requests, logits):
-        return DecoderOutput(logits.argmax(dim=-1).tolist() if requests else [])
+        return DecoderOutput(argmax(logits).tolist() if requests else [])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.decoder.base import Decoder, DecoderOutput
+from framework.decoder.base import Decoder, DecoderOutput, argmax
 from framework.decoder.logprobs import top_logprobs
 from framework.request import LlmRequest
 
@@ -60,11 +60,11 @@ class SamplingDecoder(Decoder):
 
         temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
         greedy = temperatures == 0
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax(logits)
         if not bool(greedy.all()):
             probs = self._filtered_probs(params, logits, temperatures)
             noise = self._exponential_noise(requests, probs)
-            sampled = (probs / noise).argmax(dim=-1)  # argmax(p / E), E ~ Exp(1), draws from p
+            sampled = argmax(probs / noise)  # argmax(p / E), E ~ Exp(1), draws from p
             tokens = torch.where(greedy, tokens, sampled)
         logprobs = None
         if any(p.logprobs is not None for p in params):

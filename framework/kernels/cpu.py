@@ -48,6 +48,7 @@ SIGNATURES = {  # C function (without its dtype suffix): argument types
     "packed_linear": ([_P] * 4 + [_I] * 3, _I),
     "pack_linear_weight": ([_P, _P, _I, _I], None),
     "covered": ([], _I),
+    "argmax": ([_P, _P, _I, _I], None),
 }
 LINEAR_MAX_ROWS = 128  # above it (prompt chunks) oneDNN multiplies as fast or faster
 SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -133,6 +134,14 @@ class CPUKernels:
                 fn = getattr(self.library, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, restype
                 self._fns[name, dtype] = fn
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """`x.argmax(dim=-1)` of a 2-D tensor, the same indices (the first of equal maxima, the first
+        NaN) as int64."""
+        _check(x)
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self._call(self._fns["argmax", x.dtype], (x, out), x.shape[0], x.shape[1])
+        return out
 
     def supports(self, dtype: torch.dtype, head_dim: int) -> bool:
         """Whether the kernels run this model here: its dtype on this CPU (AVX-512, and AVX512-BF16
@@ -239,6 +248,11 @@ class CPUKernels:
 
 
 _loaded: dict[str, CPUKernels | None] = {}
+
+
+def loaded() -> CPUKernels | None:
+    """The kernels if something has loaded them already (None otherwise: nothing is built)."""
+    return _loaded.get("kernels")
 
 
 def load() -> CPUKernels | None:

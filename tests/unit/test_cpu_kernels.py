@@ -285,3 +285,21 @@ def test_packed_linear_leaves_other_inputs_to_the_caller(kernels):
     assert kernels.linear(x[:3, None, :].expand(3, 2, 64), packed, 48).shape == (3, 2, 48)  # any leading shape
     with pytest.raises(ValueError, match="features"):  # a wrong width fails instead of reading past the weight
         kernels.linear(x[:4, :32].contiguous(), packed, 48)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width", [(32, 49152), (1, 1), (3, 17), (2, 33)])  # whole vectors and tails
+def test_argmax_picks_what_torch_picks(kernels, dtype, rows, width):
+    g = torch.Generator().manual_seed(rows * width)
+    spread = torch.randn(rows, width, generator=g).to(dtype)
+    ties = torch.randint(0, 3, (rows, width), generator=g).to(dtype)  # the first of equal maxima
+    for x in (spread, ties):
+        assert torch.equal(kernels.argmax(x), x.argmax(dim=-1))
+
+
+def test_argmax_takes_the_first_nan_and_survives_infinities(kernels):
+    x = torch.randn(4, 100)
+    x[1, 50] = x[1, 7] = float("nan")
+    x[2] = float("-inf")
+    x[3, 98] = x[3, 99] = float("inf")
+    assert kernels.argmax(x).tolist() == x.argmax(dim=-1).tolist() == [int(x[0].argmax()), 7, 0, 98]
