@@ -2,7 +2,8 @@
 ctypes on tensors' memory: attention over the paged cache (a whole step's decode rows and prompt
 chunks in one call, a prefix shared by every request attended once), the fused steps of a decoder
 layer that PyTorch runs as many small ops (residual add + RMSNorm, RoPE + KV cache write, SwiGLU),
-and linear layers of up to `LINEAR_MAX_ROWS` rows (decode steps) from weights repacked once.
+linear layers of up to `LINEAR_MAX_ROWS` rows (decode steps) from weights repacked once, and the
+argmax of greedy sampling.
 
 They need no PyTorch headers, so a build takes a few seconds (the engine starts it before loading
 the weights, so it mostly overlaps them); the shared library is cached under
