@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 
 import torch
@@ -46,6 +47,14 @@ def keep_freed_cpu_memory() -> None:
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def keep_onednn_primitives(capacity: int = 8192) -> None:
+    """Let oneDNN keep `capacity` compiled primitives (a matmul for one shape) instead of its 1024:
+    other PyTorch work in the process (the benchmark's transformers peers, whose batches change
+    shape every step) evicted the engine's, and compiling them again cost the next W1 run 0.85 s.
+    oneDNN reads it when it makes its first primitive; a value already set is kept."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
@@ -110,6 +119,7 @@ class PyTorchModelEngine(ModelEngine):
             building.start()
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
+            keep_onednn_primitives()
         self.hf_config = load_hf_config(checkpoint_dir)
         architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
         model_cls = model_registry.get(architectures[0]).load()

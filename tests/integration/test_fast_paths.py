@@ -4,6 +4,7 @@ compute what the plain ones do."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from framework import LLM, SamplingParams
-from framework.engine.pytorch_model_engine import PyTorchModelEngine
+from framework.engine.pytorch_model_engine import PyTorchModelEngine, keep_onednn_primitives
 from framework.kernels import cpu as cpu_kernels
 from framework.layers.attention import paged_attention, write_kv_cache
 from framework.layers.linear import Linear
@@ -333,3 +334,12 @@ def test_packing_does_not_change_greedy_output(engine, dtype):
     without = [out.outputs[0].token_ids for out in plain.generate(prompts, params, use_tqdm=False)]
     assert with_packing == without
     assert all(len(tokens) == 16 for tokens in with_packing)
+
+
+def test_onednn_keeps_more_primitives_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    keep_onednn_primitives()
+    assert int(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]) > 1024  # oneDNN's default
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    keep_onednn_primitives()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
