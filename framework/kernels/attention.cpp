@@ -348,8 +348,6 @@ struct Step {
     void attend_prefix(Prefix<T, D>& prefix, int t0, int t1) {
         constexpr int ROWS = RowBatch<T, D>::ROWS;
         const int h = prefix.head;
-        prefix.scores.resize(size_t(ROWS) * prefix.tiles.size() * LANES);
-        prefix.weights.resize(prefix.scores.size());
         const T* q_rows[ROWS];
         Row* states[ROWS];
         int size = 0;
@@ -419,7 +417,8 @@ struct Step {
     }
 
     // The tiles of the first `keys` keys of the blocks `blocks` laid out in `prefix` (the keys and
-    // values of the block PREFETCH ahead fetched meanwhile, the values for the first row batch)
+    // values of the block PREFETCH ahead fetched meanwhile, the values for the first row batch),
+    // and its row batch's buffers sized to them
     void lay_out(Prefix<T, D>& prefix, const Blocks& blocks, int keys) const {
         prefix.head = blocks.h;
         prefix.tiles.clear();
@@ -437,6 +436,8 @@ struct Step {
                 prefix.tiles.back().pair_values();
             }
         }
+        prefix.scores.resize(size_t(RowBatch<T, D>::ROWS) * prefix.tiles.size() * LANES);
+        prefix.weights.resize(prefix.scores.size());
     }
 
     void finish(int h, int t0, int t1) {
