@@ -36,6 +36,8 @@ def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor
         obj = entry.load()(group_cfg, component_config(group_cfg, entry.config), *context, **kw)
         return _check(obj, abc, kind.replace("_", " "), entry)
 
+    names = {kind: f"{kind.replace('_', ' ')} {entry.name!r} ({entry.provider})" for kind, (_, entry) in chosen.items()}
+    names["kv_cache"] = names["kv_cache_manager"]  # its key in the ResourceManager
     engine = make("model_engine", ModelEngine, cfg.model, checkpoint_dir, plugins["model"])
     kv_cache = make("kv_cache_manager", KVCacheManager, engine.kv_cache_spec())
     return PyExecutor(
@@ -45,6 +47,7 @@ def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor
         model_engine=engine,
         decoder=make("decoder", Decoder, seed=cfg.model.seed),
         detokenizer=detokenizer,
+        component_names=names,
     )
 
 

@@ -6,15 +6,25 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from framework.decoder.base import Decoder
 from framework.engine.base import ModelEngine
 from framework.request import FinishReason, LlmRequest, RequestState
-from framework.resources.base import ResourceManager
+from framework.resources.base import ResourceManager, ResourceManagerError
+from framework.sampling_params import short_repr
 from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler
 
 logger = logging.getLogger(__name__)
+
+
+class ComponentFault(RuntimeError):
+    """A component raised inside a step; `requests` are the ones the fault is laid on."""
+
+    def __init__(self, component: str, cause: Exception, requests: list[LlmRequest]):
+        super().__init__(f"{component} raised {cause!r}")
+        self.requests = requests
 
 
 @dataclass
@@ -46,6 +56,7 @@ class PyExecutor:
         model_engine: ModelEngine,
         decoder: Decoder,
         detokenizer=None,
+        component_names: dict[str, str] | None = None,
     ):
         self.capacity_scheduler = capacity_scheduler
         self.micro_batch_scheduler = micro_batch_scheduler
@@ -53,6 +64,7 @@ class PyExecutor:
         self.model_engine = model_engine
         self.decoder = decoder
         self.detokenizer = detokenizer  # optional: output text and stop strings need one
+        self.component_names = component_names or {}  # kind (or resource manager) -> "kind 'name' (plugin)"
         self.kv_cache_manager = resource_manager.kv_cache_manager
         self.active: list[LlmRequest] = []  # arrival order
         self._waiting: list[LlmRequest] = []  # siblings (n > 1) waiting for the first one's prompt
@@ -81,6 +93,17 @@ class PyExecutor:
     def has_work(self) -> bool:
         return bool(self.active or self._waiting or self._finished_by_abort) or not self._incoming.empty() or not self._aborts.empty()
 
+    def fail_all(self, error: str) -> list[LlmRequest]:
+        """Finish every request held or handed in with `error`, releasing what each holds (once
+        the loop itself has broken and cannot go on)."""
+        with self._lock:
+            while not self._incoming.empty():
+                self._waiting.append(self._incoming.get())
+            self.active += self._waiting
+            self._waiting = []
+            self._fail(self.active, error)
+            return self._release_finished()
+
     def num_running(self) -> int:
         return sum(1 for r in self.active if r.state in (RequestState.CONTEXT, RequestState.GENERATION))
 
@@ -99,7 +122,14 @@ class PyExecutor:
         vocab = self.model_engine.vocab_size
         bad = [t for t in request.prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            return f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}"
+            return f"prompt token ids must lie in [0, {vocab}); got {short_repr(bad[:5])}"
+        params = request.sampling_params
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            return f"stop_token_ids must lie in [0, {vocab}); got {short_repr(bad[:5])}"
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > vocab:
+                return f"{name} must not exceed the vocabulary size {vocab}; got {getattr(params, name)}"
         need = self.kv_cache_manager.blocks_at_completion(request)
         total = self.kv_cache_manager.get_max_resource_count()
         if need > total:
@@ -114,7 +144,11 @@ class PyExecutor:
         done, self._finished_by_abort = self._finished_by_abort, []
         while not self._incoming.empty():
             request = self._incoming.get()
-            error = self.validate(request)
+            try:
+                error = self.validate(request)
+            except Exception as exc:
+                logger.exception("validating request %s raised", request.request_id)
+                error = f"validating the request raised {exc!r}"
             if error is None:
                 self._waiting.append(request)
             else:
@@ -140,58 +174,166 @@ class PyExecutor:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[LlmRequest]:
-        """Run one step; returns the requests that got a new token or finished."""
+        """Run one step; returns the requests that got a new token or finished. A component that
+        raises fails the requests it was working on (only the ones that make it raise on their
+        own, where that can be told) and the engine goes on."""
         with self._lock:
             updated = self._fetch_new_requests()
             if not self.active:
                 return updated
-            for request in self.active:  # pick up prefixes cached since they were admitted
-                if request.state is RequestState.CONTEXT:
-                    self.resource_manager.admit(request)
-            capacity = self.capacity_scheduler.schedule(self.active, self.kv_cache_manager)
-            for request in capacity.preempted:
-                self.resource_manager.free_resources(request)
-                request.reset_for_recompute()
-            for request in capacity.fitting:
-                if request.state is RequestState.QUEUED:
-                    request.state = RequestState.CONTEXT
-                    self.resource_manager.admit(request)
-            scheduled = self._schedule_micro_batch(capacity.fitting)
-            if not scheduled:
-                return updated
-            step_started = time.perf_counter()
-            self.num_steps += 1
-            self.peak_running = max(self.peak_running, len(scheduled))
-            self.resource_manager.prepare_resources(scheduled)
-            counters = self.counters
             try:
-                forward_started = time.perf_counter()
-                output = self.model_engine.forward(scheduled, self.resource_manager)
-                counters.forward_seconds += time.perf_counter() - forward_started
-                decoded = self.decoder.decode(output.sampled, output.logits)
-                if output.prompt_logits:
-                    self._record_prompt_logprobs(output.prompt_logits)
-            except Exception as exc:  # the engine must keep serving: fail this batch, not the process
-                logger.exception("step failed")
-                for request in scheduled:
-                    self._finish(request, FinishReason.ERROR, error=f"engine step failed: {exc!r}")
-                return updated + self._release_finished()
-            for request in scheduled:
+                scheduled = self._schedule()
+                if scheduled:
+                    updated += self._run(scheduled)
+            except ComponentFault as fault:
+                self._fail(fault.requests, str(fault))
+            finally:
+                for request in self.active:
+                    request.num_scheduled_tokens = 0
+            return list(dict.fromkeys(updated + self._release_finished()))
+
+    def _schedule(self) -> list[LlmRequest]:
+        """Admit, capacity-schedule and micro-batch the active requests; prepare their resources."""
+        for request in self.active:  # pick up prefixes cached since they were admitted
+            if request.state is RequestState.CONTEXT:
+                self._admit(request)
+        live = [r for r in self.active if not r.is_finished]
+        capacity = self._isolating("capacity_scheduler", live, lambda rs: self.capacity_scheduler.schedule(rs, self.kv_cache_manager))
+        for request in capacity.preempted:
+            self._free(request)
+            if not request.is_finished:
+                request.reset_for_recompute()
+        for request in capacity.fitting:
+            if request.state is RequestState.QUEUED:
+                request.state = RequestState.CONTEXT
+                self._admit(request)
+        scheduled = self._schedule_micro_batch([r for r in capacity.fitting if not r.is_finished])
+        if scheduled:
+            self._isolating("resource_manager", scheduled, self.resource_manager.prepare_resources)
+        return scheduled
+
+    def _run(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
+        """Forward and decode the batch, then update requests and resources; returns the requests
+        that got a token."""
+        step_started = time.perf_counter()
+        self.num_steps += 1
+        self.peak_running = max(self.peak_running, len(scheduled))
+        results = self._compute(scheduled)
+        counters = self.counters
+        for request in scheduled:
+            if not request.is_finished:
                 start, n = request.num_computed_tokens, request.num_scheduled_tokens
                 counters.tokens_forwarded += n
                 counters.attended_positions += n * start + n * (n + 1) // 2
                 request.num_computed_tokens = start + n
-            logprobs = decoded.logprobs or [None] * len(decoded.token_ids)
-            for request, token, token_logprobs in zip(output.sampled, decoded.token_ids, logprobs):
+        for request, token, token_logprobs in results:
+            with self._fails_alone("detokenizer", request):
                 self._append_token(request, token, token_logprobs)
-                updated.append(request)
-            self.resource_manager.update_resources(scheduled)
-            for request in scheduled:
-                request.num_scheduled_tokens = 0
-            self._release_finished()
-            counters.tokens_sampled += len(output.sampled)
-            counters.step_seconds += time.perf_counter() - step_started
-            return updated
+        try:
+            self._isolating("resource_manager", [r for r in scheduled if r.error is None], self.resource_manager.update_resources)
+        except ComponentFault as fault:
+            self._fail(fault.requests, str(fault))
+        counters.tokens_sampled += len(results)
+        counters.step_seconds += time.perf_counter() - step_started
+        return [request for request, _, _ in results]
+
+    def _compute(self, batch: list[LlmRequest]) -> list[tuple]:
+        """(request, token, logprobs) of each request of `batch` that samples. When the batch
+        raises, each request is computed again alone: the ones that still raise fail, the others
+        go on."""
+        try:
+            return self._forward_and_decode(batch)
+        except ComponentFault as fault:
+            logger.warning("%s; computing the batch's %d requests one by one", fault, len(batch))
+        results = []
+        for request in batch:
+            try:
+                results += self._forward_and_decode([request])
+            except ComponentFault as fault:
+                self._fail([request], str(fault))
+        return results
+
+    def _forward_and_decode(self, batch: list[LlmRequest]) -> list[tuple]:
+        started = time.perf_counter()
+        with self._blame("model_engine", batch):
+            output = self.model_engine.forward(batch, self.resource_manager)
+        self.counters.forward_seconds += time.perf_counter() - started
+        with self._blame("decoder", batch):
+            decoded = self.decoder.decode(output.sampled, output.logits)
+        if output.prompt_logits:
+            with self._blame("prompt_logprobs", batch):
+                self._record_prompt_logprobs(output.prompt_logits)
+        logprobs = decoded.logprobs or [None] * len(decoded.token_ids)
+        return list(zip(output.sampled, decoded.token_ids, logprobs))
+
+    # ---- faults ------------------------------------------------------------------------------
+    @contextmanager
+    def _blame(self, kind: str, requests: list[LlmRequest]):
+        """Turn an exception raised inside into a ComponentFault naming the component (and its
+        plugin) and the requests it fails."""
+        try:
+            yield
+        except ComponentFault:
+            raise
+        except Exception as exc:
+            if isinstance(exc, ResourceManagerError):
+                kind, exc = exc.name, exc.__cause__
+            logger.exception("%s raised", self.describe(kind))
+            raise ComponentFault(self.describe(kind), exc, requests) from exc
+
+    def describe(self, kind: str) -> str:
+        """A component's name for messages: its kind, registered name and plugin."""
+        return self.component_names.get(kind, kind.replace("_", " "))
+
+    def _isolating(self, kind: str, requests: list[LlmRequest], call):
+        """`call(requests)`. If it raises, each request is tried alone: the fault is laid on those
+        that raise. When none does, the call is made once more, and a second raise fails them all.
+        (Calls made this way must be repeatable: scheduling is a query, preparing and updating
+        resources twice for a request changes nothing the second time.)"""
+        try:
+            with self._blame(kind, requests):
+                return call(requests)
+        except ComponentFault as fault:
+            culprits = [r for r in requests if self._raises(call, r)]
+            if culprits:
+                fault.requests = culprits
+                raise
+        with self._blame(kind, requests):
+            return call(requests)
+
+    @staticmethod
+    def _raises(call, request: LlmRequest) -> bool:
+        scheduled = request.num_scheduled_tokens  # a micro-batch scheduler's probe sets it
+        try:
+            call([request])
+            return False
+        except Exception:
+            return True
+        finally:
+            request.num_scheduled_tokens = scheduled
+
+    @contextmanager
+    def _fails_alone(self, kind: str, request: LlmRequest):
+        """A raise inside fails `request` alone."""
+        try:
+            with self._blame(kind, [request]):
+                yield
+        except ComponentFault as fault:
+            self._fail([request], str(fault))
+
+    def _admit(self, request: LlmRequest) -> None:
+        with self._fails_alone("resource_manager", request):
+            self.resource_manager.admit(request)
+
+    def _free(self, request: LlmRequest) -> None:
+        """Release what the request holds (a manager that raises fails it, if it still runs)."""
+        with self._fails_alone("resource_manager", request):
+            self.resource_manager.free_resources(request)
+
+    def _fail(self, requests: list[LlmRequest], error: str) -> None:
+        for request in requests:
+            if not request.is_finished:
+                self._finish(request, FinishReason.ERROR, error=error)
 
     def _schedule_micro_batch(self, fitting: list[LlmRequest]) -> list[LlmRequest]:
         """The micro-batch scheduler's batch, less the prompt chunks that would recompute blocks an
@@ -199,8 +341,9 @@ class PyExecutor:
         free goes to the others."""
         held_back: set[int] = set()
         while True:
-            scheduled = self.micro_batch_scheduler.schedule([r for r in fitting if id(r) not in held_back])
-            duplicates = self.kv_cache_manager.duplicate_prefills(scheduled)
+            candidates = [r for r in fitting if id(r) not in held_back]
+            scheduled = self._isolating("micro_batch_scheduler", candidates, self.micro_batch_scheduler.schedule)
+            duplicates = self._isolating("kv_cache", scheduled, self.kv_cache_manager.duplicate_prefills)
             if not duplicates:
                 return scheduled
             for request in scheduled:
@@ -258,6 +401,6 @@ class PyExecutor:
         finished = [r for r in self.active if r.is_finished]
         if finished:
             for request in finished:
-                self.resource_manager.free_resources(request)
+                self._free(request)
             self.active = [r for r in self.active if not r.is_finished]
         return finished

@@ -116,8 +116,18 @@ class KVCacheManager(BaseResourceManager):
     def stats(self) -> KVCacheStats: ...
 
 
+class ResourceManagerError(RuntimeError):
+    """A resource manager raised; `name` is its key in the ResourceManager, the cause is chained."""
+
+    def __init__(self, name: str, cause: Exception):
+        super().__init__(f"resource manager {name!r} raised {cause!r}")
+        self.name = name
+
+
 class ResourceManager:
-    """An ordered container of resource managers, the KV cache manager last."""
+    """An ordered container of resource managers, the KV cache manager last. A manager that raises
+    is named by a ResourceManagerError; `free_resources` still frees the request in every other
+    manager before raising it."""
 
     def __init__(self, managers: dict[str, BaseResourceManager]):
         self.managers = dict(managers)
@@ -126,21 +136,30 @@ class ResourceManager:
     def kv_cache_manager(self) -> KVCacheManager:
         return next(m for m in reversed(self.managers.values()) if isinstance(m, KVCacheManager))
 
-    def get(self, name: str) -> BaseResourceManager:
-        return self.managers[name]
+    def _each(self, method: str, arg, keep_going: bool = False) -> None:
+        """Call `method` on every manager, in order (in reverse, and past failures, when freeing)."""
+        items = list(self.managers.items())
+        errors = []
+        for name, manager in reversed(items) if keep_going else items:
+            try:
+                getattr(manager, method)(arg)
+            except Exception as exc:
+                error = ResourceManagerError(name, exc)
+                error.__cause__ = exc
+                if not keep_going:
+                    raise error
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
     def admit(self, request: LlmRequest) -> None:
-        for manager in self.managers.values():
-            manager.admit(request)
+        self._each("admit", request)
 
     def prepare_resources(self, scheduled: list[LlmRequest]) -> None:
-        for manager in self.managers.values():
-            manager.prepare_resources(scheduled)
+        self._each("prepare_resources", scheduled)
 
     def update_resources(self, scheduled: list[LlmRequest]) -> None:
-        for manager in self.managers.values():
-            manager.update_resources(scheduled)
+        self._each("update_resources", scheduled)
 
     def free_resources(self, request: LlmRequest) -> None:
-        for manager in reversed(self.managers.values()):
-            manager.free_resources(request)
+        self._each("free_resources", request, keep_going=True)
