@@ -69,10 +69,6 @@ class LlmRequest:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_missing_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 

@@ -7,14 +7,17 @@ implied by `generate_async`), in which case every caller's requests are batched 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import queue
 import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
+from framework.api import inputs
 from framework.api.detokenizer import IncrementalDetokenizer, visible_text
 from framework.api.options import options_to_overrides
 from framework.config import GROUPS, check_choice, compose
@@ -24,6 +27,7 @@ from framework.request import LlmRequest
 from framework.sampling_params import SamplingParams
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 
@@ -66,21 +70,20 @@ class LLM:
         self.eos_token_ids = _eos_token_ids(self.executor.model_engine, self.tokenizer)
         self._ids = itertools.count()
         self._groups: dict[str, RequestGroup] = {}  # by member request id, while running
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _groups and engine_error
+        self._step_lock = threading.Lock()  # one step (and its dispatch to listeners) at a time
         self._thread: threading.Thread | None = None
+        self.engine_error: str | None = None  # set once the background loop has died: why
         self._wake = threading.Event()
         self._stopping = False
 
     # ---- adding requests ---------------------------------------------------------------------
-    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
-
-    def new_request_group(self, prompt: Prompt, params: SamplingParams, priority, request_id=None, index=0) -> RequestGroup:
-        """Build and validate (ValueError naming the problem) the requests of one prompt."""
-        params.validate()
-        text, ids = self._prompt_ids(prompt)
+    def new_request_group(self, prompt: Prompt, params: SamplingParams, priority, request_id=None, index=None) -> RequestGroup:
+        """Build and validate (ValueError or TypeError naming the problem) the requests of one prompt."""
+        (params,) = inputs.sampling_params_list(params, 1)
+        text, ids = inputs.token_prompt(prompt, index)
+        if text is not None:
+            ids = self.tokenizer.encode(text)
         group_id = str(request_id) if request_id is not None else str(next(self._ids))
         requests = []
         for i in range(params.n):
@@ -98,11 +101,13 @@ class LLM:
             )
         error = self.executor.validate(requests[0])
         if error:
-            raise ValueError(f"prompt {index}: {error}")
+            raise ValueError(f"{'prompt' if index is None else f'prompts[{index}]'}: {error}")
         return RequestGroup(group_id, requests)
 
     def _submit(self, groups: list[RequestGroup]) -> None:
         with self._lock:
+            if self.engine_error is not None:
+                raise RuntimeError(f"the engine has stopped and serves no more requests: {self.engine_error}")
             for group in groups:
                 for request in group.requests:
                     if request.request_id in self._groups:
@@ -124,50 +129,70 @@ class LLM:
         self._wake.set()
 
     # ---- stepping ----------------------------------------------------------------------------
-    def _step(self) -> list[RequestGroup]:
-        """One executor step; returns the groups that changed (finished ones are forgotten)."""
+    def _step(self) -> None:
+        """One executor step (the caller holds `_step_lock`); each changed group's listener gets
+        its new output, and finished groups are forgotten."""
         changed: dict[int, RequestGroup] = {}
         for request in self.executor.step():
             with self._lock:
                 group = self._groups.get(request.request_id)
             if group is not None:
                 changed[id(group)] = group
-        groups = list(changed.values())
         with self._lock:
-            for group in groups:
+            for group in changed.values():
                 if group.finished:
                     for request in group.requests:
                         self._groups.pop(request.request_id, None)
-        for group in groups:
-            if group.listener is not None:
-                group.listener(self._output(group))
-        return groups
+        for group in changed.values():
+            self._notify(group)
+
+    def _notify(self, group: RequestGroup) -> None:
+        """Hand the group's output to its listener; a listener that raises (say, its event loop
+        has closed) loses its requests, never the loop."""
+        if group.listener is None:
+            return
+        try:
+            group.listener(self._output(group))
+        except Exception:
+            logger.exception("delivering the output of request %s failed; aborting it", group.request_id)
+            group.listener = None
+            self.abort(group.request_id)
 
     def _updates(self, groups: list[RequestGroup]) -> Iterator[RequestOutput]:
-        """Outputs of `groups` as they change, until all have finished."""
-        pending = {id(g) for g in groups if not g.finished}
-        if self._thread is not None:
-            inbox: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-            owners = {}
-            for group in groups:
-                group.listener = inbox.put
-                owners[group.request_id] = group
-            self._submit(groups)
-            while pending:
-                out = inbox.get()
-                if out.finished:
-                    pending.discard(id(owners[out.request_id]))
-                yield out
-            return
+        """Outputs of `groups` as they change, until all have finished. Without the background
+        loop the caller steps the executor itself (callers on several threads share the steps).
+        Leaving early, by an exception or by closing the iterator, aborts what is unfinished."""
+        inbox: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        for group in groups:
+            group.listener = inbox.put
+        pending = {g.request_id for g in groups}
         self._submit(groups)
-        while pending:
-            for group in self._step():
-                if id(group) in pending:
-                    if group.finished:
-                        pending.discard(id(group))
-                    yield self._output(group)
-            if pending and not self.executor.has_work():
-                raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
+        try:
+            while pending:
+                out = self._next_output(inbox)
+                if out.finished:
+                    pending.discard(out.request_id)
+                yield out
+        finally:
+            for request_id in pending:
+                self.abort(request_id)
+
+    def _next_output(self, inbox: queue.SimpleQueue) -> RequestOutput:
+        while True:
+            if self._thread is not None:
+                try:
+                    return inbox.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            try:
+                return inbox.get_nowait()
+            except queue.Empty:
+                pass
+            with self._step_lock:
+                if inbox.empty():
+                    if not self.executor.has_work():
+                        raise RuntimeError("the engine went idle with requests of this call unfinished")
+                    self._step()
 
     # ---- the background loop (serving) -------------------------------------------------------
     def start(self) -> None:
@@ -189,7 +214,7 @@ class LLM:
             for group_id in group_ids:
                 self.abort(group_id)
             deadline = time.monotonic() + timeout
-            while self.executor.has_work() and time.monotonic() < deadline:
+            while self.executor.has_work() and time.monotonic() < deadline and self._thread.is_alive():
                 time.sleep(0.01)
         thread, self._thread = self._thread, None
         if thread is not None:
@@ -198,12 +223,27 @@ class LLM:
             thread.join()
 
     def _loop(self) -> None:
-        while not self._stopping:
-            if not self.executor.has_work():
-                self._wake.wait(timeout=0.05)
-                self._wake.clear()
-                continue
-            self._step()
+        try:
+            while not self._stopping:
+                if not self.executor.has_work():
+                    self._wake.wait(timeout=0.05)
+                    self._wake.clear()
+                    continue
+                with self._step_lock:
+                    self._step()
+        except Exception as exc:  # the executor itself broke: say so, fail everyone, stop
+            logger.exception("the executor loop died")
+            self._die(f"the executor loop died: {exc!r}")
+
+    def _die(self, reason: str) -> None:
+        """Refuse new requests from now on and finish every request in flight with an error."""
+        with self._lock:
+            self.engine_error = reason
+            groups = {id(g): g for g in self._groups.values()}
+            self._groups.clear()
+        self.executor.fail_all(reason)
+        for group in groups.values():
+            self._notify(group)
 
     # ---- outputs -----------------------------------------------------------------------------
     def _logprobs(self, raw: list[dict] | None, cache: list) -> list[dict[int, Logprob]] | None:
@@ -253,17 +293,9 @@ class LLM:
 
     # ---- the public API ----------------------------------------------------------------------
     def _groups_for(self, prompts, sampling_params, priority) -> list[RequestGroup]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
-        priorities = list(priority) if priority is not None else [None] * len(prompts)
-        if len(priorities) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(priorities)} priorities")
+        prompts = inputs.prompts_list(prompts)
+        params = inputs.sampling_params_list(sampling_params, len(prompts))
+        priorities = inputs.priorities_list(priority, len(prompts))
         return [self.new_request_group(p, sp, pr, index=i) for i, (p, sp, pr) in enumerate(zip(prompts, params, priorities))]
 
     def generate(
@@ -281,24 +313,18 @@ class LLM:
         groups = self._groups_for(prompts, sampling_params, priority)
         finals: dict[str, RequestOutput] = {}
         with tqdm(total=len(groups), desc="Generating", disable=not use_tqdm or len(groups) < 2) as bar:
-            for out in self._updates(groups):
-                if out.finished:
-                    finals[out.request_id] = out
-                    bar.update(1)
+            with contextlib.closing(self._updates(groups)) as updates:  # aborts what is left on Ctrl-C
+                for out in updates:
+                    if out.finished:
+                        finals[out.request_id] = out
+                        bar.update(1)
         return [finals[g.request_id] for g in groups]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, priority: int | None = None) -> Iterator[RequestOutput]:
         """Partial outputs of one prompt as tokens arrive (text is cumulative); the last has
         `finished=True`. Closing the iterator early aborts the request."""
         (group,) = self._groups_for([prompt], sampling_params, None if priority is None else [priority])
-        finished = False
-        try:
-            for out in self._updates([group]):
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.abort(group.request_id)
+        yield from self._updates([group])
 
     async def generate_async(
         self,
@@ -339,7 +365,12 @@ class LLM:
         return self.generate([self.chat_prompt(messages)], sampling_params, use_tqdm=use_tqdm)[0]
 
     def chat_prompt(self, messages) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        """The conversation's token ids, through the checkpoint's chat template."""
+        messages = inputs.chat_messages(messages)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # the template's own rules (say, roles that must alternate)
+            raise ValueError(f"messages: the chat template rejected the conversation: {exc}") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

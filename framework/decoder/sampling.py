@@ -97,9 +97,10 @@ class SamplingDecoder(Decoder):
         counts = torch.stack([s.counts for s in states])
         seen = torch.stack([s.in_prompt for s in states]) | (counts > 0)
         p = [requests[i].sampling_params for i in rows]
-        rep = torch.tensor([x.repetition_penalty for x in p], device=device)[:, None]
-        presence = torch.tensor([x.presence_penalty for x in p], device=device)[:, None]
-        frequency = torch.tensor([x.frequency_penalty for x in p], device=device)[:, None]
+        dtype = logits.dtype
+        rep = torch.tensor([x.repetition_penalty for x in p], dtype=dtype, device=device)[:, None]
+        presence = torch.tensor([x.presence_penalty for x in p], dtype=dtype, device=device)[:, None]
+        frequency = torch.tensor([x.frequency_penalty for x in p], dtype=dtype, device=device)[:, None]
         sub = logits[rows]
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         sub = sub - presence * (counts > 0) - frequency * counts

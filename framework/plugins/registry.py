@@ -69,6 +69,3 @@ class Registry:
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; available: {self.describe()}"
             ) from None
-
-    def create(self, name: str, *args, **kwargs):
-        return self.get(name).load()(*args, **kwargs)

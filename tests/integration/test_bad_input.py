@@ -28,7 +28,7 @@ def llm(tiny_dir):
 def test_bad_prompt_raises_and_engine_keeps_serving(llm, prompt, message):
     good = [5, 6, 7, 8]
     before = llm.generate(good, SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
-    with pytest.raises(ValueError, match=f"prompt 1: .*{message.replace('[', '.').replace(')', '.')}"):
+    with pytest.raises(ValueError, match=f"prompts.1.: .*{message.replace('[', '.').replace(')', '.')}"):
         llm.generate([good, prompt], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
     after = llm.generate(good, SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
     assert after[0].outputs[0].token_ids == before[0].outputs[0].token_ids
@@ -70,32 +70,6 @@ def test_bad_request_fails_alone_inside_a_running_batch(llm):
     assert llm.kv_cache_stats.num_used_blocks == 0
 
 
-def test_failed_step_fails_its_batch_and_frees_blocks(llm, monkeypatch):
-    executor = llm.executor
-    engine = executor.model_engine
-    calls = {"n": 0}
-    real_forward = engine.forward
-
-    def flaky_forward(batch, resource_manager):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated device fault")
-        return real_forward(batch, resource_manager)
-
-    monkeypatch.setattr(engine, "forward", flaky_forward)
-    params = SamplingParams(max_tokens=8, **GREEDY)
-    requests = [LlmRequest(f"f{i}", [20 + i, 21, 22], params) for i in range(2)]
-    for r in requests:
-        executor.enqueue(r)
-    while executor.has_work():
-        executor.step()
-    assert all(r.finish_reason.value == "error" and "simulated device fault" in r.error for r in requests)
-    assert llm.kv_cache_stats.num_used_blocks == 0
-    monkeypatch.undo()
-    out = llm.generate([20, 21, 22], params, use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 8
-
-
 def test_stop_token_ids_and_eos(llm):
     probe = llm.generate([5, 6, 7], SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)[0].outputs[0]
     stop_at = probe.token_ids[3]
@@ -113,3 +87,50 @@ def test_sampling_is_seeded_and_varies(tiny_dir):
         runs.append([o.outputs[0].token_ids for o in llm.generate([[5, 6, 7]] * 4, params, use_tqdm=False)])
     assert runs[0] == runs[1]  # same engine seed, same outputs
     assert len({tuple(t) for t in runs[0]}) > 1  # different requests draw differently
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(min_tokens=2, stop_token_ids=[99999999]), r"stop_token_ids must lie in \[0, 49152\)"),
+        (dict(stop_token_ids=[2**70]), r"stop_token_ids must lie in \[0, 49152\)"),
+        (dict(stop_token_ids=[49152]), r"stop_token_ids must lie in \[0, 49152\)"),
+    ],
+)
+def test_what_a_batched_component_indexes_is_checked_against_the_model(llm, params, message):
+    good = SamplingParams(max_tokens=4, **GREEDY)
+    bad = SamplingParams(max_tokens=4, **GREEDY, **params)
+    with pytest.raises(ValueError, match=message):
+        llm.generate([[5, 6, 7]], bad, use_tqdm=False)
+    # handed to the executor directly (past the API's check), it fails alone inside a running batch
+    executor = llm.executor
+    others = [LlmRequest(f"ok{i}", [30 + i, 31], good) for i in range(2)]
+    rogue = LlmRequest("rogue", [40, 41], bad)
+    for request in (others[0], rogue, others[1]):
+        executor.enqueue(request)
+    while executor.has_work():
+        executor.step()
+    assert rogue.finish_reason.value == "error" and "stop_token_ids" in rogue.error
+    assert all(r.finish_reason.value == "length" and len(r.output_token_ids) == 4 for r in others)
+    assert llm.kv_cache_stats.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("prompt", [b"hello", {"a": 1}, [1.0, 2.0], [True, False], None, [[1, 2], [3]]])
+def test_a_prompt_of_the_wrong_type_is_a_type_error_naming_it(llm, prompt):
+    with pytest.raises(TypeError, match=r"prompts?(\[\d\])*"):
+        llm.generate([[5, 6], prompt], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.executor.active
+
+
+def test_sampling_params_as_a_dict_is_a_type_error(llm):
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.generate([5, 6], {"max_tokens": 3}, use_tqdm=False)
+
+
+@pytest.mark.parametrize(
+    "messages, name",
+    [([{"content": "hi"}], r"messages\[0\].role"), ([{"role": "user"}], r"messages\[0\].content"), ("hi", "messages"), ([], "messages")],
+)
+def test_bad_chat_messages_name_the_field(llm, messages, name):
+    with pytest.raises((TypeError, ValueError), match=name):
+        llm.chat(messages)

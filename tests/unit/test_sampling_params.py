@@ -1,5 +1,6 @@
-"""SamplingParams: every field is validated (ValueError naming the field), normalisations of `stop`
-and `top_k`, boundary values accepted, and the derived `greedy` / `has_penalties` flags."""
+"""SamplingParams: every field is validated (ValueError naming the field, for a wrong type as for a
+value out of range), the limits on `n`, `stop`, `stop_token_ids` and logprobs, normalisations of
+`stop` and `top_k`, boundary values accepted, and the derived `greedy` / `has_penalties` flags."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ import re
 
 import pytest
 
-from framework.sampling_params import SamplingParams
+from framework.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+    short_repr,
+)
+
+FLOAT_FIELDS = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
+BOOL_FIELDS = ["include_stop_str_in_output", "ignore_eos", "skip_special_tokens"]
 
 # (field, invalid value); each must raise ValueError whose message starts with the field's name
 INVALID = [
@@ -63,19 +75,81 @@ INVALID = [
     ("logprobs", True),
     ("prompt_logprobs", -1),
     ("prompt_logprobs", 2.0),
+    # types and limits
+    ("n", MAX_N + 1),
+    ("n", 10**6),
+    ("n", -5),
+    ("n", "2"),
+    ("max_tokens", None),
+    ("max_tokens", True),
+    ("min_tokens", True),
+    ("min_tokens", None),
+    ("top_k", -1.0),  # only the integer -1 means "all tokens"
+    ("top_k", True),
+    ("top_k", 2**63),  # beyond an int64 tensor
+    ("seed", 10**5000),  # too long even for repr()
+    ("seed", 2**200),
+    ("seed", float("nan")),
+    ("stop", 5),
+    ("stop", 1.5),
+    ("stop", [1]),
+    ("stop", b"ab"),
+    ("stop", {"a": 1}),
+    ("stop", [["a"]]),
+    ("stop", ["x"] * (MAX_STOP_STRINGS + 1)),
+    ("stop", ["ok", "x" * (MAX_STOP_STRING_CHARS + 1)]),
+    ("stop_token_ids", 5),
+    ("stop_token_ids", "12"),
+    ("stop_token_ids", {1: 2}),
+    ("stop_token_ids", [None]),
+    ("stop_token_ids", list(range(MAX_STOP_TOKEN_IDS + 1))),
+    ("logprobs", MAX_LOGPROBS + 1),
+    ("logprobs", "5"),
+    ("prompt_logprobs", MAX_LOGPROBS + 1),
+    ("prompt_logprobs", True),
 ]
+INVALID += [(name, bad) for name in FLOAT_FIELDS for bad in (float("nan"), float("inf"), float("-inf"), 10**400, True, False)]
+INVALID += [(name, bad) for name in BOOL_FIELDS for bad in (None, "yes", "", 1, 0, 1.0, [True])]
 
 
-@pytest.mark.parametrize(("name", "value"), INVALID, ids=[f"{n}={v!r}" for n, v in INVALID])
+def _id(name, value):
+    return f"{name}={short_repr(value)[:40]}"
+
+
+@pytest.mark.parametrize(("name", "value"), INVALID, ids=[_id(n, v) for n, v in INVALID])
 def test_invalid_value_raises_naming_the_field(name, value):
-    with pytest.raises(ValueError, match=rf"^{re.escape(name)}\b"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}\b") as caught:
         SamplingParams(**{name: value})
+    assert len(str(caught.value)) < 200  # huge values are shown truncated
 
 
-def test_invalid_value_set_after_construction_is_caught_by_validate():
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"n": MAX_N + 1}, f"at most {MAX_N}"),
+        ({"stop": ["x"] * (MAX_STOP_STRINGS + 1)}, f"at most {MAX_STOP_STRINGS}"),
+        ({"stop": ["x" * (MAX_STOP_STRING_CHARS + 1)]}, f"at most {MAX_STOP_STRING_CHARS}"),
+        ({"stop_token_ids": [0] * (MAX_STOP_TOKEN_IDS + 1)}, f"at most {MAX_STOP_TOKEN_IDS}"),
+        ({"logprobs": MAX_LOGPROBS + 1}, f"[0, {MAX_LOGPROBS}]"),
+        ({"temperature": float("nan")}, "finite"),
+        ({"ignore_eos": "yes"}, "True or False"),
+        ({"stop": ["ok", 3]}, "stop[1]"),
+        ({"stop_token_ids": [1, -2]}, "stop_token_ids[1]"),
+    ],
+)
+def test_limit_and_type_messages_say_what_is_allowed(kwargs, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("top_p", 0.0), ("temperature", float("nan")), ("ignore_eos", "yes"), ("stop", "x"), ("stop", None), ("stop_token_ids", 7), ("n", 500)],
+)
+def test_invalid_value_set_after_construction_is_caught_by_validate(name, value):
     params = SamplingParams()
-    params.top_p = 0.0
-    with pytest.raises(ValueError, match=r"^top_p\b"):
+    setattr(params, name, value)
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}\b"):
         params.validate()
 
 
@@ -123,10 +197,20 @@ VALID = [
     {"logprobs": None},
     {"prompt_logprobs": 0},
     {"prompt_logprobs": 5},
+    {"n": MAX_N},
+    {"top_k": 2**63 - 1},
+    {"stop": ["x"] * MAX_STOP_STRINGS},
+    {"stop": ["x" * MAX_STOP_STRING_CHARS]},
+    {"stop_token_ids": list(range(MAX_STOP_TOKEN_IDS))},
+    {"logprobs": MAX_LOGPROBS},
+    {"prompt_logprobs": MAX_LOGPROBS},
+    {"include_stop_str_in_output": True},
+    {"ignore_eos": True},
+    {"skip_special_tokens": False},
 ]
 
 
-@pytest.mark.parametrize("kwargs", VALID, ids=[repr(v) for v in VALID])
+@pytest.mark.parametrize("kwargs", VALID, ids=[repr(v)[:60] for v in VALID])
 def test_boundary_values_are_accepted(kwargs):
     params = SamplingParams(**kwargs)
     for name, value in kwargs.items():
