@@ -97,12 +97,15 @@ def _generate(cfg, llm, started: float) -> None:
 
 
 def _serve(cfg, llm, started: float) -> None:
-    from framework.server.app import serve
+    from framework.server.app import check_settings, serve
 
     s = cfg.server
+    check_settings(s.api_key, s.max_body_bytes)
     name = s.model_name or default_model_name(cfg)
     print(f"[framework] serving {name} on http://{s.host}:{s.port}/v1 (loaded in {time.perf_counter() - started:.1f}s)", flush=True)
-    serve(llm, s.host, s.port, name, s.api_key, s.graceful_timeout)
+    hosts = list(s.allowed_hosts) if s.allowed_hosts is not None else None
+    settings = {"max_body_bytes": s.max_body_bytes, "allowed_hosts": hosts, "enable_docs": s.enable_docs}
+    serve(llm, s.host, s.port, name, s.api_key, s.graceful_timeout, **settings)
 
 
 def _bench(cfg, llm, started: float) -> None:

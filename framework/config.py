@@ -65,9 +65,12 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # when set, /v1/* requires `Authorization: Bearer <api_key>`
+    api_key: str | None = None  # when set, all but /health and /metrics require `Authorization: Bearer <api_key>`
     model_name: str | None = None  # the name clients pass as `model`; default: the checkpoint's
     graceful_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413 before they are parsed
+    allowed_hosts: list[str] | None = None  # Host header names accepted; None: loopback names without api_key, any with it
+    enable_docs: bool = False  # serve /docs, /redoc and /openapi.json
 
 
 @dataclass

@@ -57,6 +57,12 @@ class ServerMetrics:
                 if "finish_time" in m and generated > len(out.outputs):
                     self.tpot.observe((m["finish_time"] - m["first_token_time"]) / per_output)
 
+    def record_unstarted(self, prompt_tokens: int) -> None:
+        """Count a request abandoned before its first output as aborted."""
+        with self._lock:
+            self.requests["abort"] += 1
+            self.prompt_tokens += prompt_tokens
+
     def render(self, llm) -> str:
         executor = llm.executor
         stats = llm.kv_cache_stats
@@ -89,3 +95,31 @@ class ServerMetrics:
                 *self.tpot.lines("framework_time_per_output_token_seconds"),
             ]
         return "\n".join(lines) + "\n"
+
+
+class Tally:
+    """The engine requests of one HTTP request, each counted exactly once: when it finishes, or at
+    `settle()` as aborted, with or without an output seen (its client went away, possibly before
+    its first token)."""
+
+    def __init__(self, metrics: ServerMetrics, prompt_lengths: list[int]):
+        self.metrics = metrics
+        self.prompt_lengths = prompt_lengths
+        self.last: dict[int, RequestOutput] = {}
+        self.open = set(range(len(prompt_lengths)))
+
+    def see(self, i: int, out: RequestOutput) -> None:
+        if i not in self.open:
+            return
+        self.last[i] = out
+        if out.finished:
+            self.open.discard(i)
+            self.metrics.record(out)
+
+    def settle(self) -> None:
+        for i in sorted(self.open):
+            if i in self.last:
+                self.metrics.record(self.last[i], aborted=True)
+            else:
+                self.metrics.record_unstarted(self.prompt_lengths[i])
+        self.open.clear()

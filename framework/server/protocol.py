@@ -1,4 +1,8 @@
-"""OpenAI-compatible request bodies, and their translation to SamplingParams."""
+"""OpenAI-compatible request bodies, and their translation to SamplingParams.
+
+Bodies are parsed strictly: JSON numbers are not coerced (`true` or `1.0` is no token id), and
+`NaN`/`Infinity` are refused; the JSON parser itself refuses lone surrogates, invalid UTF-8 and
+nesting deeper than about 200 levels."""
 
 from __future__ import annotations
 
@@ -8,9 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from framework.sampling_params import SamplingParams
 
-
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
     model: str | None = None
     n: int = 1
@@ -45,8 +48,8 @@ class _Sampling(BaseModel):
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            stop=self.stop or [],
-            stop_token_ids=self.stop_token_ids or [],
+            stop=self.stop if self.stop is not None else [],
+            stop_token_ids=self.stop_token_ids if self.stop_token_ids is not None else [],
             include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
@@ -75,16 +78,23 @@ class CompletionRequest(_Sampling):
         return self._params(self.max_tokens, self.logprobs)
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None  # required, may be null
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            content = "".join(part.text or "" for part in content if part.type == "text")
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
@@ -96,5 +106,5 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        max_tokens = next((m for m in (self.max_completion_tokens, self.max_tokens) if m is not None), default_max_tokens)
         return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)

@@ -68,13 +68,14 @@ def wait_for_health(url: str, alive, timeout: float) -> None:
 class RunningServer:
     """build_app + uvicorn on a free loopback port, on a background thread."""
 
-    def __init__(self, llm, api_key=None):
+    def __init__(self, llm, api_key=None, **settings):
         import uvicorn
 
         self.llm = llm
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(build_app(llm, MODEL, api_key=api_key), host="127.0.0.1", port=self.port, log_level="warning")
+        app = build_app(llm, MODEL, api_key=api_key, **settings)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self.thread.start()
