@@ -31,22 +31,6 @@ def list_plugins(plugins) -> str:
     return json.dumps({"framework": __version__, "plugins": plugins.describe(), "components": kinds}, indent=2)
 
 
-def check_group_overrides(argv: list[str], plugins) -> None:
-    """Reject `group=name` overrides naming no installed option, before Hydra or any model loads."""
-    from framework.config import GROUPS, check_choice
-    from framework.plugins.registry import UnknownNameError
-
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in (*GROUPS, "model") or value.startswith(("choice(", "range(", "glob(")):
-            continue
-        for name in value.split(","):
-            try:
-                check_choice(key, name, plugins)
-            except UnknownNameError as exc:
-                _fail(str(exc))
-
-
 def default_model_name(cfg) -> str:
     from pathlib import Path
 
@@ -129,7 +113,13 @@ def main() -> None:
     if "--list-plugins" in argv:
         print(list_plugins(plugins))
         return
-    check_group_overrides(argv, plugins)
+    from framework.config import check_overrides
+    from framework.plugins.registry import UnknownNameError
+
+    try:
+        check_overrides(argv, plugins)
+    except UnknownNameError as exc:
+        _fail(str(exc))
 
     import hydra
 

@@ -16,6 +16,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins as HydraPlugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+from framework.plugins.kinds import KINDS, groups
+
 
 @dataclass
 class ModelConfig:
@@ -57,6 +59,14 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, replay decode-only steps from CUDA graphs (one per padded batch/width)
     cuda_graph_max_batch: int = 128  # larger decode steps run eagerly
     cpu_graphs: bool = True  # on CPU with the kernels, replay decode-only steps from recorded kernel calls
+    backend: str = "auto"  # the hot ops' implementation: auto (the best that supports the device) or a name
+
+
+@dataclass
+class ResourcesConfig:
+    """Resource managers beside the KV cache manager (registered through `register_resource_managers`)."""
+
+    extra: list[str] = field(default_factory=list)  # their names, in the order they run (the KV cache last)
 
 
 @dataclass
@@ -101,12 +111,11 @@ class RunConfig:
     temperature: float = 0.0
 
 
-# group -> (config dataclass, field holding the implementation name, registry kinds)
+# the dataclass of each config group that selects an implementation by name (see plugins/kinds.py)
+GROUP_CONFIGS = {"scheduler": SchedulerConfig, "kv_cache": KVCacheConfig, "decoder": DecoderConfig, "engine": EngineConfig}
+# group -> (config dataclass, {kind: field holding the selected name})
 GROUPS: dict[str, tuple[type, dict[str, str]]] = {
-    "scheduler": (SchedulerConfig, {"capacity_scheduler": "capacity", "micro_batch_scheduler": "micro_batch"}),
-    "kv_cache": (KVCacheConfig, {"kv_cache_manager": "name"}),
-    "decoder": (DecoderConfig, {"decoder": "name"}),
-    "engine": (EngineConfig, {"model_engine": "name"}),
+    group: (GROUP_CONFIGS[group], {kind.name: kind.field for kind in kinds}) for group, kinds in groups().items()
 }
 
 
@@ -119,6 +128,7 @@ class FrameworkConfig:
     kv_cache: Any = None
     decoder: Any = None
     engine: Any = None
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: RunConfig = field(default_factory=RunConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -175,13 +185,39 @@ def group_options(group: str, plugins) -> dict[str, str]:
     return options
 
 
-def check_choice(group: str, name: str, plugins) -> None:
+SWEEP_FUNCTIONS = ("choice(", "range(", "glob(", "interval(", "tag(", "sort(", "shuffle(")
+
+
+def check_overrides(overrides: list[str], plugins) -> None:
+    """Every implementation name an override selects (`scheduler=x`, `scheduler.capacity=x`,
+    `resources.extra=[a,b]`, a sweep's `decoder=a,b`) must be installed: UnknownNameError lists the
+    valid names and who provides each. The one place names are checked, before Hydra composes."""
     from framework.plugins.registry import UnknownNameError
 
-    options = group_options(group, plugins)
-    if name not in options:
-        listing = ", ".join(f"{n} ({p})" for n, p in options.items())
-        raise UnknownNameError(f"unknown {group} {name!r}; available: {listing}")
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or value.startswith(SWEEP_FUNCTIONS):
+            continue
+        if key in GROUPS or key == "model":
+            options, label = group_options(key, plugins), key
+        else:
+            kind = next((k for k in KINDS.values() if k.group and f"{k.group}.{k.field}" == key), None)
+            if kind is None:
+                continue
+            options = {**{name: "built in" for name in kind.reserved}, **{e.name: e.provider for e in plugins[kind.name]}}
+            label = kind.label
+        for name in _names(value):
+            if name not in options:
+                listing = ", ".join(f"{n} ({p})" for n, p in options.items()) or "none"
+                raise UnknownNameError(f"unknown {label} {name!r}; available: {listing}")
+
+
+def _names(value: str) -> list[str]:
+    """The names in an override's value: `a`, `a,b` (a sweep) or `[a,b]` (a list)."""
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    return [part.strip().strip("'\"") for part in value.split(",") if part.strip()]
 
 
 class _FrameworkSearchPath(SearchPathPlugin):

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 from framework.api import inputs
 from framework.api.detokenizer import IncrementalDetokenizer, visible_text
 from framework.api.options import options_to_overrides
-from framework.config import GROUPS, check_choice, compose
+from framework.config import check_overrides, compose
 from framework.outputs import CompletionOutput, Logprob, RequestOutput
 from framework.plugins.manager import Plugins, create_plugin_manager
 from framework.request import LlmRequest
@@ -51,19 +51,17 @@ class LLM:
     Hugging Face checkpoint. Keyword options are config overrides (see `options_to_overrides`)."""
 
     def __init__(self, model: str | None = None, *, config=None, plugins: Plugins | None = None, **options):
-        from framework.executor.builder import build_executor, validate_names
+        from framework.executor.builder import build_executor
         from framework.models.checkpoint import resolve_checkpoint
 
         self.plugins = plugins or create_plugin_manager()
         if config is not None and (model is not None or options):
             raise TypeError("pass either a composed config or model/options, not both")
         if config is None:
-            for group in GROUPS:
-                if isinstance(options.get(group), str):
-                    check_choice(group, options[group], self.plugins)
-            config = compose(options_to_overrides(model, options), self.plugins)
+            overrides = options_to_overrides(model, options)
+            check_overrides(overrides, self.plugins)
+            config = compose(overrides, self.plugins)
         self.config = config
-        validate_names(self.config, self.plugins)
         checkpoint_dir = resolve_checkpoint(self.config.model.path)
         self.tokenizer = _load_tokenizer(checkpoint_dir)
         self.executor = build_executor(self.config, self.plugins, checkpoint_dir, IncrementalDetokenizer(self.tokenizer))

@@ -108,7 +108,7 @@ def _shared_columns(block_tables: torch.Tensor) -> int:
 
 
 class PyTorchModelEngine(ModelEngine):
-    def __init__(self, engine_config, config, model_config, checkpoint_dir, model_registry):
+    def __init__(self, engine_config, config, model_config, checkpoint_dir, plugins):
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
         self.device = resolve_device(model_config.device)
@@ -122,7 +122,7 @@ class PyTorchModelEngine(ModelEngine):
             keep_onednn_primitives()
         self.hf_config = load_hf_config(checkpoint_dir)
         architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
-        model_cls = model_registry.get(architectures[0]).load()
+        model_cls = plugins["model"].get(architectures[0]).load()
         with torch.device("meta"):
             model = model_cls(self.hf_config)
         model = model.to_empty(device=self.device).to(self.dtype)

@@ -1,55 +1,52 @@
-"""Builds a PyExecutor from a composed config and the plugin registries. Every name is resolved
-before anything heavy is loaded, so a misspelt name fails fast with the list of valid ones."""
+"""Builds a PyExecutor from a composed config and the plugin registries. Each factory is called as
+factory(group_config, own_config, *context) and its result checked against its kind's ABC (the
+table in `framework.plugins.kinds`)."""
 
 from __future__ import annotations
 
-from framework.config import GROUPS, component_config
-from framework.decoder.base import Decoder
-from framework.engine.base import ModelEngine
+from framework.config import component_config
 from framework.executor.py_executor import PyExecutor
-from framework.resources.base import KVCacheManager, ResourceManager
-from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler
+from framework.plugins.kinds import KINDS
+from framework.resources.base import ResourceManager
 
 
-def _selected(cfg, plugins):
-    """(group config, registry entry) for every component kind, validated by name."""
-    chosen = {}
-    for group, (_, name_fields) in GROUPS.items():
-        group_cfg = cfg[group]
-        for kind, field in name_fields.items():
-            chosen[kind] = (group_cfg, plugins[kind].get(group_cfg[field]))
-    return chosen
+class Builder:
+    def __init__(self, cfg, plugins):
+        self.cfg, self.plugins = cfg, plugins
+        self.names: dict[str, str] = {}  # component key -> "kind 'name' (plugin)", for messages
 
+    def make(self, kind_name: str, *context, name: str | None = None, key: str | None = None, **kw):
+        kind = KINDS[kind_name]
+        group_cfg = self.cfg[kind.group]
+        entry = self.plugins[kind_name].get(name or group_cfg[kind.field])
+        obj = entry.load()(group_cfg, component_config(group_cfg, entry.config), *context, **kw)
+        abc = kind.base_class()
+        if abc is not None and not isinstance(obj, abc):
+            raise TypeError(f"{kind.label} {entry.name!r} from {entry.provider} is not a {abc.__name__}")
+        self.names[key or kind_name] = f"{kind.label} {entry.name!r} ({entry.provider})"
+        return obj
 
-def _check(obj, abc, kind, entry):
-    if not isinstance(obj, abc):
-        raise TypeError(f"{kind} {entry.name!r} from {entry.provider} is not a {abc.__name__}")
-    return obj
+    def resource_manager(self, spec) -> ResourceManager:
+        """`resources.extra` in order, then the KV cache manager (under the key "kv_cache")."""
+        managers = {}
+        for name in self.cfg.resources.extra:
+            if name in managers or name == "kv_cache":
+                raise ValueError(f"resources.extra names {name!r} twice (or as the KV cache's own key)")
+            managers[name] = self.make("resource_manager", spec, name=name, key=name)
+        managers["kv_cache"] = self.make("kv_cache_manager", spec, key="kv_cache")
+        return ResourceManager(managers)
 
 
 def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor:
-    """Each factory is called as factory(group_config, own_config, *context)."""
-    chosen = _selected(cfg, plugins)
-
-    def make(kind, abc, *context, **kw):
-        group_cfg, entry = chosen[kind]
-        obj = entry.load()(group_cfg, component_config(group_cfg, entry.config), *context, **kw)
-        return _check(obj, abc, kind.replace("_", " "), entry)
-
-    names = {kind: f"{kind.replace('_', ' ')} {entry.name!r} ({entry.provider})" for kind, (_, entry) in chosen.items()}
-    names["kv_cache"] = names["kv_cache_manager"]  # its key in the ResourceManager
-    engine = make("model_engine", ModelEngine, cfg.model, checkpoint_dir, plugins["model"])
-    kv_cache = make("kv_cache_manager", KVCacheManager, engine.kv_cache_spec())
+    build = Builder(cfg, plugins)
+    engine = build.make("model_engine", cfg.model, checkpoint_dir, plugins)
+    resources = build.resource_manager(engine.kv_cache_spec())
     return PyExecutor(
-        capacity_scheduler=make("capacity_scheduler", CapacityScheduler),
-        micro_batch_scheduler=make("micro_batch_scheduler", MicroBatchScheduler),
-        resource_manager=ResourceManager({"kv_cache": kv_cache}),
+        capacity_scheduler=build.make("capacity_scheduler"),
+        micro_batch_scheduler=build.make("micro_batch_scheduler"),
+        resource_manager=resources,
         model_engine=engine,
-        decoder=make("decoder", Decoder, seed=cfg.model.seed),
+        decoder=build.make("decoder", seed=cfg.model.seed),
         detokenizer=detokenizer,
-        component_names=names,
+        component_names=build.names,
     )
-
-
-def validate_names(cfg, plugins) -> None:
-    _selected(cfg, plugins)

@@ -203,11 +203,15 @@ class PyExecutor:
             self._free(request)
             if not request.is_finished:
                 request.reset_for_recompute()
+        fitting = []
         for request in capacity.fitting:
             if request.state is RequestState.QUEUED:
+                if not self._can_admit(request):
+                    continue  # a manager has no room yet: it stays queued
                 request.state = RequestState.CONTEXT
                 self._admit(request)
-        scheduled = self._schedule_micro_batch([r for r in capacity.fitting if not r.is_finished])
+            fitting.append(request)
+        scheduled = self._schedule_micro_batch([r for r in fitting if not r.is_finished])
         if scheduled:
             self._isolating("resource_manager", scheduled, self.resource_manager.prepare_resources)
         return scheduled
@@ -320,6 +324,11 @@ class PyExecutor:
                 yield
         except ComponentFault as fault:
             self._fail([request], str(fault))
+
+    def _can_admit(self, request: LlmRequest) -> bool:
+        with self._fails_alone("resource_manager", request):
+            return self.resource_manager.can_admit(request)
+        return False
 
     def _admit(self, request: LlmRequest) -> None:
         with self._fails_alone("resource_manager", request):

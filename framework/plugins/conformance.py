@@ -165,7 +165,7 @@ def check_model_engine(factory, checkpoint_dir, config=None):
     from framework.resources.base import ResourceManager
 
     engine = factory(EngineConfig(), config, ModelConfig(dtype="float32", device="cpu"), checkpoint_dir,
-                     create_plugin_manager(autoload=False)["model"])
+                     create_plugin_manager(autoload=False))
     assert isinstance(engine, ModelEngine)
     spec = engine.kv_cache_spec()
 

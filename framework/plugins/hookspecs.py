@@ -1,4 +1,6 @@
-"""The hooks a plugin implements. Each `register_*` hook receives a `register` callback:
+"""The hooks a plugin implements: one `register_<kinds>(register)` hook per component kind (the
+table in `framework.plugins.kinds`), plus `config_search_path()`. Each `register_*` hook receives a
+`register` callback:
 
     register(name, factory, config=None)
 
@@ -11,40 +13,27 @@ from __future__ import annotations
 
 import pluggy
 
+from framework.plugins.kinds import KINDS
+
 hookspec = pluggy.HookspecMarker("framework")
 hookimpl = pluggy.HookimplMarker("framework")
 
 
 class FrameworkHookSpecs:
     @hookspec
-    def register_capacity_schedulers(self, register):
-        """Register CapacityScheduler implementations (which requests get resources this step).
-        Selected with `scheduler=<name>` or `scheduler.capacity=<name>`."""
-
-    @hookspec
-    def register_micro_batch_schedulers(self, register):
-        """Register MicroBatchScheduler implementations (which fitting requests run this step and
-        how many tokens each computes). Selected with `scheduler=<name>` or `scheduler.micro_batch=<name>`."""
-
-    @hookspec
-    def register_kv_cache_managers(self, register):
-        """Register KVCacheManager implementations (the resource manager that owns the paged KV
-        cache). Selected with `kv_cache=<name>`."""
-
-    @hookspec
-    def register_decoders(self, register):
-        """Register Decoder implementations (logits to tokens). Selected with `decoder=<name>`."""
-
-    @hookspec
-    def register_model_engines(self, register):
-        """Register ModelEngine implementations (packed batch to logits). Selected with `engine=<name>`."""
-
-    @hookspec
-    def register_models(self, register):
-        """Register model architectures under a checkpoint `architectures` name, e.g.
-        "LlamaForCausalLM". The factory is called with the Hugging Face config object."""
-
-    @hookspec
     def config_search_path(self):
         """Return a config search path entry (or a list of them), e.g. "pkg://my_plugin.conf", whose
         YAML presets become options of the framework's config groups."""
+
+
+def _register_hook(kind):
+    def hook(self, register):
+        pass
+
+    hook.__name__ = hook.__qualname__ = kind.hook
+    hook.__doc__ = f"Register {kind.doc}"
+    return hookspec(hook)
+
+
+for _kind in KINDS.values():
+    setattr(FrameworkHookSpecs, _kind.hook, _register_hook(_kind))

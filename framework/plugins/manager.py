@@ -17,27 +17,12 @@ from dataclasses import dataclass, field
 import pluggy
 
 from framework.plugins.hookspecs import FrameworkHookSpecs
+from framework.plugins.kinds import KINDS
 from framework.plugins.registry import Registry
 
 ENTRY_POINT_GROUP = "framework.plugins"
 
-# kind -> hook that fills its registry
-KINDS = {
-    "capacity_scheduler": "register_capacity_schedulers",
-    "micro_batch_scheduler": "register_micro_batch_schedulers",
-    "kv_cache_manager": "register_kv_cache_managers",
-    "decoder": "register_decoders",
-    "model_engine": "register_model_engines",
-    "model": "register_models",
-}
-
-BUILTIN_MODULES = (
-    "framework.scheduler.builtins",
-    "framework.resources.builtins",
-    "framework.decoder.builtins",
-    "framework.engine.builtins",
-    "framework.models.builtins",
-)
+BUILTIN_MODULES = tuple(dict.fromkeys(kind.builtins for kind in KINDS.values()))
 
 
 class PluginError(RuntimeError):
@@ -125,9 +110,9 @@ def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plu
         who = providers.get(pm.get_name(exc.plugin), "?")
         raise PluginError(f"plugin from {who} is invalid: {exc}") from exc
 
-    registries = {kind: Registry(kind.replace("_", " ")) for kind in KINDS}
+    registries = {kind.name: Registry(kind.label) for kind in KINDS.values()}
     provides: dict[str, dict[str, list[str]]] = {}
-    for kind, hook_name in KINDS.items():
+    for kind, hook_name in ((k.name, k.hook) for k in KINDS.values()):
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             provider = providers.get(impl.plugin_name, impl.plugin_name)
             names = provides.setdefault(impl.plugin_name, {}).setdefault(kind, [])

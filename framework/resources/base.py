@@ -14,6 +14,11 @@ from framework.request import LlmRequest
 
 
 class BaseResourceManager(ABC):
+    def can_admit(self, request: LlmRequest) -> bool:
+        """Whether a queued request the capacity scheduler chose may start now. A manager without
+        room says no and the request stays queued (it is asked again next step; never failed)."""
+        return True
+
     def admit(self, request: LlmRequest) -> None:
         """The capacity scheduler admitted `request` (new, or resumed after preemption), before the
         micro-batch scheduler sees it; called again before each step while the request catches up
@@ -151,6 +156,15 @@ class ResourceManager:
                 errors.append(error)
         if errors:
             raise errors[0]
+
+    def can_admit(self, request: LlmRequest) -> bool:
+        for name, manager in self.managers.items():
+            try:
+                if not manager.can_admit(request):
+                    return False
+            except Exception as exc:
+                raise ResourceManagerError(name, exc) from exc
+        return True
 
     def admit(self, request: LlmRequest) -> None:
         self._each("admit", request)

@@ -1,0 +1,1 @@
+"""Registers the built-in backends through the same hook a plugin uses."""
