@@ -41,6 +41,7 @@ class LlmRequest:
     priority: int | None = None  # for priority-aware schedulers (lower is more important); None: unset
     eos_token_ids: tuple[int, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed continuation this step verifies
     num_computed_tokens: int = 0
     num_scheduled_tokens: int = 0  # set by the micro-batch scheduler for the current step
     state: RequestState = RequestState.QUEUED
@@ -70,7 +71,8 @@ class LlmRequest:
 
     @property
     def num_missing_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens to compute before the next sample: the ones not in the cache, plus any drafts."""
+        return self.num_tokens + len(self.draft_token_ids) - self.num_computed_tokens
 
     @property
     def max_total_tokens(self) -> int:
@@ -82,8 +84,11 @@ class LlmRequest:
         return self.state is RequestState.FINISHED
 
     def tokens(self, start: int, end: int) -> list[int]:
-        """Token ids at positions [start, end) of prompt + output, without copying the rest."""
+        """Token ids at positions [start, end) of prompt + output (+ drafts, past the outputs),
+        without copying the rest."""
         n = self.prompt_len
+        if end > self.num_tokens:
+            return self.tokens(start, self.num_tokens) + self.draft_token_ids[max(0, start - self.num_tokens) : end - self.num_tokens]
         if end <= n:
             return self.prompt_token_ids[start:end]
         if start >= n:

@@ -12,7 +12,9 @@ from framework.resources.base import KVCacheSpec, ResourceManager
 
 @dataclass(frozen=True)
 class ForwardOutput:
-    logits: Any  # [len(sampled), vocab] float32 tensor: one row per request that samples this step
+    # float32 [rows, vocab]: per sampled request, in order, the row of its last token and then one
+    # row per draft token it verifies (1 + len(draft_token_ids) rows)
+    logits: Any
     sampled: list[LlmRequest]  # requests whose scheduled chunk reached their last token
     # for requests asking for prompt logprobs: (request, first position, logits of every position
     # of its chunk [num_scheduled_tokens, vocab] float32)

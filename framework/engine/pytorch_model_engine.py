@@ -176,8 +176,8 @@ class PyTorchModelEngine(ModelEngine):
             starts.append(start)
             lengths.append(n)
             tables.append(kv_cache_manager.get_block_table(request))
-            if start + n == request.num_tokens:
-                sample_index.append(len(input_ids) - 1)
+            if start + n >= request.num_tokens:  # its last token, then one row per draft to verify
+                sample_index.extend(range(len(input_ids) - 1 - (start + n - request.num_tokens), len(input_ids)))
                 sampled.append(request)
         starts_t = torch.tensor(starts, dtype=torch.long)
         lengths_t = torch.tensor(lengths, dtype=torch.long)

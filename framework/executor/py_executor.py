@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 from framework.decoder.base import Decoder
 from framework.engine.base import ModelEngine
+from framework.executor.verify import decode_runs
 from framework.request import FinishReason, LlmRequest, RequestState
 from framework.resources.base import ResourceManager, ResourceManagerError
 from framework.sampling_params import short_repr
-from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler
+from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler, decoding
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class PyExecutor:
         decoder: Decoder,
         detokenizer=None,
         component_names: dict[str, str] | None = None,
+        drafter=None,
     ):
         self.capacity_scheduler = capacity_scheduler
         self.micro_batch_scheduler = micro_batch_scheduler
@@ -65,6 +67,7 @@ class PyExecutor:
         self.decoder = decoder
         self.detokenizer = detokenizer  # optional: output text and stop strings need one
         self.component_names = component_names or {}  # kind (or resource manager) -> "kind 'name' (plugin)"
+        self.drafter = drafter  # optional: proposes draft tokens that a step verifies (`propose(requests)`)
         self.kv_cache_manager = resource_manager.kv_cache_manager
         self.active: list[LlmRequest] = []  # arrival order
         self._waiting: list[LlmRequest] = []  # siblings (n > 1) waiting for the first one's prompt
@@ -190,6 +193,7 @@ class PyExecutor:
             finally:
                 for request in self.active:
                     request.num_scheduled_tokens = 0
+                    request.draft_token_ids = []
             return list(dict.fromkeys(updated + self._release_finished()))
 
     def _schedule(self) -> list[LlmRequest]:
@@ -211,10 +215,30 @@ class PyExecutor:
                 request.state = RequestState.CONTEXT
                 self._admit(request)
             fitting.append(request)
-        scheduled = self._schedule_micro_batch([r for r in fitting if not r.is_finished])
+        fitting = [r for r in fitting if not r.is_finished]
+        self._propose_drafts(fitting)
+        scheduled = self._schedule_micro_batch(fitting)
+        for request in scheduled:  # the drafts the token budget left room for
+            del request.draft_token_ids[request.num_scheduled_tokens - (request.num_tokens - request.num_computed_tokens) :]
         if scheduled:
             self._isolating("resource_manager", scheduled, self.resource_manager.prepare_resources)
         return scheduled
+
+    def _propose_drafts(self, fitting: list[LlmRequest]) -> None:
+        """Draft tokens for the decoding requests, at most as many as each may still produce
+        (less one: the target adds a token of its own). A drafter that raises only costs the drafts."""
+        if self.drafter is None:
+            return
+        requests = decoding(fitting)
+        try:
+            self.drafter.propose(requests)
+        except Exception:
+            logger.exception("%s raised; this step verifies no drafts", self.describe("drafter"))
+            for request in requests:
+                request.draft_token_ids = []
+        for request in requests:
+            room = min(request.sampling_params.max_tokens - len(request.output_token_ids), self.model_engine.max_model_len - request.num_tokens) - 1
+            del request.draft_token_ids[max(0, room) :]
 
     def _run(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
         """Forward and decode the batch, then update requests and resources; returns the requests
@@ -230,19 +254,18 @@ class PyExecutor:
                 counters.tokens_forwarded += n
                 counters.attended_positions += n * start + n * (n + 1) // 2
                 request.num_computed_tokens = start + n
-        for request, token, token_logprobs in results:
-            with self._fails_alone("detokenizer", request):
-                self._append_token(request, token, token_logprobs)
+        for request, tokens, logprobs in results:
+            self._append_run(request, tokens, logprobs)
         try:
             self._isolating("resource_manager", [r for r in scheduled if r.error is None], self.resource_manager.update_resources)
         except ComponentFault as fault:
             self._fail(fault.requests, str(fault))
-        counters.tokens_sampled += len(results)
+        counters.tokens_sampled += sum(len(tokens) for _, tokens, _ in results)
         counters.step_seconds += time.perf_counter() - step_started
         return [request for request, _, _ in results]
 
     def _compute(self, batch: list[LlmRequest]) -> list[tuple]:
-        """(request, token, logprobs) of each request of `batch` that samples. When the batch
+        """(request, tokens, logprobs) of each request of `batch` that samples. When the batch
         raises, each request is computed again alone: the ones that still raise fail, the others
         go on."""
         try:
@@ -263,12 +286,23 @@ class PyExecutor:
             output = self.model_engine.forward(batch, self.resource_manager)
         self.counters.forward_seconds += time.perf_counter() - started
         with self._blame("decoder", batch):
-            decoded = self.decoder.decode(output.sampled, output.logits)
+            runs = decode_runs(self.decoder, output.sampled, output.logits)
         if output.prompt_logits:
             with self._blame("prompt_logprobs", batch):
                 self._record_prompt_logprobs(output.prompt_logits)
-        logprobs = decoded.logprobs or [None] * len(decoded.token_ids)
-        return list(zip(output.sampled, decoded.token_ids, logprobs))
+        return runs
+
+    def _append_run(self, request: LlmRequest, tokens: list[int], logprobs: list) -> None:
+        """Append a request's new tokens (stopping where one finishes it), then move its cursor
+        back over the drafts it did not accept: their cache slots are written again later, and
+        no block holding one is ever keyed for prefix reuse."""
+        with self._fails_alone("detokenizer", request):
+            for token, token_logprobs in zip(tokens, logprobs):
+                self._append_token(request, token, token_logprobs)
+                if request.is_finished:
+                    break
+        request.num_computed_tokens -= len(request.draft_token_ids) + 1 - len(tokens)
+        request.draft_token_ids = []
 
     # ---- faults ------------------------------------------------------------------------------
     @contextmanager

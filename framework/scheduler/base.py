@@ -48,6 +48,15 @@ def queued(active: list[LlmRequest]) -> list[LlmRequest]:
     return [r for r in active if r.state is RequestState.QUEUED]
 
 
+def is_decoding(request: LlmRequest) -> bool:
+    """Generating, with only its last token (and any drafts to verify) left to compute."""
+    return request.state is RequestState.GENERATION and request.num_computed_tokens == request.num_tokens - 1
+
+
+def decoding(active: list[LlmRequest]) -> list[LlmRequest]:
+    return [r for r in active if is_decoding(r)]
+
+
 def _limits(scheduler_config) -> tuple[int, int]:
     batch, tokens = scheduler_config.max_batch_size, scheduler_config.max_num_tokens
     if batch < 1:

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-from framework.request import RequestState
-from framework.scheduler.base import MicroBatchScheduler
+from framework.scheduler.base import MicroBatchScheduler, is_decoding
 
 
 class FCFSMicroBatchScheduler(MicroBatchScheduler):
-    """Decode tokens first (one each, so running requests never stall), then prompt or recompute
-    chunks in arrival order, each as large as the remaining token budget allows. A prompt longer
-    than the budget is computed over several steps (chunked prefill)."""
+    """Decode tokens first (one each, plus the drafts to verify while the budget lasts, so running
+    requests never stall), then prompt or recompute chunks in arrival order, each as large as the
+    remaining token budget allows. A prompt longer than the budget is computed over several steps
+    (chunked prefill)."""
 
     def schedule(self, fitting):
-        decoding = [r for r in fitting if r.state is RequestState.GENERATION and r.num_missing_tokens == 1]
-        catching_up = [r for r in fitting if not (r.state is RequestState.GENERATION and r.num_missing_tokens == 1)]
-        budget = self.max_num_tokens
-        batch = []
-        for request in decoding + catching_up:
+        decoding = [r for r in fitting if is_decoding(r)]
+        catching_up = [r for r in fitting if not is_decoding(r)]
+        batch = decoding[: min(self.max_batch_size, self.max_num_tokens)]
+        for request in batch:
+            request.num_scheduled_tokens = 1
+        budget = self.max_num_tokens - len(batch)
+        for request in batch:  # drafts to verify: after every decode row has its token
+            extra = min(request.num_missing_tokens - 1, budget)
+            request.num_scheduled_tokens += extra
+            budget -= extra
+        for request in catching_up:
             if budget == 0 or len(batch) >= self.max_batch_size:
                 break
             request.num_scheduled_tokens = min(request.num_missing_tokens, budget)
@@ -30,7 +36,7 @@ class EqualProgressMicroBatchScheduler(MicroBatchScheduler):
     are catching up, so several long prompts advance together instead of one after another."""
 
     def schedule(self, fitting):
-        decoding = [r for r in fitting if r.state is RequestState.GENERATION and r.num_missing_tokens == 1]
+        decoding = [r for r in fitting if is_decoding(r)]
         catching_up = [r for r in fitting if r not in decoding]
         batch = decoding[: min(self.max_batch_size, self.max_num_tokens)]
         for request in batch:

@@ -1,0 +1,44 @@
+"""Decoding a step's sampled rows into runs of tokens, verifying drafts on the way.
+
+A request scheduled with k draft tokens has 1 + k logits rows: row j predicts the token after its
+j-th draft. Its rows are decoded in order, one position at a time across the batch: while the
+decoded token equals the next draft, that draft is accepted and the next position is decoded;
+the first token that differs (or the bonus token after the last draft) ends the run. So a run is
+0..k accepted drafts plus one token of the target's own, exactly what decoding one token per step
+would have given: greedy takes the same argmax, and a sampled token equals a draft with the
+probability the target gives it (the accept rule for a draft proposed with certainty).
+"""
+
+from __future__ import annotations
+
+from framework.request import LlmRequest
+
+
+def decode_runs(decoder, sampled: list[LlmRequest], logits) -> list[tuple[LlmRequest, list[int], list]]:
+    """(request, tokens, logprobs of each token) for each sampled request."""
+    rows = [1 + len(r.draft_token_ids) for r in sampled]
+    if all(n == 1 for n in rows):  # no drafts: the plain decode step
+        decoded = decoder.decode(sampled, logits)
+        logprobs = decoded.logprobs or [None] * len(sampled)
+        return [(r, [t], [lp]) for r, t, lp in zip(sampled, decoded.token_ids, logprobs)]
+    first_row = [sum(rows[:i]) for i in range(len(sampled))]
+    runs: list[tuple[list[int], list]] = [([], []) for _ in sampled]
+    live = list(range(len(sampled)))
+    try:
+        for position in range(max(rows)):
+            requests = [sampled[i] for i in live]
+            decoded = decoder.decode(requests, logits[[first_row[i] + position for i in live]])
+            logprobs = decoded.logprobs or [None] * len(live)
+            still = []
+            for i, token, lp in zip(live, decoded.token_ids, logprobs):
+                runs[i][0].append(token)
+                runs[i][1].append(lp)
+                if position < rows[i] - 1 and token == sampled[i].draft_token_ids[position]:
+                    sampled[i].output_token_ids.append(token)  # the next position's context (min_tokens...)
+                    still.append(i)
+            live = still
+    finally:  # the executor appends the runs itself, with its stop checks
+        for request, (tokens, _) in zip(sampled, runs):
+            if len(tokens) > 1:
+                del request.output_token_ids[-(len(tokens) - 1) :]
+    return [(r, tokens, logprobs) for r, (tokens, logprobs) in zip(sampled, runs)]
