@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from framework.sampling_params import SamplingParams
 
@@ -52,10 +51,6 @@ class LlmRequest:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
-    # state owned by other components, released with the request
-    decoder_state: Any = None  # e.g. penalty statistics
-    generator: Any = None  # torch.Generator of a seeded request
-    detokenizer: Any = None  # incremental detokenizer state
     output_text: str = ""
     logprobs: list | None = None  # per generated token, when asked for
     prompt_logprobs: list | None = None  # per prompt token, when asked for

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from framework.resources.request_states import RequestStates
+
 PROMPT_CONTEXT = 5  # prompt tokens kept as context for the first output token's spacing
 
 
@@ -22,14 +24,12 @@ class _State:
 class IncrementalDetokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.request_states = RequestStates()  # request -> _State, freed when it finishes
 
     def update(self, request, token: int, check_stop: bool = True) -> str | None:
         """Append `token`'s text to `request.output_text`; return the stop string it completed, if
         any (then the text is cut there)."""
-        state = request.detokenizer
-        if state is None:
-            context = request.prompt_token_ids[-PROMPT_CONTEXT:]
-            state = request.detokenizer = _State(list(context), 0, len(context))
+        state = self.request_states.get(request, lambda: _initial_state(request))
         state.ids.append(token)
         skip = request.sampling_params.skip_special_tokens
         before = self.tokenizer.decode(state.ids[state.prefix_offset : state.read_offset], skip_special_tokens=skip)
@@ -57,6 +57,11 @@ class IncrementalDetokenizer:
         index, stop = best
         request.output_text = text[: index + len(stop)] if params.include_stop_str_in_output else text[:index]
         return stop
+
+
+def _initial_state(request) -> _State:
+    context = request.prompt_token_ids[-PROMPT_CONTEXT:]
+    return _State(list(context), 0, len(context))
 
 
 def visible_text(request) -> str:

@@ -373,6 +373,10 @@ class LLM:
             ids = ids["input_ids"]
         return list(ids)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix no running request holds; returns how many blocks it freed."""
+        return self.executor.reset_prefix_cache()
+
     @property
     def kv_cache_stats(self):
         return self.executor.kv_cache_manager.stats()

@@ -26,9 +26,7 @@ def _workload_names(spec: str) -> list[str]:
 
 def _framework_run(llm, workload: Workload) -> dict:
     executor = llm.executor
-    reset = getattr(executor.kv_cache_manager, "reset_prefix_cache", None)
-    if reset is not None:  # each run starts cold: only reuse within the workload counts
-        reset()
+    llm.reset_prefix_cache()  # each run starts cold: only reuse within the workload counts
     before_steps, before = executor.num_steps, dataclasses.replace(executor.counters)
     kv_before = llm.kv_cache_stats
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in workload.output_lens]

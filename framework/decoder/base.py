@@ -17,6 +17,10 @@ class DecoderOutput:
 
 
 class Decoder(ABC):
+    # per-request state the decoder keeps (penalty counts, a seeded generator), as a resource
+    # manager the builder puts in the container: freed with the request. None: it keeps none.
+    request_states = None
+
     def __init__(self, decoder_config, config=None, seed: int = 0):
         self.config = config
         self.seed = seed
@@ -24,6 +28,13 @@ class Decoder(ABC):
     @abstractmethod
     def decode(self, requests: list[LlmRequest], logits) -> DecoderOutput:
         """`logits` is `[len(requests), vocab]` float32, one row per request, in order."""
+
+    def record_prompt_logprobs(self, prompt_logits) -> None:
+        """Prompt logprobs of the requests that ask for them, from the raw logits of their chunk
+        (see `ForwardOutput.prompt_logits`), appended to `request.prompt_logprobs`."""
+        from framework.decoder.logprobs import record_prompt_logprobs
+
+        record_prompt_logprobs(prompt_logits)
 
 
 def argmax(logits):

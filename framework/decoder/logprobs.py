@@ -19,3 +19,18 @@ def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[dic
     for row, token, lp, rank in zip(rows, chosen.tolist(), chosen_lp.tolist(), ranks.tolist()):
         row[token] = (lp, rank)
     return rows
+
+
+def record_prompt_logprobs(prompt_logits) -> None:
+    """Append to each request's `prompt_logprobs` those of the prompt tokens this chunk predicts:
+    `prompt_logits` holds (request, first position, logits of every position of its chunk)."""
+    for request, start, logits in prompt_logits:
+        if request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]  # the first prompt token has no logprob
+        # logits row j predicts the token at position start + j + 1; keep prompt positions not yet seen
+        first = len(request.prompt_logprobs) - 1 - start
+        count = min(logits.shape[0], request.prompt_len - 1 - start) - first
+        if count <= 0:
+            continue
+        targets = torch.tensor(request.prompt_token_ids[start + first + 1 : start + first + 1 + count], device=logits.device)
+        request.prompt_logprobs += top_logprobs(logits[first : first + count], targets, request.sampling_params.prompt_logprobs)

@@ -15,6 +15,7 @@ import torch
 from framework.decoder.base import Decoder, DecoderOutput, argmax
 from framework.decoder.logprobs import top_logprobs
 from framework.request import LlmRequest
+from framework.resources.request_states import RequestStates
 
 NEG_INF = float("-inf")
 
@@ -28,21 +29,28 @@ class _PenaltyState:
     seen_outputs: int  # how many output tokens `counts` includes
 
 
+@dataclass
+class _RequestState:
+    penalties: _PenaltyState | None = None
+    generator: torch.Generator | None = None  # a seeded request's own
+
+
 class SamplingDecoder(Decoder):
     def __init__(self, decoder_config, config=None, seed: int = 0):
         super().__init__(decoder_config, config, seed)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self.request_states = RequestStates()  # request -> _RequestState, freed when it finishes
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    @staticmethod
-    def _request_generator(request: LlmRequest, device: torch.device) -> torch.Generator:
-        if request.generator is None:
-            request.generator = torch.Generator(device=device).manual_seed(request.sampling_params.seed)
-        return request.generator
+    def _request_generator(self, request: LlmRequest, device: torch.device) -> torch.Generator:
+        state = self.request_states.get(request, _RequestState)
+        if state.generator is None:
+            state.generator = torch.Generator(device=device).manual_seed(request.sampling_params.seed)
+        return state.generator
 
     def decode(self, requests, logits):
         if not requests:
@@ -79,11 +87,12 @@ class SamplingDecoder(Decoder):
 
     # ---- penalties and masks -----------------------------------------------------------------
     def _state(self, request: LlmRequest, vocab: int, device) -> _PenaltyState:
-        state = request.decoder_state
+        holder = self.request_states.get(request, _RequestState)
+        state = holder.penalties
         if state is None:
             in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
             in_prompt[torch.tensor(request.prompt_token_ids, device=device)] = True
-            state = request.decoder_state = _PenaltyState(in_prompt, torch.zeros(vocab, device=device), 0)
+            state = holder.penalties = _PenaltyState(in_prompt, torch.zeros(vocab, device=device), 0)
         missing = request.output_token_ids[state.seen_outputs :]
         if missing:  # outputs appended since the last step (normally none: _record adds them)
             state.counts.index_add_(0, torch.tensor(missing, device=device), torch.ones(len(missing), device=device))
@@ -144,11 +153,10 @@ class SamplingDecoder(Decoder):
                 noise[i].exponential_(generator=self._request_generator(request, probs.device))
         return noise
 
-    @staticmethod
-    def _record(requests, tokens) -> None:
+    def _record(self, requests, tokens) -> None:
         """Count each penalised request's new token now, so the next step need not."""
         for request, token in zip(requests, tokens.tolist()):
-            state = request.decoder_state
-            if isinstance(state, _PenaltyState):
-                state.counts[token] += 1
-                state.seen_outputs += 1
+            holder = self.request_states.peek(request)
+            if holder is not None and holder.penalties is not None:
+                holder.penalties.counts[token] += 1
+                holder.penalties.seen_outputs += 1

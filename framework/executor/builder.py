@@ -26,13 +26,15 @@ class Builder:
         self.names[key or kind_name] = f"{kind.label} {entry.name!r} ({entry.provider})"
         return obj
 
-    def resource_manager(self, spec) -> ResourceManager:
-        """`resources.extra` in order, then the KV cache manager (under the key "kv_cache")."""
+    def resource_manager(self, spec, **owned) -> ResourceManager:
+        """`resources.extra` in order, then the per-request states other components keep (`owned`,
+        by key), then the KV cache manager (under the key "kv_cache")."""
         managers = {}
         for name in self.cfg.resources.extra:
-            if name in managers or name == "kv_cache":
-                raise ValueError(f"resources.extra names {name!r} twice (or as the KV cache's own key)")
+            if name in managers or name in owned or name == "kv_cache":
+                raise ValueError(f"resources.extra names {name!r} twice (or under a key the framework uses)")
             managers[name] = self.make("resource_manager", spec, name=name, key=name)
+        managers.update({key: states for key, states in owned.items() if states is not None})
         managers["kv_cache"] = self.make("kv_cache_manager", spec, key="kv_cache")
         return ResourceManager(managers)
 
@@ -40,13 +42,16 @@ class Builder:
 def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor:
     build = Builder(cfg, plugins)
     engine = build.make("model_engine", cfg.model, checkpoint_dir, plugins)
-    resources = build.resource_manager(engine.kv_cache_spec())
+    decoder = build.make("decoder", seed=cfg.model.seed)
+    resources = build.resource_manager(
+        engine.kv_cache_spec(), decoder=decoder.request_states, detokenizer=getattr(detokenizer, "request_states", None)
+    )
     return PyExecutor(
         capacity_scheduler=build.make("capacity_scheduler"),
         micro_batch_scheduler=build.make("micro_batch_scheduler"),
         resource_manager=resources,
         model_engine=engine,
-        decoder=build.make("decoder", seed=cfg.model.seed),
+        decoder=decoder,
         detokenizer=detokenizer,
         component_names=build.names,
     )

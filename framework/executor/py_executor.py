@@ -96,6 +96,11 @@ class PyExecutor:
     def has_work(self) -> bool:
         return bool(self.active or self._waiting or self._finished_by_abort) or not self._incoming.empty() or not self._aborts.empty()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached prefixes no request holds (between steps); returns how many blocks."""
+        with self._lock:
+            return self.kv_cache_manager.reset_prefix_cache()
+
     def fail_all(self, error: str) -> list[LlmRequest]:
         """Finish every request held or handed in with `error`, releasing what each holds (once
         the loop itself has broken and cannot go on)."""
@@ -133,14 +138,7 @@ class PyExecutor:
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > vocab:
                 return f"{name} must not exceed the vocabulary size {vocab}; got {getattr(params, name)}"
-        need = self.kv_cache_manager.blocks_at_completion(request)
-        total = self.kv_cache_manager.get_max_resource_count()
-        if need > total:
-            return (
-                f"prompt ({n} tokens) + max_tokens ({request.sampling_params.max_tokens}) needs {need} KV blocks; "
-                f"the cache has {total} (raise kv_cache.max_tokens or lower max_tokens)"
-            )
-        return None
+        return self.resource_manager.never_fits(request)
 
     def _fetch_new_requests(self) -> list[LlmRequest]:
         """Admit arrivals into `active`; returns those that were rejected or aborted."""
@@ -288,8 +286,8 @@ class PyExecutor:
         with self._blame("decoder", batch):
             runs = decode_runs(self.decoder, output.sampled, output.logits)
         if output.prompt_logits:
-            with self._blame("prompt_logprobs", batch):
-                self._record_prompt_logprobs(output.prompt_logits)
+            with self._blame("decoder", batch):
+                self.decoder.record_prompt_logprobs(output.prompt_logits)
         return runs
 
     def _append_run(self, request: LlmRequest, tokens: list[int], logprobs: list) -> None:
@@ -379,36 +377,19 @@ class PyExecutor:
                 self._finish(request, FinishReason.ERROR, error=error)
 
     def _schedule_micro_batch(self, fitting: list[LlmRequest]) -> list[LlmRequest]:
-        """The micro-batch scheduler's batch, less the prompt chunks that would recompute blocks an
-        earlier request of the batch is computing (they reuse them next step); the budget they
-        free goes to the others."""
+        """The micro-batch scheduler's batch, less the requests the resource managers defer to the
+        next step (the KV cache: prompt chunks that would recompute a block an earlier request of
+        the batch computes); the budget they free goes to the others."""
         held_back: set[int] = set()
         while True:
             candidates = [r for r in fitting if id(r) not in held_back]
             scheduled = self._isolating("micro_batch_scheduler", candidates, self.micro_batch_scheduler.schedule)
-            duplicates = self._isolating("kv_cache", scheduled, self.kv_cache_manager.duplicate_prefills)
-            if not duplicates:
+            deferred = self._isolating("resource_manager", scheduled, self.resource_manager.defer)
+            if not deferred:
                 return scheduled
             for request in scheduled:
                 request.num_scheduled_tokens = 0
-            held_back.update(id(r) for r in duplicates)
-
-    def _record_prompt_logprobs(self, prompt_logits) -> None:
-        """Logprobs of prompt tokens from the logits of the positions before them."""
-        import torch
-
-        from framework.decoder.logprobs import top_logprobs
-
-        for request, start, logits in prompt_logits:
-            if request.prompt_logprobs is None:
-                request.prompt_logprobs = [None]  # the first prompt token has no logprob
-            # logits row j predicts the token at position start + j + 1; keep prompt positions not yet seen
-            first = len(request.prompt_logprobs) - 1 - start
-            count = min(logits.shape[0], request.prompt_len - 1 - start) - first
-            if count <= 0:
-                continue
-            targets = torch.tensor(request.prompt_token_ids[start + first + 1 : start + first + 1 + count], device=logits.device)
-            request.prompt_logprobs += top_logprobs(logits[first : first + count], targets, request.sampling_params.prompt_logprobs)
+            held_back.update(id(r) for r in deferred)
 
     def _append_token(self, request: LlmRequest, token: int, token_logprobs=None) -> None:
         request.output_token_ids.append(token)

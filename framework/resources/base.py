@@ -43,6 +43,17 @@ class BaseResourceManager(ABC):
     @abstractmethod
     def get_needed_resource_to_completion(self, request: LlmRequest) -> int: ...
 
+    def never_fits(self, request: LlmRequest) -> str | None:
+        """Why `request` could never run however long it waited (it needs more than the whole
+        resource holds), or None. Asked once, before a request is queued."""
+        return None
+
+    def defer(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
+        """Requests of this step's batch better run next step (the KV cache: prompt chunks that
+        would compute a block an earlier request of the batch is computing, so they reuse it
+        instead). The executor schedules the step again without them. Default: none."""
+        return []
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -98,17 +109,12 @@ class KVCacheManager(BaseResourceManager):
     @abstractmethod
     def num_exclusive_blocks(self, request: LlmRequest) -> int: ...
 
-    @abstractmethod
-    def blocks_at_completion(self, request: LlmRequest) -> int:
-        """Blocks the request's table holds once it has produced its last possible token, whether
-        they are shared or not (a request larger than the pool can never run)."""
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix no request holds (say, between benchmark runs); returns how
+        many blocks were forgotten. Default: a manager without a prefix cache forgets nothing."""
+        return 0
 
     # the engine's view
-    def duplicate_prefills(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
-        """Requests of a step's batch whose next prompt block an earlier request of the same batch
-        computes: held back one step, they reuse it instead of computing it again. Default: none."""
-        return []
-
     @abstractmethod
     def get_block_table(self, request: LlmRequest) -> list[int]: ...
 
@@ -157,14 +163,23 @@ class ResourceManager:
         if errors:
             raise errors[0]
 
-    def can_admit(self, request: LlmRequest) -> bool:
+    def _answers(self, method: str, arg):
+        """(manager, its answer) for each manager in order; a raise is named (ResourceManagerError)."""
         for name, manager in self.managers.items():
             try:
-                if not manager.can_admit(request):
-                    return False
+                yield getattr(manager, method)(arg)
             except Exception as exc:
                 raise ResourceManagerError(name, exc) from exc
-        return True
+
+    def never_fits(self, request: LlmRequest) -> str | None:
+        return next((reason for reason in self._answers("never_fits", request) if reason), None)
+
+    def can_admit(self, request: LlmRequest) -> bool:
+        return all(self._answers("can_admit", request))
+
+    def defer(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
+        deferred = {id(r) for answer in self._answers("defer", scheduled) for r in answer}
+        return [r for r in scheduled if id(r) in deferred]
 
     def admit(self, request: LlmRequest) -> None:
         self._each("admit", request)

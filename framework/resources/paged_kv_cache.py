@@ -79,8 +79,19 @@ class PagedKVCacheManager(KVCacheManager):
         last token is sampled, never computed)."""
         return min(request.max_total_tokens, self.spec.max_model_len) - 1
 
-    def blocks_at_completion(self, request):
+    def blocks_at_completion(self, request) -> int:
+        """Blocks the request's table holds once it has produced its last possible token, shared
+        or not."""
         return _ceil_div(self.max_cached_tokens(request), self.block_size)
+
+    def never_fits(self, request):
+        need, total = self.blocks_at_completion(request), self.pool.num_blocks
+        if need <= total:
+            return None
+        return (
+            f"prompt ({request.prompt_len} tokens) + max_tokens ({request.sampling_params.max_tokens}) needs {need} KV blocks; "
+            f"the cache has {total} (raise kv_cache.max_tokens or lower max_tokens)"
+        )
 
     def get_needed_resource_to_completion(self, request):
         total = self.blocks_at_completion(request)
@@ -161,7 +172,7 @@ class PagedKVCacheManager(KVCacheManager):
         self.prefix_hit_tokens += len(reusable) * self.block_size
         request.num_computed_tokens += len(reusable) * self.block_size
 
-    def duplicate_prefills(self, scheduled):
+    def defer(self, scheduled):
         if not self.enable_prefix_caching:
             return []
         computed_now: set[tuple] = set()

@@ -74,7 +74,7 @@ def test_a_resource_manager_sees_the_lifecycle_in_order_and_holds_requests_back(
     outs = llm.generate(prompts, PARAMS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain.generate(prompts, PARAMS, use_tqdm=False)]
     slots = llm.executor.resource_manager.managers["slots"]
-    assert list(llm.executor.resource_manager.managers) == ["slots", "kv_cache"]  # the KV cache runs last
+    assert list(llm.executor.resource_manager.managers) == ["slots", "decoder", "detokenizer", "kv_cache"]  # the KV cache last
     assert slots.most_held == 2 and not slots.held and slots.free_slots == 2
     for out in outs:
         events = [event for event, rid in slots.log if rid == out.request_id]
@@ -88,3 +88,16 @@ def test_an_unknown_resource_manager_name_lists_the_installed_ones(tiny_dir):
     plugins = create_plugin_manager(extra_plugins=[SlotsPlugin()], autoload=False)
     with pytest.raises(UnknownNameError, match=r"unknown resource manager 'slot'; available: slots \(SlotsPlugin\)"):
         LLM(str(tiny_dir), plugins=plugins, **{"resources.extra": ["slot"]})
+
+
+def test_the_decoders_and_detokenizers_per_request_state_goes_with_the_request(tiny_dir):
+    llm = LLM(str(tiny_dir), dtype="float32", **{"kv_cache.max_tokens": 1024})
+    managers = llm.executor.resource_manager.managers
+    assert list(managers) == ["decoder", "detokenizer", "kv_cache"]
+    params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, presence_penalty=0.5, ignore_eos=True)
+    stream = llm.stream(random_prompts([5], seed=1)[0], params)
+    next(stream)
+    assert len(managers["decoder"]) == 1 and len(managers["detokenizer"]) == 1  # held while it runs
+    list(stream)
+    llm.generate(random_prompts([4, 8], seed=2), params, use_tqdm=False)
+    assert len(managers["decoder"]) == 0 and len(managers["detokenizer"]) == 0

@@ -40,7 +40,7 @@ def workloads():
 
 
 def run(llm, prompts, drafter=None):
-    llm.executor.kv_cache_manager.reset_prefix_cache()
+    llm.reset_prefix_cache()
     llm.executor.drafter = drafter
     steps = llm.executor.num_steps
     try:

@@ -298,7 +298,7 @@ def test_identical_prompts_in_one_step_do_not_share(h):
     h.assert_pool_idle(kv)
 
 
-def test_duplicate_prefills_are_the_later_requests_whose_next_block_the_batch_computes(h):
+def test_deferred_are_the_later_requests_whose_next_block_the_batch_computes(h):
     kv = h.kv(max_tokens=64)
     a = h.request("a", tokens(1, 10))  # blocks [1..4] [5..8] + 1 token
     b = h.request("b", tokens(1, 9) + [70, 71, 72])  # the same two full blocks, then its own
@@ -308,11 +308,11 @@ def test_duplicate_prefills_are_the_later_requests_whose_next_block_the_batch_co
     h.admit(kv, a, b, c, logprobs)
     for request in (a, b, c, logprobs):
         request.num_scheduled_tokens = request.num_missing_tokens
-    assert kv.duplicate_prefills([a, b, c, logprobs]) == [b]
-    assert kv.duplicate_prefills([b, a]) == [a]  # the earlier one in the batch computes
-    assert kv.duplicate_prefills([a, c]) == []
+    assert kv.defer([a, b, c, logprobs]) == [b]
+    assert kv.defer([b, a]) == [a]  # the earlier one in the batch computes
+    assert kv.defer([a, c]) == []
     b.num_scheduled_tokens = 3  # not even one full block this step: nothing to compute twice
-    assert kv.duplicate_prefills([a, b]) == []
+    assert kv.defer([a, b]) == []
     assert kv.num_free_blocks == kv.pool.num_blocks  # a read-only query
     disabled = h.kv(max_tokens=64, enable_prefix_caching=False)
     assert disabled.duplicate_prefills([a, b]) == []

@@ -525,14 +525,23 @@ def test_same_seed_same_draws_different_seeds_differ():
     assert a != c
 
 
-def test_seeded_generator_lives_on_the_request():
+def test_seeded_generator_is_the_decoders_until_the_request_finishes():
+    from framework.request import RequestState
+
+    d = decoder()
     r = request(seed=42)
-    assert r.generator is None
-    decoder().decode([r], rows(ROW, 1))
-    assert isinstance(r.generator, torch.Generator)
+    assert d.request_states.peek(r) is None
+    d.decode([r], rows(ROW, 1))
+    generator = d.request_states.peek(r).generator
+    assert isinstance(generator, torch.Generator)
+    d.request_states.free_resources(r)  # preempted, not finished: it draws on from the same generator
+    assert d.request_states.peek(r).generator is generator
+    r.state = RequestState.FINISHED
+    d.request_states.free_resources(r)
+    assert d.request_states.peek(r) is None and len(d.request_states) == 0
     unseeded = request()
-    decoder().decode([unseeded], rows(ROW, 1))
-    assert unseeded.generator is None
+    d.decode([unseeded], rows(ROW, 1))
+    assert d.request_states.peek(unseeded) is None
 
 
 @pytest.mark.parametrize("seed", [0, -5, -(2**63), 2**64 - 1])
