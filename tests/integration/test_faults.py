@@ -295,6 +295,7 @@ def test_when_the_loop_itself_breaks_callers_get_an_error_at_once_and_new_reques
     assert all(o.finished and o.outputs[0].finish_reason == "error" for o in outs)
     assert all("the executor loop died: AssertionError('executor bug')" in o.error for o in outs)
     assert llm.engine_error.startswith("the executor loop died")
+    llm._thread.join(timeout=10)  # it has told everyone; now it ends
     assert not llm._thread.is_alive()
     with pytest.raises(RuntimeError, match="the engine has stopped"):
         asyncio.run(anext(llm.generate_async(PROMPTS[0], GOOD)))

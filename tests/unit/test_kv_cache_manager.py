@@ -315,7 +315,7 @@ def test_deferred_are_the_later_requests_whose_next_block_the_batch_computes(h):
     assert kv.defer([a, b]) == []
     assert kv.num_free_blocks == kv.pool.num_blocks  # a read-only query
     disabled = h.kv(max_tokens=64, enable_prefix_caching=False)
-    assert disabled.duplicate_prefills([a, b]) == []
+    assert disabled.defer([a, b]) == []
 
 
 def test_admission_takes_the_whole_cached_prefix_and_only_the_rest_is_scheduled(h):
