@@ -1,7 +1,7 @@
 """`python -m framework [overrides]`: generate for a few prompts with the configured components.
 
-`--list-plugins` is answered before Hydra parses the command line; everything else (`--help`,
-`--cfg job`, `-m` sweeps, overrides) is Hydra's.
+`--list-plugins` (with `--check`: and import every registered factory) is answered before Hydra
+parses the command line; everything else (`--help`, `--cfg job`, `-m` sweeps, overrides) is Hydra's.
 """
 
 from __future__ import annotations
@@ -29,6 +29,39 @@ def list_plugins(plugins) -> str:
         for kind, registry in plugins.registries.items()
     }
     return json.dumps({"framework": __version__, "plugins": plugins.describe(), "components": kinds}, indent=2)
+
+
+def broken_factories(plugins) -> list[str]:
+    """Import every registered factory (the lazy "module:attr" ones otherwise load only when a
+    config selects them); one message for each that cannot be loaded or is not of its kind."""
+    from framework.plugins.kinds import KINDS
+
+    problems = []
+    for kind in KINDS.values():
+        for entry in plugins[kind.name]:
+            try:
+                factory = entry.load()
+            except ImportError as exc:  # Entry.load's message names the entry, its provider and the path
+                problems.append(f"{kind.label} {exc}")
+                continue
+            except Exception as exc:  # the module raised something else while importing
+                problems.append(f"{kind.label} {entry.name!r} from {entry.provider}: importing {entry.factory!r} raised {exc!r}")
+                continue
+            base = kind.base_class()
+            if not callable(factory) or (isinstance(factory, type) and base is not None and not issubclass(factory, base)):
+                expected = f"a {base.__name__} subclass or factory" if base is not None else "callable"
+                problems.append(f"{kind.label} {entry.name!r} from {entry.provider}: {entry.factory!r} is not {expected}")
+    return problems
+
+
+def _check_plugins(plugins) -> None:
+    problems = broken_factories(plugins)
+    for problem in problems:
+        print(f"framework: error: {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(USER_ERROR_EXIT)
+    count = sum(len(registry.names()) for registry in plugins.registries.values())
+    print(f"framework: all {count} registered factories load", file=sys.stderr)
 
 
 def default_model_name(cfg) -> str:
@@ -76,7 +109,8 @@ def _generate(cfg, llm, started: float) -> None:
         f"({generated / max(finished - loaded, 1e-9):.1f} tok/s); load {loaded - started:.2f}s; "
         f"scheduler {s.capacity}+{s.micro_batch}, kv_cache {cfg.kv_cache.name} "
         f"({stats.num_blocks} blocks of {cfg.kv_cache.block_size}, prefix hit rate {stats.prefix_hit_rate:.0%}), "
-        f"decoder {cfg.decoder.name}, engine {cfg.engine.name} on {engine.device} {str(engine.dtype).replace('torch.', '')}"
+        f"decoder {cfg.decoder.name}, engine {cfg.engine.name} (backend {engine.backend_name}) "
+        f"on {engine.device} {str(engine.dtype).replace('torch.', '')}"
     )
 
 
@@ -110,8 +144,12 @@ def main() -> None:
         plugins = create_plugin_manager()
     except PluginError as exc:
         _fail(str(exc))
+    if "--check" in argv and "--list-plugins" not in argv:
+        _fail("--check goes with --list-plugins: python -m framework --list-plugins --check")
     if "--list-plugins" in argv:
         print(list_plugins(plugins))
+        if "--check" in argv:
+            _check_plugins(plugins)
         return
     from framework.config import check_overrides
     from framework.plugins.registry import UnknownNameError

@@ -54,12 +54,18 @@ class DecoderConfig:
 class EngineConfig:
     name: str = "pytorch"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    pack_weights: bool = True  # on CPU, repack linear weights once for oneDNN (and the kernels' linear)
-    cpu_kernels: bool = True  # on CPU, C++ kernels for attention, decode-step linear, fused norm/RoPE/SwiGLU
-    cuda_graphs: bool = True  # on CUDA, replay decode-only steps from CUDA graphs (one per padded batch/width)
-    cuda_graph_max_batch: int = 128  # larger decode steps run eagerly
-    cpu_graphs: bool = True  # on CPU with the kernels, replay decode-only steps from recorded kernel calls
+    pack_weights: bool = True  # let the backend repack linear weights once after loading (CPU: oneDNN's layout)
     backend: str = "auto"  # the hot ops' implementation: auto (the best that supports the device) or a name
+    # (each registered backend's own settings join these fields: see `selected_config_fields`)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: a drafter proposes tokens that each step verifies."""
+
+    name: str = "none"  # none | ngram | a plugin's drafter
+    num_tokens: int = 4  # k: draft tokens per request and step, at most
+    max_batch_size: int = 4  # propose only while a step decodes at most this many requests
 
 
 @dataclass
@@ -112,7 +118,10 @@ class RunConfig:
 
 
 # the dataclass of each config group that selects an implementation by name (see plugins/kinds.py)
-GROUP_CONFIGS = {"scheduler": SchedulerConfig, "kv_cache": KVCacheConfig, "decoder": DecoderConfig, "engine": EngineConfig}
+GROUP_CONFIGS = {
+    "scheduler": SchedulerConfig, "kv_cache": KVCacheConfig, "decoder": DecoderConfig, "engine": EngineConfig,
+    "speculative": SpeculativeConfig,
+}
 # group -> (config dataclass, {kind: field holding the selected name})
 GROUPS: dict[str, tuple[type, dict[str, str]]] = {
     group: (GROUP_CONFIGS[group], {kind.name: kind.field for kind in kinds}) for group, kinds in groups().items()
@@ -128,10 +137,31 @@ class FrameworkConfig:
     kv_cache: Any = None
     decoder: Any = None
     engine: Any = None
+    speculative: Any = None
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: RunConfig = field(default_factory=RunConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def selected_config_fields(group: str, base: type, plugins) -> type:
+    """The group's dataclass extended by the own settings of every implementation that one of its
+    fields selects by name (`engine.backend=<name>`: a backend's settings are `engine` keys too, so
+    `engine.cuda_graphs=false` works whichever backend runs, and only where that backend is installed)."""
+    fields, owner = [], {f.name: f"{group} itself" for f in dataclasses.fields(base)}
+    for kind in (k for k in KINDS.values() if k.group == group and not k.group_option):
+        for entry in plugins[kind.name]:
+            for f in dataclasses.fields(entry.config) if entry.config else ():
+                if f.name in owner:
+                    from framework.plugins.manager import PluginError
+
+                    raise PluginError(
+                        f"{kind.label} {entry.name!r} ({entry.provider}) declares the setting {group}.{f.name}, "
+                        f"which {owner[f.name]} declares already"
+                    )
+                owner[f.name] = f"{kind.label} {entry.name!r} ({entry.provider})"
+                fields.append((f.name, f.type, f))
+    return dataclasses.make_dataclass(f"{base.__name__}_with_{group}_settings", fields, bases=(base,)) if fields else base
 
 
 def _option_node(base: type, name_field: str, name: str, own_config: type | None) -> Any:
@@ -235,6 +265,7 @@ def register_configs(plugins) -> None:
     cs = ConfigStore.instance()
     cs.store(name="framework_schema", node=FrameworkConfig)
     for group, (base, name_fields) in GROUPS.items():
+        base = selected_config_fields(group, base, plugins)
         seen: dict[str, str] = {}
         for kind in name_fields:
             for entry in plugins[kind]:

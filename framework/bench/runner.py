@@ -24,16 +24,22 @@ def _workload_names(spec: str) -> list[str]:
     return names
 
 
-def _framework_run(llm, workload: Workload) -> dict:
+def _framework_run(llm, workload: Workload, drafter) -> dict:
+    """One timed run with `drafter` proposing (None: plain steps)."""
     executor = llm.executor
     llm.reset_prefix_cache()  # each run starts cold: only reuse within the workload counts
     before_steps, before = executor.num_steps, dataclasses.replace(executor.counters)
     kv_before = llm.kv_cache_stats
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in workload.output_lens]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=workload.ignore_eos) for n in workload.output_lens]
+    configured, executor.drafter = executor.drafter, drafter
     started = time.perf_counter()
-    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+    try:
+        outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+    finally:
+        executor.drafter = configured
     wall = time.perf_counter() - started
-    assert [len(o.outputs[0].token_ids) for o in outputs] == workload.output_lens
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    assert not workload.ignore_eos or [len(t) for t in tokens] == workload.output_lens
     after = executor.counters
     delta = type(after)(**{f.name: getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(after)})
     kv_after = llm.kv_cache_stats
@@ -42,6 +48,7 @@ def _framework_run(llm, workload: Workload) -> dict:
     return {
         "wall_s": wall,
         "steps": steps,
+        "tokens": tokens,
         "counters": delta,
         "prefix_hit_rate": (kv_after.prefix_hit_tokens - kv_before.prefix_hit_tokens) / queried if queried else 0.0,
     }
@@ -54,6 +61,7 @@ def run_benchmark(cfg, llm, checkpoint_dir, cold_start_s: float) -> list[dict]:
     peak = matmul_peak_gflops(dtype, device)
     special = getattr(llm.tokenizer, "all_special_ids", [])
     names = _workload_names(bench.workload)
+    drafters = _modes(llm)
     reference = None
     if bench.compare:
         from framework.bench.baselines import load_reference
@@ -66,23 +74,48 @@ def run_benchmark(cfg, llm, checkpoint_dir, cold_start_s: float) -> list[dict]:
     gc.freeze()
     rows = []
     for name in names:
-        workload = make_workload(name, engine.vocab_size, special, seed=bench.seed, scale=bench.scale)
+        workload = make_workload(name, engine.vocab_size, special, seed=bench.seed, scale=bench.scale, tokenizer=llm.tokenizer)
         peers = {"static": [], "continuous": []} if reference is not None else {}
-        ours = []
+        ours: dict[str, list] = {mode: [] for mode in drafters}
         if bench.warmup:
-            small = make_workload(name, engine.vocab_size, special, seed=bench.seed + 1, scale=min(bench.scale, 0.25))
-            _framework_run(llm, small)
+            small = make_workload(name, engine.vocab_size, special, seed=bench.seed + 1, scale=min(bench.scale, 0.25), tokenizer=llm.tokenizer)
+            for drafter in drafters.values():
+                _framework_run(llm, small, drafter)
             for peer in peers:
                 _peer_run(peer, reference, small, llm)
-        for _ in range(bench.runs):
-            ours.append(_framework_run(llm, workload))
+        for _ in range(bench.runs):  # the engine's modes and the peers alternate
+            for mode, drafter in drafters.items():
+                ours[mode].append(_framework_run(llm, workload, drafter))
             for peer in peers:
                 peers[peer].append(_peer_run(peer, reference, workload, llm))
         # measured again after each workload, the best so far: a slow moment of a shared machine
         # at start would otherwise pass for its peak (and the shares for more than they are)
         peak = max(peak, matmul_peak_gflops(dtype, device))
-        rows.append(_summarise(cfg, name, workload, ours, peers, peak, llm, cold_start_s))
+        for mode, runs in ours.items():
+            rows.append(_summarise(cfg, name, workload, runs, peers, peak, llm, cold_start_s) | _speculation(mode, runs, ours))
     return rows
+
+
+def _modes(llm) -> dict:
+    """The drafters to measure: the configured one, and beside it plain steps (`none`)."""
+    drafter, name = llm.executor.drafter, llm.config.speculative.name
+    return {"none": None} if name == "none" else {"none": None, name: drafter}
+
+
+def _speculation(mode: str, runs: list[dict], ours: dict[str, list]) -> dict:
+    """A row's speculative-decoding figures, and for a drafter its speed and output against `none`."""
+    best = min(runs, key=lambda r: r["wall_s"])["counters"]
+    row = {
+        "speculative": mode,
+        "acceptance_rate": best.accepted_draft_tokens / best.draft_tokens if best.draft_tokens else 0.0,
+        "accepted_per_verify_step": best.accepted_draft_tokens / best.verify_steps if best.verify_steps else 0.0,
+        "draft_tokens": best.draft_tokens,
+    }
+    if mode != "none":
+        plain = ours["none"]
+        row["speedup_vs_plain"] = statistics.median(r["wall_s"] for r in plain) / statistics.median(r["wall_s"] for r in runs)
+        row["same_output_as_plain"] = all(r["tokens"] == plain[0]["tokens"] for r in runs)
+    return row
 
 
 def _peer_run(peer: str, reference, workload: Workload, llm):
@@ -100,6 +133,7 @@ def _summarise(cfg, name, workload, ours, peers, peak, llm, cold_start_s) -> dic
     median = statistics.median
     wall = median(r["wall_s"] for r in ours)
     best = min(ours, key=lambda r: r["wall_s"])
+    generated = sum(len(t) for t in best["tokens"])  # (W5 honours EOS: what was really produced)
     counters = best["counters"]
     flops = model_flops(llm.executor.model_engine.model, counters)
     gflops = flops / best["wall_s"] / 1e9
@@ -108,11 +142,13 @@ def _summarise(cfg, name, workload, ours, peers, peak, llm, cold_start_s) -> dic
         "scheduler": f"{cfg.scheduler.capacity}+{cfg.scheduler.micro_batch}",
         "kv_cache": cfg.kv_cache.name,
         "decoder": cfg.decoder.name,
+        "backend": llm.executor.model_engine.backend_name,
         "dtype": str(llm.executor.model_engine.dtype).replace("torch.", ""),
         "device": str(llm.executor.model_engine.device),
         "threads": torch.get_num_threads(),
-        "output_tok_s": workload.num_output_tokens / wall,
-        "total_tok_s": (workload.num_output_tokens + workload.num_prompt_tokens) / wall,
+        "output_tok_s": generated / wall,
+        "total_tok_s": (generated + workload.num_prompt_tokens) / wall,
+        "output_tokens": generated,
         "wall_s": wall,
         "gflops": gflops,
         "matmul_peak_gflops": peak,
@@ -136,14 +172,14 @@ def _summarise(cfg, name, workload, ours, peers, peak, llm, cold_start_s) -> dic
 
 
 def print_rows(rows: list[dict]) -> None:
-    header = f"{'workload':8} {'out tok/s':>10} {'wall s':>8} {'GFLOP/s':>8} {'peak %':>7} {'step ms':>8} {'host %':>7} {'hit %':>6} {'vs gen':>7} {'vs cb':>7}"
+    header = f"{'workload':8} {'spec':>6} {'out tok/s':>10} {'wall s':>8} {'GFLOP/s':>8} {'peak %':>7} {'step ms':>8} {'host %':>7} {'hit %':>6} {'vs gen':>7} {'vs cb':>7} {'vs plain':>8} {'acc/vstep':>9}"
     print(header)
     for r in rows:
         vs = lambda k: f"{r[k]:.2f}x" if r.get(k) else "-"  # noqa: E731
         print(
-            f"{r['workload']:8} {r['output_tok_s']:10.1f} {r['wall_s']:8.2f} {r['gflops']:8.1f} {100 * r['peak_share']:6.1f}% "
+            f"{r['workload']:8} {r['speculative']:>6} {r['output_tok_s']:10.1f} {r['wall_s']:8.2f} {r['gflops']:8.1f} {100 * r['peak_share']:6.1f}% "
             f"{r['mean_step_ms']:8.1f} {100 * r['host_overhead']:6.1f}% {100 * r['prefix_hit_rate']:5.0f}% "
-            f"{vs('speedup_vs_static'):>7} {vs('speedup_vs_continuous'):>7}"
+            f"{vs('speedup_vs_static'):>7} {vs('speedup_vs_continuous'):>7} {vs('speedup_vs_plain'):>8} {r['accepted_per_verify_step']:9.2f}"
         )
     for r in rows:
         print(json.dumps(r))

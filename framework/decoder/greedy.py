@@ -1,9 +1,9 @@
 """A pure-greedy decoder: argmax, whatever the request's sampling settings (a fast path for
 benchmarks and exactness checks)."""
 
-from framework.decoder.base import Decoder, DecoderOutput, argmax
+from framework.decoder.base import Decoder, DecoderOutput
 
 
 class GreedyDecoder(Decoder):
     def decode(self, requests, logits):
-        return DecoderOutput(argmax(logits).tolist() if requests else [])
+        return DecoderOutput(self.argmax(logits).tolist() if requests else [])

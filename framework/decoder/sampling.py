@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.decoder.base import Decoder, DecoderOutput, argmax
+from framework.decoder.base import Decoder, DecoderOutput
 from framework.decoder.logprobs import top_logprobs
 from framework.request import LlmRequest
 from framework.resources.request_states import RequestStates
@@ -36,8 +36,8 @@ class _RequestState:
 
 
 class SamplingDecoder(Decoder):
-    def __init__(self, decoder_config, config=None, seed: int = 0):
-        super().__init__(decoder_config, config, seed)
+    def __init__(self, decoder_config, config=None, seed: int = 0, backend=None):
+        super().__init__(decoder_config, config, seed, backend)
         self._generators: dict[torch.device, torch.Generator] = {}
         self.request_states = RequestStates()  # request -> _RequestState, freed when it finishes
 
@@ -68,11 +68,11 @@ class SamplingDecoder(Decoder):
 
         temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
         greedy = temperatures == 0
-        tokens = argmax(logits)
+        tokens = self.argmax(logits)
         if not bool(greedy.all()):
             probs = self._filtered_probs(params, logits, temperatures)
             noise = self._exponential_noise(requests, probs)
-            sampled = argmax(probs / noise)  # argmax(p / E), E ~ Exp(1), draws from p
+            sampled = self.argmax(probs / noise)  # argmax(p / E), E ~ Exp(1), draws from p
             tokens = torch.where(greedy, tokens, sampled)
         logprobs = None
         if any(p.logprobs is not None for p in params):

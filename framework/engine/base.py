@@ -26,6 +26,12 @@ class ModelEngine(ABC):
     max_model_len: int
     device: Any  # torch.device the model runs on
     dtype: Any  # torch.dtype of weights and KV cache
+    backend: Any = None  # the Backend whose ops the model runs on; None: an engine without one
+
+    @property
+    def backend_name(self) -> str | None:
+        """The name of the backend the model runs on, for reports (the CLI's summary, bench JSON)."""
+        return None if self.backend is None else self.backend.name
 
     @abstractmethod
     def kv_cache_spec(self) -> KVCacheSpec:

@@ -42,9 +42,13 @@ class Builder:
 def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor:
     build = Builder(cfg, plugins)
     engine = build.make("model_engine", cfg.model, checkpoint_dir, plugins)
-    decoder = build.make("decoder", seed=cfg.model.seed)
+    decoder = build.make("decoder", seed=cfg.model.seed, backend=engine.backend)
+    drafter = build.make("drafter")
     resources = build.resource_manager(
-        engine.kv_cache_spec(), decoder=decoder.request_states, detokenizer=getattr(detokenizer, "request_states", None)
+        engine.kv_cache_spec(),
+        decoder=decoder.request_states,
+        drafter=drafter.request_states,
+        detokenizer=getattr(detokenizer, "request_states", None),
     )
     return PyExecutor(
         capacity_scheduler=build.make("capacity_scheduler"),
@@ -54,4 +58,5 @@ def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor
         decoder=decoder,
         detokenizer=detokenizer,
         component_names=build.names,
+        drafter=drafter,
     )

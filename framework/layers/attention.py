@@ -1,4 +1,4 @@
-"""Attention over a packed batch and the paged KV cache.
+"""Attention over a packed batch and the paged KV cache, in PyTorch ops (the `torch` backend's).
 
 A step's tokens are packed (no padding) as `[T, heads, head_dim]`. Each request's new K/V are
 written into its cache blocks through `slot_mapping`; each request's queries then attend to its whole
@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from framework.kernels.cpu import CPUKernels
 
 
 @dataclass
@@ -40,22 +38,81 @@ class AttentionGroup:
 
 
 @dataclass
-class KernelTables:
-    """The whole step for the CPU attention kernel, which reads the block tables itself."""
-
-    block_tables: torch.Tensor  # [b, max_blocks] int32, in packed order
-    query_lens: torch.Tensor  # [b] int32: tokens of each request in the step
-    context_lens: torch.Tensor  # [b] int32: positions its last token sees
-    shared_blocks: int  # leading block-table columns that every row has in common
-
-
-@dataclass
 class AttentionMetadata:
+    """The `torch` backend's view of a step: decode rows (one token) and prefill chunks attend
+    separately, so a long chunk in the step does not pad every decode row to its length."""
+
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
-    cpu_kernels: CPUKernels | None = None
-    kernel_tables: KernelTables | None = None  # set (and the groups None) where the kernels attend
+
+
+def pad_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one int64 tensor; short rows repeat their first block (masked out anyway)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
+
+
+def slot_mapping(positions: torch.Tensor, block_tables: torch.Tensor, query_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The flat cache slot of each packed token `[T]`, from its position and its request's table."""
+    request = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens)
+    return block_tables[request, positions // block_size] * block_size + positions % block_size
+
+
+def shared_columns(block_tables: torch.Tensor) -> int:
+    """Leading columns in which every row holds the same block (a prefix all requests share);
+    at most all but the last column, so each row keeps a part of its own."""
+    if block_tables.shape[0] < 2:
+        return 0
+    same = (block_tables == block_tables[0]).all(dim=0)
+    return min(int(same.cumprod(dim=0).sum()), block_tables.shape[1] - 1)
+
+
+def attention_metadata(positions, tables, query_lens, context_lens, cache_shape, dtype, device) -> AttentionMetadata:
+    """The metadata of a step (see `Backend.attention_metadata`) for the PyTorch paths."""
+    block_size = cache_shape[2]
+    slots = slot_mapping(positions, pad_tables(tables), query_lens, block_size)
+    starts = context_lens - query_lens
+    first_token = torch.cumsum(query_lens, 0) - query_lens
+    decoding = query_lens == 1
+    common = (starts, query_lens, first_token, tables, cache_shape, dtype, device)
+    return AttentionMetadata(slot_mapping=slots.to(device), decode=_group(decoding, *common), prefill=_group(~decoding, *common))
+
+
+def _group(members, starts, lengths, first_token, tables, cache_shape, dtype, device) -> AttentionGroup | None:
+    """Attention metadata for the requests selected by the bool mask `members`; `cache_shape` is
+    the per-layer cache's `[kv_heads, num_blocks, block_size, head_dim]`, `dtype` the model's."""
+    index = members.nonzero().flatten()
+    if len(index) == 0:
+        return None
+    block_size = cache_shape[2]
+    starts, lengths, firsts = starts[index], lengths[index], first_token[index]
+    block_tables = pad_tables([tables[i] for i in index.tolist()])
+    max_query_len = int(lengths.max())
+    request = torch.repeat_interleave(torch.arange(len(index)), lengths)
+    offset = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths)[request]
+    common = dict(
+        token_index=(firsts[request] + offset).to(device),
+        query_slot=(request * max_query_len + offset).to(device),
+        max_query_len=max_query_len,
+        chunks=list(zip(starts.tolist(), lengths.tolist())),
+    )
+    query_positions = starts[:, None] + torch.arange(max_query_len)[None, :]  # [b, max_q]
+    shared = shared_columns(block_tables)
+    visible = torch.arange(block_tables.shape[1] * block_size)[None, None, :] <= query_positions[:, :, None]
+    mask = bias = None
+    if max_query_len == 1 or shared:  # the matmul paths add the mask to the scores
+        bias = additive_mask(visible, cache_shape[0], dtype)
+    else:  # the prompt chunks pass it to SDPA
+        mask = visible.unsqueeze(1)
+    return AttentionGroup(
+        **common,
+        attn_mask=None if mask is None else mask.to(device),
+        attn_bias=None if bias is None else bias.to(device),
+        shared_blocks=shared,
+        own_rows=cache_rows(block_tables[:, shared:], *cache_shape[:2]).to(device),
+        shared_rows=cache_rows(block_tables[:1, :shared], *cache_shape[:2]).to(device) if shared else None,
+    )
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping) -> None:
@@ -70,9 +127,6 @@ def paged_attention(
 ) -> torch.Tensor:
     """q `[T, heads, head_dim]` over the caches `[kv_heads, blocks, block_size, head_dim]`, which
     already hold the step's own keys and values (`write_kv_cache`)."""
-    if meta.kernel_tables is not None:
-        t = meta.kernel_tables
-        return meta.cpu_kernels.attention(q, k_cache, v_cache, t.block_tables, t.query_lens, t.context_lens, t.shared_blocks, scale)
     groups = [g for g in (meta.decode, meta.prefill) if g is not None]
     if len(groups) == 1:  # the whole batch is one kind: no scatter needed
         return _attend(q, k_cache, v_cache, groups[0], scale)

@@ -1,10 +1,8 @@
-"""A linear layer whose weight can be repacked once, after loading, for the CPU matmul paths.
+"""A linear layer whose weight the backend may prepare once, after loading, in the layout its matmul
+reads fastest (the plain weight stays the source of truth for loading, tying and `state_dict`).
 
-oneDNN multiplies faster from its own blocked weight layout; `F.linear` re-lays the weight out on
-every call. `pack()` does it once and keeps the packed copy beside the plain weight (which stays the
-source of truth for loading, tying and `state_dict`). With the CPU kernels, `pack()` also keeps the
-kernels' panel layout, and inputs of up to `LINEAR_MAX_ROWS` rows (decode steps) go to them.
-Elsewhere (CUDA, no oneDNN) nothing changes.
+On CPU the `torch` backend keeps oneDNN's blocked layout (`F.linear` re-lays the weight out on every
+call); elsewhere (CUDA, no oneDNN) nothing is prepared.
 """
 
 from __future__ import annotations
@@ -23,24 +21,31 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
+def pack_onednn(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` in oneDNN's layout, or None where oneDNN does not take it."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 1) if can_pack(weight) else None
+
+
+def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias, packed: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear`, from the oneDNN-packed weight where there is one and `x` has its dtype."""
+    if packed is None or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class Linear(nn.Linear):
-    packed_weight: torch.Tensor | None = None  # oneDNN's layout
-    kernel_weight: torch.Tensor | None = None  # the CPU kernels' layout
-    kernels = None  # framework.kernels.cpu.CPUKernels, set by the engine where they apply
+    prepared = None  # the backend's copy of the weight (see Backend.prepare_linear), or None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, backend):
+        super().__init__(in_features, out_features, bias=bias)
+        self.backend = backend
 
     @torch.no_grad()
     def pack(self) -> bool:
-        """Pack the current weight (call again after changing it); False where packing does not apply."""
-        weight = self.weight.detach()
-        self.kernel_weight = None if self.kernels is None else self.kernels.pack_linear(weight)
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if can_pack(weight) else None
-        return self.packed_weight is not None or self.kernel_weight is not None
+        """Prepare the current weight (call again after changing it); False where the backend keeps
+        no prepared copy."""
+        self.prepared = self.backend.prepare_linear(self.weight.detach())
+        return self.prepared is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_weight is not None:
-            y = self.kernels.linear(x, self.kernel_weight, self.out_features, self.bias)
-            if y is not None:
-                return y
-        if self.packed_weight is None or x.dtype != self.weight.dtype:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return self.backend.linear(x, self.weight, self.bias, self.prepared)

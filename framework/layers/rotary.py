@@ -60,7 +60,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """cos and sin at `positions`, `[T, 2, head_dim]`: looked up once per step, applied in
-        every layer by `apply_rotary` (or the CPU kernel)."""
+        every layer by the backend's `rotary_and_cache`."""
         return self.cos_sin(positions.device, dtype)[positions]
 
 

@@ -1,4 +1,5 @@
-"""Registers the built-in architectures under their checkpoint `architectures` names."""
+"""Registers the built-in architectures under their checkpoint `architectures` names. A factory is
+called as `factory(hf_config, backend)`: the model's layers run their hot ops on that backend."""
 
 from framework.plugins.hookspecs import hookimpl
 

@@ -108,3 +108,8 @@ def load_hf_config(folder: Path):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(folder))
+
+
+def head_dim_of(hf_config) -> int:
+    """The attention head size a Llama-family config declares (or implies)."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads

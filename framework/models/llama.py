@@ -1,5 +1,6 @@
 """Llama-family decoder for packed batches and the paged KV cache: RMSNorm, RoPE, grouped-query
-attention, SwiGLU, optionally tied embeddings. Q/K/V and gate/up projections are fused at load."""
+attention, SwiGLU, optionally tied embeddings. Q/K/V and gate/up projections are fused at load; the
+hot ops run on the backend the model is built with."""
 
 from __future__ import annotations
 
@@ -8,33 +9,31 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from framework.layers.activation import silu_and_mul
-from framework.layers.attention import AttentionMetadata, paged_attention, write_kv_cache
 from framework.layers.linear import Linear
 from framework.layers.norm import RMSNorm
-from framework.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from framework.layers.rotary import RotaryEmbedding, rope_parameters
+from framework.models.checkpoint import head_dim_of
 
 
 class LlamaDecoderLayer(nn.Module):
-    kernels = None  # framework.kernels.cpu.CPUKernels, set by the engine where they apply
-
-    def __init__(self, config):
+    def __init__(self, config, backend):
         super().__init__()
         hidden = config.hidden_size
+        self.backend = backend
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or hidden // self.num_heads
+        self.head_dim = head_dim_of(config)
         self.scale = self.head_dim**-0.5
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = (q_size, kv_size, kv_size)
         attn_bias = getattr(config, "attention_bias", False)
         mlp_bias = getattr(config, "mlp_bias", False)
-        self.qkv_proj = Linear(hidden, q_size + 2 * kv_size, bias=attn_bias)
-        self.o_proj = Linear(q_size, hidden, bias=attn_bias)
-        self.gate_up_proj = Linear(hidden, 2 * config.intermediate_size, bias=mlp_bias)
-        self.down_proj = Linear(config.intermediate_size, hidden, bias=mlp_bias)
-        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.qkv_proj = Linear(hidden, q_size + 2 * kv_size, attn_bias, backend)
+        self.o_proj = Linear(q_size, hidden, attn_bias, backend)
+        self.gate_up_proj = Linear(hidden, 2 * config.intermediate_size, mlp_bias, backend)
+        self.down_proj = Linear(config.intermediate_size, hidden, mlp_bias, backend)
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, backend)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, backend)
 
     def forward(self, x, residual, cos_sin, meta, kv_cache):
         """One layer on the packed tokens `x`; `residual` is the running sum of the layers' outputs
@@ -43,23 +42,11 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = x, self.input_layernorm(x)
         else:
             hidden, residual = self.input_layernorm(x, residual)
-        qkv = self.qkv_proj(hidden)
-        q = self._rotate_and_cache(qkv, cos_sin, meta.slot_mapping, kv_cache)
-        attn = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        backend = self.backend
+        q = backend.rotary_and_cache(self.qkv_proj(hidden), cos_sin, *kv_cache, meta, self.num_heads, self.num_kv_heads)
+        attn = backend.attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
         hidden, residual = self.post_attention_layernorm(self.o_proj(attn.reshape(len(x), -1)), residual)
-        return self.down_proj(silu_and_mul(self.gate_up_proj(hidden), self.kernels)), residual
-
-    def _rotate_and_cache(self, qkv, cos_sin, slot_mapping, kv_cache) -> torch.Tensor:
-        """Rotate q and k (side by side in the fused projection's output), write k and v to the
-        cache; returns q `[T, heads, head_dim]`."""
-        num_tokens, q_size, kv_size = qkv.shape[0], self.qkv_sizes[0], self.qkv_sizes[1]
-        if self.kernels is not None:
-            self.kernels.rope_and_cache(qkv, cos_sin, *kv_cache, slot_mapping, self.num_heads, self.num_kv_heads)
-            return qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, : q_size + kv_size].view(num_tokens, -1, self.head_dim), cos_sin)
-        v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        write_kv_cache(qk[:, self.num_heads :], v, kv_cache[0], kv_cache[1], slot_mapping)
-        return qk[:, : self.num_heads]
+        return self.down_proj(backend.silu_and_mul(self.gate_up_proj(hidden))), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -74,14 +61,14 @@ class LlamaForCausalLM(nn.Module):
         "mlp.down_proj": ("down_proj", None),
     }
 
-    def __init__(self, config):
+    def __init__(self, config, backend):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # tied at load if asked
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, backend)  # tied at load if asked
         layer = self.layers[0]
         self.rotary = RotaryEmbedding(layer.head_dim, config.max_position_embeddings, rope_parameters(config))
 
@@ -93,7 +80,9 @@ class LlamaForCausalLM(nn.Module):
     def head_dim(self) -> int:
         return self.layers[0].head_dim
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches) -> torch.Tensor:
+        """Hidden states `[T, hidden]` of the packed tokens; `meta` is the backend's attention
+        metadata of the step, `kv_caches` a `(K, V)` pair per layer."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions, x.dtype)
         residual = None

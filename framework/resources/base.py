@@ -65,6 +65,9 @@ class KVCacheSpec:
     dtype: Any  # torch.dtype
     device: Any  # torch.device
     max_model_len: int
+    # allocate(shape) -> a zero-filled K or V tensor of one layer (the backend's `kv_cache_tensor`,
+    # which places it: 2 MB pages for the CPU kernels); None: torch.zeros on `device`
+    allocate: Any = None
 
     @property
     def bytes_per_token(self) -> int:

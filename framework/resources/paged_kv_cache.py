@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from framework import huge_pages
 from framework.request import LlmRequest, RequestState
 from framework.resources.base import KVCacheManager, KVCacheSpec, KVCacheStats
 from framework.resources.block_pool import BlockPool
+from framework.resources.eviction import LRUEviction
 
 
 def _device_memory(device: torch.device) -> int:
@@ -19,8 +19,8 @@ def _device_memory(device: torch.device) -> int:
 
 
 def _zeros(shape, spec: KVCacheSpec) -> torch.Tensor:
-    if spec.device.type == "cpu":  # blocks are read from all over the cache: 2 MB pages, where offered
-        return huge_pages.zeros(shape, spec.dtype, touch=True)
+    if spec.allocate is not None:
+        return spec.allocate(shape)
     return torch.zeros(shape, dtype=spec.dtype, device=spec.device)
 
 
@@ -35,6 +35,8 @@ class PagedKVCacheManager(KVCacheManager):
     instead of recomputing them. The capacity queries already count those hits, so schedulers
     budget only the tokens that will really be computed."""
 
+    eviction = LRUEviction  # the pool's eviction order (framework/resources/eviction.py); a subclass may swap it
+
     def __init__(self, kv_config, config, spec: KVCacheSpec):
         self.block_size = kv_config.block_size
         if self.block_size < 1:
@@ -46,7 +48,7 @@ class PagedKVCacheManager(KVCacheManager):
         else:
             budget = kv_config.memory_fraction * _device_memory(spec.device)
             num_blocks = int(budget // (spec.bytes_per_token * self.block_size))
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, self.eviction())
         shape = (spec.num_kv_heads, num_blocks, self.block_size, spec.head_dim)
         self.kv_caches = [(_zeros(shape, spec), _zeros(shape, spec)) for _ in range(spec.num_layers)]
         self.block_tables: dict[str, list[int]] = {}

@@ -1,14 +1,14 @@
-"""The decode steps that CUDA graphs replay: batches padded to power-of-two buckets, block tables
-padded to a bucket width, inputs read from static buffers. On a CPU the same padded step runs
-eagerly (`capture=False`), so everything but the recording itself is checked here; on a GPU the
-whole suite runs with the graphs on (they are the default there)."""
+"""The decode steps that CUDA graphs replay (the `torch` backend's decode graphs): batches padded to
+power-of-two buckets, block tables padded to a bucket width, inputs read from static buffers. On a
+CPU the same padded step runs eagerly (`capture=False`), so everything but the recording itself is
+checked here; on a GPU the whole suite runs with the graphs on (they are the default there)."""
 
 from __future__ import annotations
 
 import pytest
 
 from framework import LLM, SamplingParams
-from framework.engine.cuda_graphs import DecodeGraphs, bucket
+from framework.backend.cuda_graphs import CUDADecodeGraphs, bucket
 from tests.conftest import GREEDY, random_prompts
 
 
@@ -22,52 +22,76 @@ def _generate(llm, prompts, max_tokens):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("cpu_kernels", [False, True])
-def test_padded_decode_steps_match_the_packed_path(tiny_dir, cpu_kernels, monkeypatch):
-    llm = LLM(str(tiny_dir), **{"kv_cache.max_tokens": 4096, "kv_cache.block_size": 8, "engine.cpu_kernels": cpu_kernels})
+def torch_llm(tiny_dir, **options) -> LLM:
+    return LLM(str(tiny_dir), backend="torch", **{"kv_cache.max_tokens": 4096, **options})
+
+
+def use_graphs(llm, monkeypatch, on: bool) -> None:
+    """Have the engine's `torch` backend give it padded decode graphs (recorded on CUDA, run eagerly
+    elsewhere), or none."""
     engine = llm.executor.model_engine
+    backend, max_batch = engine.backend, engine.backend.config.cuda_graph_max_batch
+
+    def graphs(model, kv_caches, block_size, max_model_len):
+        if not on:
+            return None
+        max_blocks = -(-max_model_len // block_size)
+        return CUDADecodeGraphs(model, kv_caches, block_size, max_batch, max_blocks, capture=backend.device.type == "cuda")
+
+    monkeypatch.setattr(backend, "decode_graphs", graphs)
+    engine._graphs = (None, None)
+
+
+def test_cuda_graphs_are_the_torch_backends_decode_graphs_on_cuda_only(tiny_dir):
+    llm = torch_llm(tiny_dir)
+    engine = llm.executor.model_engine
+    graphs = engine.backend.decode_graphs(engine.model, llm.executor.kv_cache_manager.get_kv_caches(), 16, 1024)
+    assert (graphs is not None) == (engine.device.type == "cuda")
+    assert isinstance(graphs, CUDADecodeGraphs) or graphs is None
+    off = torch_llm(tiny_dir, **{"engine.cuda_graphs": False}).executor.model_engine
+    assert off.backend.decode_graphs(off.model, llm.executor.kv_cache_manager.get_kv_caches(), 16, 1024) is None
+
+
+def test_padded_decode_steps_match_the_packed_path(tiny_dir, monkeypatch):
+    llm = torch_llm(tiny_dir, **{"kv_cache.block_size": 8})
     # 5 requests (bucket 8, three padding rows), finishing at different steps (buckets 4, 2, 1),
     # with block tables of 1 to 7 blocks (widths 1 to 8)
     prompts = random_prompts([3, 9, 17, 30, 41], seed=5)
     max_tokens = [15, 4, 9, 2, 3]
-    on_gpu = engine.device.type == "cuda"
-    assert engine.use_cuda_graphs == on_gpu  # the default: on where they can be recorded
-    engine.use_cuda_graphs = False
+    use_graphs(llm, monkeypatch, on=False)
     expected = _generate(llm, prompts, max_tokens)
 
-    engine.use_cuda_graphs = True
+    use_graphs(llm, monkeypatch, on=True)
     steps = []
-    original = DecodeGraphs.run
+    original = CUDADecodeGraphs.run
 
     def spy(self, tokens, positions, tables):
         steps.append((bucket(len(tokens), self.max_batch), bucket(max(map(len, tables)), self.max_blocks)))
         return original(self, tokens, positions, tables)
 
-    monkeypatch.setattr(DecodeGraphs, "run", spy)
+    monkeypatch.setattr(CUDADecodeGraphs, "run", spy)
     assert _generate(llm, prompts, max_tokens) == expected
-    assert engine.decode_graphs is not None and engine.decode_graphs.capture == on_gpu
     assert {b for b, _ in steps} >= {8, 4, 1} and len({w for _, w in steps}) >= 2
     assert llm.executor.kv_cache_manager.num_free_blocks == llm.executor.kv_cache_manager.get_max_resource_count()
 
 
-def test_steps_beyond_the_largest_bucket_run_eagerly(tiny_dir):
-    llm = LLM(str(tiny_dir), **{"kv_cache.max_tokens": 4096, "engine.cuda_graph_max_batch": 2})
-    engine = llm.executor.model_engine
-    engine.use_cuda_graphs = False
+def test_steps_beyond_the_largest_bucket_run_eagerly(tiny_dir, monkeypatch):
+    llm = torch_llm(tiny_dir, **{"engine.cuda_graph_max_batch": 2})
+    use_graphs(llm, monkeypatch, on=False)
     prompts = random_prompts([5, 6, 7], seed=6)
     expected = _generate(llm, prompts, [6, 6, 3])
-    engine.use_cuda_graphs = True
+    use_graphs(llm, monkeypatch, on=True)
     assert _generate(llm, prompts, [6, 6, 3]) == expected  # 3 rows: eager; then 2 rows: the graphs
-    assert engine.decode_graphs is not None and engine.decode_graphs.max_batch == 2
+    graphs = llm.executor.model_engine._graphs[1]
+    assert graphs is not None and graphs.max_batch == 2
 
 
-def test_padding_rows_leave_other_blocks_untouched(tiny_dir):
+def test_padding_rows_leave_other_blocks_untouched(tiny_dir, monkeypatch):
     """A padded step writes each request's K/V to its own slot and nothing else. (The caches are
     filled with a large finite marker, not NaN: the PyTorch attention multiplies whole blocks and
     masks afterwards, and a NaN would survive the mask.)"""
-    llm = LLM(str(tiny_dir), **{"kv_cache.max_tokens": 512, "kv_cache.block_size": 4, "engine.cpu_kernels": False})
-    engine = llm.executor.model_engine
-    engine.use_cuda_graphs = True
+    llm = torch_llm(tiny_dir, **{"kv_cache.max_tokens": 512, "kv_cache.block_size": 4})
+    use_graphs(llm, monkeypatch, on=True)
     kv = llm.executor.kv_cache_manager
     for k_cache, v_cache in kv.get_kv_caches():
         k_cache.fill_(1000.0)
@@ -84,4 +108,4 @@ def test_padding_rows_leave_other_blocks_untouched(tiny_dir):
 
 def test_a_largest_bucket_below_one_is_refused(tiny_dir):
     with pytest.raises(ValueError, match="cuda_graph_max_batch must be >= 1"):
-        LLM(str(tiny_dir), **{"engine.cuda_graph_max_batch": 0})
+        torch_llm(tiny_dir, **{"engine.cuda_graph_max_batch": 0})

@@ -1,6 +1,6 @@
-"""Correctness of the CPU fast paths: oneDNN-packed linears, fused projections, paged attention,
-bfloat16 inference, and the engine with packing on and off. No timings: only that the fast paths
-compute what the plain ones do."""
+"""Correctness of the CPU fast paths: oneDNN-packed linears, fused projections, paged attention (on
+`torch` and on the backend `engine.backend=auto` picks), bfloat16 inference, and the engine with
+packing on and off. No timings: only that the fast paths compute what the plain ones do."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from omegaconf import OmegaConf
+
 from framework import LLM, SamplingParams
+from framework.backend.choice import choose_backend
+from framework.backend.torch_backend import TorchBackend
 from framework.engine.pytorch_model_engine import PyTorchModelEngine, keep_onednn_primitives
-from framework.kernels import cpu as cpu_kernels
-from framework.layers.attention import paged_attention, write_kv_cache
+from framework.layers.attention import write_kv_cache
 from framework.layers.linear import Linear
+from framework.plugins.manager import create_plugin_manager
 from tests.conftest import GREEDY, random_prompts
 
 # ---- Linear.pack() --------------------------------------------------------------------------
@@ -24,14 +28,14 @@ from tests.conftest import GREEDY, random_prompts
 
 def make_linear(dtype, bias=True, in_features=256, out_features=96, seed=0):
     torch.manual_seed(seed)
-    return Linear(in_features, out_features, bias=bias).to(dtype)
+    return Linear(in_features, out_features, bias, TorchBackend(None, None, torch.device("cpu"), dtype)).to(dtype)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_linear_matches_f_linear(dtype, bias):
     layer = make_linear(dtype, bias)
-    assert layer.pack() is True and layer.packed_weight is not None
+    assert layer.pack() is True and layer.prepared is not None
     for rows in (1, 7, 64):
         x = torch.randn(rows, layer.in_features, dtype=dtype)
         ours, plain = layer(x), F.linear(x, layer.weight, layer.bias)
@@ -43,7 +47,7 @@ def test_packed_linear_matches_f_linear(dtype, bias):
 
 def test_pack_refuses_float16_and_falls_back_to_f_linear():
     layer = make_linear(torch.float16)
-    assert layer.pack() is False and layer.packed_weight is None
+    assert layer.pack() is False and layer.prepared is None
     x = torch.randn(7, layer.in_features, dtype=torch.float16)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -54,7 +58,7 @@ def test_pack_refuses_without_onednn_and_drops_the_stale_copy(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     with torch.no_grad():
         layer.weight.mul_(-2.0)
-    assert layer.pack() is False and layer.packed_weight is None
+    assert layer.pack() is False and layer.prepared is None
     x = torch.randn(7, layer.in_features)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # the new weight, unpacked
 
@@ -79,15 +83,15 @@ def test_repacking_follows_a_changed_weight(dtype):
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir):
-    """`engine(dtype, pack)`: one LLM per combination, built on first use and shared by the module;
-    on the CPU even where a GPU is present (packed weights are a CPU path)."""
+    """`engine(dtype, pack, backend)`: one LLM per combination, built on first use and shared by the
+    module; on the CPU even where a GPU is present (packed weights are a CPU path)."""
     built = {}
 
-    def get(dtype: str, pack: bool = True) -> LLM:
-        if (dtype, pack) not in built:
+    def get(dtype: str, pack: bool = True, backend: str = "auto") -> LLM:
+        if (dtype, pack, backend) not in built:
             options = {"kv_cache.max_tokens": 4096, "engine.pack_weights": pack, "model.device": "cpu"}
-            built[dtype, pack] = LLM(str(tiny_dir), dtype=dtype, **options)
-        return built[dtype, pack]
+            built[dtype, pack, backend] = LLM(str(tiny_dir), dtype=dtype, backend=backend, **options)
+        return built[dtype, pack, backend]
 
     return get
 
@@ -218,16 +222,20 @@ BATCHES = {
 }
 
 
-@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "cpu_kernel"])
+def make_backend(name: str, dtype=torch.float32, head_dim: int = HEAD_DIM):
+    """The CPU backend `engine.backend=<name>` builds for this dtype and head size."""
+    registry = create_plugin_manager()["backend"]
+    return choose_backend(OmegaConf.create({"backend": name}), registry, torch.device("cpu"), dtype, head_dim)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("batch", list(BATCHES))
 @torch.no_grad()
-def test_paged_attention_matches_naive_reference(batch, kernel):
+def test_paged_attention_matches_naive_reference(batch, backend):
     torch.manual_seed(2)
     shared, shapes = BATCHES[batch]
     requests = fake_requests(shapes, seed=3, shared=shared)
-    kernels = cpu_kernels.load() if kernel else None
-    assert kernels is not None or not kernel, "the C++ kernels did not build (see the log)"
-    fake_engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, cpu_kernels=kernels)
+    fake_engine = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, backend=make_backend(backend))
     k_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
     v_cache = torch.randn(KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
     _, positions, meta, *_ = PyTorchModelEngine.prepare_inputs(fake_engine, requests, FakeKVCacheManager(k_cache, v_cache))
@@ -238,7 +246,7 @@ def test_paged_attention_matches_naive_reference(batch, kernel):
     before_k, before_v = k_cache.clone(), v_cache.clone()
 
     write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-    out = paged_attention(q, k_cache, v_cache, meta, scale)
+    out = fake_engine.backend.attention(q, k_cache, v_cache, meta, scale)
 
     want = reference_attention(q, k, v, before_k, before_v, requests, scale)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
@@ -271,12 +279,14 @@ def best(row):
     return min(row, key=lambda token: row[token].rank)
 
 
-def test_bf16_engine_really_runs_in_bf16(engine):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bf16_engine_really_runs_in_bf16(engine, backend):
     for dtype, torch_dtype in [("bfloat16", torch.bfloat16), ("float32", torch.float32)]:
-        llm = engine(dtype)
+        llm = engine(dtype, backend=backend)
         model = model_of(llm)
         assert {p.dtype for p in model.parameters()} == {torch_dtype}
-        assert {m.packed_weight.dtype for m in linears(model)} == {torch_dtype}
+        if backend == "torch":
+            assert {m.prepared.dtype for m in linears(model)} == {torch_dtype}  # oneDNN's copy
         caches = llm.executor.kv_cache_manager.get_kv_caches()
         assert len(caches) == len(model.layers)
         assert {t.dtype for layer in caches for t in layer} == {torch_dtype}
@@ -323,11 +333,12 @@ def test_bf16_greedy_tracks_fp32(engine):
 # ---- the engine with and without packed weights ---------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_packing_does_not_change_greedy_output(engine, dtype):
-    packed, plain = engine(dtype, pack=True), engine(dtype, pack=False)
-    assert all(m.packed_weight is not None for m in linears(model_of(packed)))
-    assert all(m.packed_weight is None for m in linears(model_of(plain)))
+def test_packing_does_not_change_greedy_output(engine, dtype, backend):
+    packed, plain = engine(dtype, pack=True, backend=backend), engine(dtype, pack=False, backend=backend)
+    assert all(m.prepared is not None for m in linears(model_of(packed)))
+    assert all(m.prepared is None for m in linears(model_of(plain)))
     prompts = random_prompts([4, 19, 33, 70], seed=31)
     params = SamplingParams(max_tokens=16, **GREEDY)
     with_packing = [out.outputs[0].token_ids for out in packed.generate(prompts, params, use_tqdm=False)]

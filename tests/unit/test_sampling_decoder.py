@@ -13,7 +13,6 @@ import torch
 
 from framework.decoder.greedy import GreedyDecoder
 from framework.decoder.sampling import SamplingDecoder
-from framework.kernels import cpu
 from framework.request import LlmRequest
 from framework.sampling_params import SamplingParams
 
@@ -272,15 +271,17 @@ def test_greedy_decoder_returns_argmax_whatever_the_params():
 
 
 
-def test_decoders_take_the_kernels_argmax_once_the_engine_has_loaded_them(monkeypatch):
-    kernels = cpu.load()
-    assert kernels is not None, "the C++ kernels did not build on this machine (see the log)"
-    shapes, real = [], type(kernels).argmax
-    monkeypatch.setattr(type(kernels), "argmax", lambda self, x: shapes.append(tuple(x.shape)) or real(self, x))
+def test_decoders_take_the_argmax_of_the_backend_they_are_given():
+    shapes = []
+    backend = SimpleNamespace(argmax=lambda x: shapes.append(tuple(x.shape)) or x.argmax(dim=-1))
     logits = torch.randint(0, 3, (16, 300), generator=torch.Generator().manual_seed(3)).float()  # ties
     reqs = batch(SamplingParams(temperature=0.0, max_tokens=4), 16)
-    assert decoder().decode(reqs, logits).token_ids == logits.argmax(-1).tolist()
-    assert GreedyDecoder(SimpleNamespace(name="greedy")).decode(reqs, logits).token_ids == logits.argmax(-1).tolist()
+    sampling = SamplingDecoder(SimpleNamespace(name="sampling"), None, seed=0, backend=backend)
+    assert sampling.decode(reqs, logits).token_ids == logits.argmax(-1).tolist()
+    greedy = GreedyDecoder(SimpleNamespace(name="greedy"), backend=backend)
+    assert greedy.decode(reqs, logits).token_ids == logits.argmax(-1).tolist()
+    assert shapes == [(16, 300), (16, 300)]
+    assert decoder().decode(reqs, logits).token_ids == logits.argmax(-1).tolist()  # no backend: PyTorch's
     assert shapes == [(16, 300), (16, 300)]
 
 

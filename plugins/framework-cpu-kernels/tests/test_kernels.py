@@ -1,19 +1,14 @@
-"""The C++ CPU kernels (framework/kernels): build and cache, accuracy against a float64
-reference, refusals; the engine-level equivalence is in tests/integration/test_fast_paths.py."""
+"""The C++ CPU kernels (framework_cpu_kernels/kernels.py): build and cache, accuracy against a
+float64 reference and against the `torch` backend's ops they replace, refusals; the engine-level
+equivalence is in test_backend.py and framework's tests/integration (run on `auto`)."""
 
 import ctypes
 
 import pytest
 import torch
+from cpu_kernels_checks import require_kernels
 
-from framework.kernels import cpu
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    loaded = cpu.load()
-    assert loaded is not None, "the C++ kernels did not build on this machine (see the log)"
-    return loaded
+from framework_cpu_kernels import kernels as cpu
 
 
 def reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale):
@@ -86,6 +81,7 @@ def test_every_query_group_size(kernels, heads, kv_heads):
 
 @pytest.mark.parametrize("block_size", [8, 16])
 def test_bfloat16_is_float64_rounded_once(kernels, block_size):
+    require_kernels(torch.bfloat16)
     # float32 math on the bf16 inputs, only the output rounded: within one bf16 rounding (2^-8
     # relative) of the exact result on the same inputs
     case = random_case(torch.bfloat16, 64, block_size=block_size, seed=1)
@@ -96,6 +92,7 @@ def test_bfloat16_is_float64_rounded_once(kernels, block_size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_shared_prefix_attended_once_gives_the_same_result(kernels, dtype):
+    require_kernels(dtype)
     shapes = [(1, 70), (1, 65), (12, 80), (3, 49), (1, 64)]  # 4 shared blocks of 16, every row past them
     case = random_case(dtype, 64, shapes=shapes, block_size=16, shared=4, seed=5)
     once, per_request = attend(kernels, case, 0.125, shared=4), attend(kernels, case, 0.125)
@@ -107,6 +104,7 @@ def test_a_shared_prefix_attended_once_gives_the_same_result(kernels, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim,block_size", [(16, 8), (64, 16), (128, 32)])
 def test_rows_that_see_the_whole_shared_prefix(kernels, dtype, head_dim, block_size):
+    require_kernels(dtype)
     # every row past the shared blocks (scored in one pass, bfloat16 weights rounded for the value
     # sums): decode rows, a prompt chunk, a row whose last key ends the prefix; more rows than a
     # task holds, so that both threads take some
@@ -130,6 +128,7 @@ def test_a_shared_prefix_longer_than_a_rows_context_stays_causal(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_queries_may_be_a_slice_of_a_wider_row(kernels, dtype):
+    require_kernels(dtype)
     q, *rest = random_case(dtype, 64, seed=4)
     qkv = torch.cat([q.flatten(1), torch.randn(len(q), 2 * 64, dtype=dtype)], dim=1)  # as in a fused QKV output
     sliced = qkv[:, : q[0].numel()].view(q.shape)
@@ -157,8 +156,8 @@ def test_refuses_what_it_does_not_cover(kernels):
         kernels.attention(*random_case(torch.float32, 48), 0, 0.125)
 
 
-def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRAMEWORK_CACHE", str(tmp_path))
+def test_build_is_cached_and_keyed_by_source(compiler, tmp_path, monkeypatch):
+    monkeypatch.setenv("FRAMEWORK_CACHE_DIR", str(tmp_path))
     first = cpu.build()
     assert first.is_file() and first.is_relative_to(tmp_path)
     mtime = first.stat().st_mtime_ns
@@ -170,8 +169,8 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch):
     assert rebuilt != first and ctypes.CDLL(str(rebuilt)).framework_test_marker() == 7
 
 
-def test_a_failed_build_says_why(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRAMEWORK_CACHE", str(tmp_path))
+def test_a_failed_build_says_why(compiler, tmp_path, monkeypatch):
+    monkeypatch.setenv("FRAMEWORK_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(cpu, "SOURCES", [broken])
@@ -195,21 +194,18 @@ def ulps(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_matches_torch(kernels, dtype):
-    from framework.layers.norm import RMSNorm
+    from framework.layers.norm import rms_norm
 
     g = torch.Generator().manual_seed(3)
-    norm = RMSNorm(576, 1e-5).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(torch.rand(576, generator=g) + 0.5)
+    weight = (torch.rand(576, generator=g) + 0.5).to(dtype)
     x = torch.randn(7, 576, generator=g).to(dtype)
     residual = torch.randn(7, 576, generator=g).to(dtype)
-    want = norm(x)
-    want_sum_norm, want_sum = norm(x, residual.clone())
-    norm.kernels = kernels
-    got = norm(x)
-    kernel_residual = residual.clone()
-    got_sum_norm, got_sum = norm(x, kernel_residual)
-    assert got_sum is kernel_residual  # updated in place
+    want = rms_norm(x, weight, 1e-5)
+    want_sum = x + residual
+    want_sum_norm = rms_norm(want_sum, weight, 1e-5)
+    got = kernels.rms_norm(x, weight, 1e-5)
+    got_sum = residual.clone()
+    got_sum_norm = kernels.rms_norm(x, weight, 1e-5, got_sum)  # adds x into got_sum in place
     assert torch.equal(got_sum, want_sum)  # x + residual, rounded the same way
     # the sum of squares is taken in another order: the scale may move by an ulp, then two products
     for a, b in [(got, want), (got_sum_norm, want_sum_norm)]:
@@ -222,7 +218,7 @@ def test_silu_and_mul_matches_torch(kernels, dtype):
 
     gate_up = (torch.randn(5, 2 * 1536, generator=torch.Generator().manual_seed(4)) * 4).to(dtype)
     want = silu_and_mul(gate_up)
-    got = silu_and_mul(gate_up, kernels)
+    got = kernels.silu_and_mul(gate_up)
     assert got.shape == want.shape and got.dtype == dtype
     # e^x by a polynomial instead of the vector library's: a few float32 ulps before rounding
     torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulps(dtype), atol=1e-6)
@@ -264,8 +260,7 @@ def linear_case(dtype, rows, in_features, out_features, seed=6):
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 128])  # whole 8-row tiles and every remainder kind
 @pytest.mark.parametrize("out_features", [96, 100, 1000])  # 48-column panels; 16- and 32-wide tails
 def test_packed_linear_matches_float64(kernels, dtype, rows, out_features):
-    if not kernels.supports(dtype, 64):
-        pytest.fail(f"this CPU has no {dtype} linear kernel (AVX-512 / AVX512-BF16): the engine uses oneDNN")
+    require_kernels(dtype)
     x, weight, bias = linear_case(dtype, rows, 1536, out_features)
     packed = kernels.pack_linear(weight)
     for b in (bias, None):
@@ -276,6 +271,7 @@ def test_packed_linear_matches_float64(kernels, dtype, rows, out_features):
 
 
 def test_packed_linear_leaves_other_inputs_to_the_caller(kernels):
+    require_kernels(torch.bfloat16)
     x, weight, _ = linear_case(torch.bfloat16, cpu.LINEAR_MAX_ROWS + 1, 64, 48)
     packed = kernels.pack_linear(weight)
     assert kernels.linear(x, packed, 48) is None  # a prompt chunk: oneDNN's

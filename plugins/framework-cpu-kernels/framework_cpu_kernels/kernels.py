@@ -1,17 +1,18 @@
-"""C++ kernels for CPUs, compiled on first use with the system's C++ compiler and called through
-ctypes on tensors' memory: attention over the paged cache (a whole step's decode rows and prompt
-chunks in one call, a prefix shared by every request attended once), the fused steps of a decoder
-layer that PyTorch runs as many small ops (residual add + RMSNorm, RoPE + KV cache write, SwiGLU),
-linear layers of up to `LINEAR_MAX_ROWS` rows (decode steps) from weights repacked once, and the
-argmax of greedy sampling.
+"""C++ kernels for CPUs (the sources in `csrc/`), compiled on first use with the system's C++
+compiler and called through ctypes on tensors' memory: attention over the paged cache (a whole
+step's decode rows and prompt chunks in one call, a prefix shared by every request attended once),
+the fused steps of a decoder layer that PyTorch runs as many small ops (residual add + RMSNorm,
+RoPE + KV cache write, SwiGLU), linear layers of up to `LINEAR_MAX_ROWS` rows (decode steps) from
+weights repacked once, and the argmax of greedy sampling. `framework_cpu_kernels.backend` serves
+them as the `cpu_kernels` backend.
 
-They need no PyTorch headers, so a build takes a few seconds (the engine starts it before loading
-the weights, so it mostly overlaps them); the shared library is cached under
-`$FRAMEWORK_CACHE` (default `~/.cache/framework`), keyed by the sources, the compiler and the CPU.
+They need no PyTorch headers, so a build takes a few seconds; the shared library is cached under
+`$FRAMEWORK_CACHE_DIR/kernels` (default `~/.cache/framework/kernels`), keyed by the sources, the
+compiler and the CPU.
 OpenMP loops run on PyTorch's own OpenMP runtime (the same `libgomp.so.1`, already loaded), so they
 follow `torch.set_num_threads`. Each kernel rounds where the PyTorch ops it replaces round, so it
 matches them (bit for bit except for the order of a sum). Without a compiler, or if the build
-fails, `load()` returns None and callers keep their PyTorch paths.
+fails, `load()` returns None and `engine.backend=auto` takes another backend.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from pathlib import Path
 
 import torch
 
-from framework import huge_pages
+from framework.models.checkpoint import cache_dir as framework_cache_dir
+from framework_cpu_kernels import huge_pages
 
 logger = logging.getLogger(__name__)
 
-HERE = Path(__file__).parent
-SOURCES = sorted(HERE.glob("*.cpp"))
-HEADERS = sorted(HERE.glob("*.h"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))
+HEADERS = sorted(CSRC.glob("*.h"))
 # -ffp-contract=off: no fused multiply-adds where PyTorch rounds a product before adding it
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-fPIC"]
 HEAD_DIMS = (16, 32, 64, 128)  # attention's compiled head sizes (`dispatch`)
@@ -56,15 +58,13 @@ SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def cache_dir() -> Path:
-    """`$FRAMEWORK_CACHE/kernels`, else `~/.cache/framework/kernels`, else (a home without a
-    writable cache) one under the system's temporary directory."""
-    if os.environ.get("FRAMEWORK_CACHE"):
-        return Path(os.environ["FRAMEWORK_CACHE"]) / "kernels"
-    home = Path.home() / ".cache" / "framework"
+    """`kernels/` in framework's cache directory (`$FRAMEWORK_CACHE_DIR`, default
+    `~/.cache/framework`), else (one that is not writable) under the system's temporary directory."""
+    root = framework_cache_dir()
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        if os.access(home, os.W_OK):
-            return home / "kernels"
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root / "kernels"
     except OSError:
         pass
     return Path(tempfile.gettempdir()) / f"framework-{os.getuid()}" / "kernels"
@@ -231,7 +231,7 @@ class CPUKernels:
 
     @contextlib.contextmanager
     def recording(self, graph):
-        """Within it, this thread's kernel calls also go to `graph.add_kernel` (framework/engine/cpu_graphs.py)."""
+        """Within it, this thread's kernel calls also go to `graph.add_kernel` (framework_cpu_kernels/graphs.py)."""
         self._recording.graph = graph
         try:
             yield
@@ -248,12 +248,7 @@ class CPUKernels:
         return fn(*args)
 
 
-_loaded: dict[str, CPUKernels | None] = {}
-
-
-def loaded() -> CPUKernels | None:
-    """The kernels if something has loaded them already (None otherwise: nothing is built)."""
-    return _loaded.get("kernels")
+_loaded: dict[str, CPUKernels | None] = {}  # the process's one load of the library
 
 
 def load() -> CPUKernels | None:
@@ -262,6 +257,6 @@ def load() -> CPUKernels | None:
         try:
             _loaded["kernels"] = CPUKernels(build())
         except (OSError, RuntimeError) as error:
-            logger.warning("CPU kernels unavailable, using the PyTorch paths: %s", error)
+            logger.warning("CPU kernels unavailable (engine.backend=auto takes another backend): %s", error)
             _loaded["kernels"] = None
     return _loaded["kernels"]

@@ -1,4 +1,4 @@
-"""Decode steps replayed from recorded CPU graphs (framework/engine/cpu_graphs.py): a replay
+"""Decode steps replayed from recorded CPU graphs (framework_cpu_kernels/graphs.py): a replay
 computes from the new inputs, a step whose effects a replay cannot repeat is never replayed, and
 the engine's outputs are the same with the graphs as without."""
 
@@ -8,18 +8,12 @@ import threading
 
 import pytest
 import torch
+from cpu_kernels_checks import require_kernels
 
 from framework import LLM, SamplingParams
-from framework.engine.cpu_graphs import CPUDecodeGraphs, CPUGraph, record
-from framework.kernels import cpu
+from framework_cpu_kernels.backend import KernelDecodeGraphs
+from framework_cpu_kernels.graphs import CPUDecodeGraphs, CPUGraph, record
 from tests.conftest import GREEDY, random_prompts
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    loaded = cpu.load()
-    assert loaded is not None, "the C++ kernels did not build on this machine (see the log)"
-    return loaded
 
 
 def test_a_replay_recomputes_kernels_and_torch_ops_from_new_inputs(kernels):
@@ -117,18 +111,20 @@ def _generate(llm, prompts, max_tokens):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_engine_outputs_are_the_same_with_the_graphs(tiny_dir, dtype, monkeypatch):
-    options = {"kv_cache.max_tokens": 4096, "kv_cache.block_size": 8, "model.dtype": dtype}
+def test_engine_outputs_are_the_same_with_the_graphs(kernels, plugins, tiny_dir, dtype, monkeypatch):
+    require_kernels(getattr(torch, dtype))
+    options = {"kv_cache.max_tokens": 4096, "kv_cache.block_size": 8, "model.dtype": dtype, "engine.backend": "cpu_kernels"}
     # requests finishing at different steps (the batch shrinks), contexts crossing blocks, two
     # sharing a prefix
     prefix = random_prompts([24], seed=8)[0]
     prompts = random_prompts([3, 9, 17, 30], seed=7) + [prefix + [5, 6], prefix + [7]]
     max_tokens = [20, 6, 13, 9, 12, 12]
-    expected = _generate(LLM(str(tiny_dir), **options, **{"engine.cpu_graphs": False}), prompts, max_tokens)
+    expected = _generate(LLM(str(tiny_dir), plugins=plugins, **options, **{"engine.cpu_graphs": False}), prompts, max_tokens)
 
-    llm = LLM(str(tiny_dir), **options)
-    engine = llm.executor.model_engine
-    assert engine.use_cpu_graphs  # the default where the kernels run
+    llm = LLM(str(tiny_dir), plugins=plugins, **options)
+    kv = llm.executor.kv_cache_manager
+    graphs = llm.executor.model_engine.backend.decode_graphs(None, kv.get_kv_caches(), kv.block_size, 1024)
+    assert isinstance(graphs, KernelDecodeGraphs)  # the default
     replays = []
     original = CPUGraph.replay
     monkeypatch.setattr(CPUGraph, "replay", lambda self, inputs: replays.append(1) or original(self, inputs))
@@ -138,6 +134,6 @@ def test_engine_outputs_are_the_same_with_the_graphs(tiny_dir, dtype, monkeypatc
     assert kv.num_free_blocks == kv.get_max_resource_count()
 
 
-def test_graphs_are_off_without_the_kernels_or_when_asked(tiny_dir):
-    assert not LLM(str(tiny_dir), **{"engine.cpu_kernels": False}).executor.model_engine.use_cpu_graphs
-    assert not LLM(str(tiny_dir), **{"engine.cpu_graphs": False}).executor.model_engine.use_cpu_graphs
+def test_graphs_are_off_when_asked(kernels, plugins, tiny_dir):
+    engine = LLM(str(tiny_dir), plugins=plugins, **{"engine.backend": "cpu_kernels", "engine.cpu_graphs": False}).executor.model_engine
+    assert engine.backend.decode_graphs(engine.model, [], 16, 1024) is None

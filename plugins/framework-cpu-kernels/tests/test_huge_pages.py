@@ -1,10 +1,12 @@
+"""Zero-filled CPU tensors in 2 MB-page-advised memory (framework_cpu_kernels/huge_pages.py), and
+what the `cpu_kernels` backend allocates there: the KV cache and the packed linear weights."""
+
 import gc
 
 import pytest
 import torch
 
-from framework import huge_pages
-from tests.unit.conftest import new_kv
+from framework_cpu_kernels import huge_pages
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
@@ -55,16 +57,27 @@ def made(monkeypatch):
     return calls
 
 
-def test_cpu_kv_cache_is_allocated_here_with_its_pages_made_up_front(made):
-    kv = new_kv(max_tokens=64, block_size=16, num_layers=2)
-    assert made == [((1, 4, 16, 2), torch.float32, True)] * 4  # K and V of each layer
-    assert all(t.shape == (1, 4, 16, 2) and not t.any() for pair in kv.kv_caches for t in pair)
+@pytest.fixture
+def backend(kernels):
+    from framework_cpu_kernels.backend import CPUKernelsBackend
+
+    return CPUKernelsBackend(None, None, torch.device("cpu"), torch.float32)
 
 
-def test_packed_linear_weights_are_allocated_here(made):
-    from framework.kernels import cpu
+def test_the_kv_cache_is_allocated_here_with_its_pages_made_up_front(backend, made):
+    t = backend.kv_cache_tensor((1, 4, 16, 2))
+    assert made == [((1, 4, 16, 2), torch.float32, True)]
+    assert t.shape == (1, 4, 16, 2) and not t.any()
 
-    kernels = cpu.load()
-    assert kernels is not None, "the C++ kernels did not build on this machine (see the log)"
-    packed = kernels.pack_linear(torch.randn(96, 64))
+
+def test_packed_linear_weights_are_allocated_here(backend, made):
+    packed = backend.prepare_linear(torch.randn(96, 64)).kernel
     assert made == [((packed.numel(),), torch.float32, False)]
+
+
+def test_the_engines_kv_cache_is_the_backends(plugins, tiny_dir, backend, made):
+    from framework import LLM
+
+    llm = LLM(str(tiny_dir), plugins=plugins, backend="cpu_kernels", **{"kv_cache.max_tokens": 64, "engine.pack_weights": False})
+    caches = llm.executor.kv_cache_manager.get_kv_caches()
+    assert [call for call in made if call[2]] == [(tuple(caches[0][0].shape), torch.float32, True)] * 2 * len(caches)

@@ -1,4 +1,4 @@
-"""Decode-only steps replayed from CUDA graphs.
+"""Decode-only steps replayed from CUDA graphs: the `torch` backend's `decode_graphs` on CUDA.
 
 On a GPU, a decode step of a small model is bound by launching its few hundred kernels from Python,
 not by the GPU itself. A CUDA graph records a step's kernels once and replays them with one launch.
@@ -24,7 +24,7 @@ def bucket(n: int, limit: int) -> int:
     return min(1 << (n - 1).bit_length(), limit)
 
 
-class DecodeGraphs:
+class CUDADecodeGraphs:
     def __init__(self, model, kv_caches, block_size: int, max_batch: int, max_blocks: int, capture: bool = True):
         self.model = model
         self.kv_caches = kv_caches

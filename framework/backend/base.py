@@ -1,0 +1,116 @@
+"""The backend seam: the hot tensor ops that the models and the model engine call.
+
+A model gets its backend at construction and its layers call `backend.<op>(...)`; the engine asks the
+backend for a step's attention metadata, the KV cache tensors and decode-step graphs. Nothing above
+the backend knows which one runs: `torch` is built in (`framework/backend/torch_backend.py`, CPU and
+CUDA), the C++ CPU kernels are the first-party plugin `cpu_kernels`.
+
+Shapes: a step's tokens are packed (no padding), `T` of them; a layer's K or V cache is
+`[kv_heads, num_blocks, block_size, head_dim]`; `d` is the head size. Tensors are in the backend's
+device and dtype unless a method says otherwise.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+
+class DecodeGraphs(Protocol):
+    """Decode-only steps (every request adds one token and samples it) captured once and replayed."""
+
+    def covers(self, batch: int, width: int) -> bool:
+        """Whether a step of `batch` requests with block tables of at most `width` blocks is replayed
+        (else the engine runs it eagerly)."""
+
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]):
+        """Float32 logits `[len(tokens), vocab]` (a fresh tensor) of the step: request `i` adds
+        `tokens[i]` at `positions[i]`, its K/V written into its block table `tables[i]`."""
+
+
+class Backend(ABC):
+    """Built by the engine as `factory(engine_config, own_config, device, dtype)`, once the class said
+    it `supports` the model."""
+
+    name: str  # the name it registers under, reported by the engine (logs, bench JSON)
+    priority: int = 0  # `engine.backend=auto` tries the higher first
+
+    def __init__(self, engine_config, config, device, dtype):
+        self.engine_config = engine_config
+        self.config = config  # the backend's own config dataclass (its fields sit in the `engine` group), or None
+        self.device = device  # torch.device
+        self.dtype = dtype  # torch.dtype of the weights, activations and KV cache
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, device, dtype, head_dim: int) -> bool:
+        """Whether this backend runs a model of this head size in this dtype on this device here (it
+        may check the CPU, build its kernels...). Called before the model is built."""
+
+    # ---- memory --------------------------------------------------------------------------------
+    def kv_cache_tensor(self, shape):
+        """A zero-filled contiguous tensor of `shape` for one layer's K or V cache."""
+        import torch
+
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- linear layers -------------------------------------------------------------------------
+    def prepare_linear(self, weight) -> Any:
+        """A copy of a loaded weight `[out, in]` in the layout `linear` multiplies fastest from (packed
+        once, kept beside the plain weight), or None where the backend has none. Called again after a
+        weight changes."""
+        return None
+
+    @abstractmethod
+    def linear(self, x, weight, bias, prepared):
+        """`F.linear(x, weight, bias)` for `x` `[..., in]`, from `prepared` (what `prepare_linear`
+        returned, possibly None)."""
+
+    # ---- fused layer ops -----------------------------------------------------------------------
+    @abstractmethod
+    def rms_norm(self, x, weight, eps: float):
+        """`weight * rmsnorm(x)` over the last dimension (normalised in float32, scaled in the dtype)."""
+
+    @abstractmethod
+    def add_rms_norm(self, x, residual, weight, eps: float):
+        """`(rms_norm(x + residual), x + residual)`: the residual add fused into the norm. The backend
+        may write the sum into `residual` and return it."""
+
+    @abstractmethod
+    def rotary_and_cache(self, qkv, cos_sin, k_cache, v_cache, meta, num_heads: int, num_kv_heads: int):
+        """Rotate ("rotate half" layout) the query and key heads of a fused projection `qkv`
+        `[T, (num_heads + 2 * num_kv_heads) * d]` by their tokens' `cos_sin` `[T, 2, d]`, write the
+        keys and values into the caches at the step's slots (from `meta`), and return the rotated
+        queries `[T, num_heads, d]`. `qkv` may be rotated in place (the queries then a view of it)."""
+
+    @abstractmethod
+    def silu_and_mul(self, gate_up):
+        """SwiGLU of a fused `[..., 2 * width]` gate|up projection: `silu(gate) * up`, `[..., width]`."""
+
+    # ---- attention -----------------------------------------------------------------------------
+    @abstractmethod
+    def attention_metadata(self, positions, block_tables: list[list[int]], query_lens, context_lens, cache_shape) -> Any:
+        """What `attention` and `rotary_and_cache` need to know of a step, in the backend's own form.
+        `positions` `[T]` int64 (CPU) of the packed tokens; per request, in packed order, its block
+        table, its `query_lens` tokens in the step and the `context_lens` positions its last token
+        sees (both `[b]` int64 CPU; a request's tokens are the last `query_lens` of its context);
+        `cache_shape` is one layer's K cache shape. Requests may share leading blocks (a cached
+        prefix); a backend may attend those once for all of them."""
+
+    @abstractmethod
+    def attention(self, q, k_cache, v_cache, meta, scale: float):
+        """Causal attention of the packed queries `q` `[T, heads, d]` over each request's cached
+        context (which already holds the step's own keys and values), with grouped KV heads:
+        `[T, heads, d]`."""
+
+    # ---- sampling ------------------------------------------------------------------------------
+    def argmax(self, logits):
+        """`logits.argmax(dim=-1)` of `[rows, vocab]` logits (any dtype or device): the first of
+        equal maxima, the first NaN, as int64."""
+        return logits.argmax(dim=-1)
+
+    # ---- decode-step graphs --------------------------------------------------------------------
+    def decode_graphs(self, model, kv_caches, block_size: int, max_model_len: int) -> DecodeGraphs | None:
+        """The capture/replay of decode-only steps of `model` over these caches, or None where the
+        backend has none (every step then runs eagerly). Called again when the caches change."""
+        return None
