@@ -93,5 +93,6 @@ class LlmRequest:
     def reset_for_recompute(self) -> None:
         """Preempted: drop the cache cursor; prompt and outputs so far are recomputed later."""
         self.num_computed_tokens = 0
+        self.draft_token_ids = []
         self.state = RequestState.QUEUED
         self.num_preemptions += 1

@@ -6,26 +6,18 @@ import logging
 import queue
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from framework.decoder.base import Decoder
 from framework.engine.base import ModelEngine
+from framework.executor.faults import ComponentFault, FaultIsolation
 from framework.executor.verify import decode_runs
 from framework.request import FinishReason, LlmRequest, RequestState
-from framework.resources.base import ResourceManager, ResourceManagerError
+from framework.resources.base import ResourceManager
 from framework.sampling_params import short_repr
 from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler, decoding
 
 logger = logging.getLogger(__name__)
-
-
-class ComponentFault(RuntimeError):
-    """A component raised inside a step; `requests` are the ones the fault is laid on."""
-
-    def __init__(self, component: str, cause: Exception, requests: list[LlmRequest]):
-        super().__init__(f"{component} raised {cause!r}")
-        self.requests = requests
 
 
 @dataclass
@@ -37,9 +29,12 @@ class StepCounters:
     tokens_forwarded: int = 0
     tokens_sampled: int = 0
     attended_positions: int = 0  # sum over forwarded tokens of the context each attends to
+    verify_steps: int = 0  # request-steps that verified drafts
+    draft_tokens: int = 0  # drafts verified
+    accepted_draft_tokens: int = 0  # of which accepted
 
 
-class PyExecutor:
+class PyExecutor(FaultIsolation):
     """Owns the active requests and runs one engine step at a time:
 
     fetch new requests -> capacity scheduler -> micro-batch scheduler -> prepare resources ->
@@ -195,26 +190,19 @@ class PyExecutor:
             return list(dict.fromkeys(updated + self._release_finished()))
 
     def _schedule(self) -> list[LlmRequest]:
-        """Admit, capacity-schedule and micro-batch the active requests; prepare their resources."""
+        """Draft, capacity-schedule, admit and micro-batch the active requests; prepare their
+        resources. Drafts come first, so the capacity scheduler reserves blocks for them too."""
         for request in self.active:  # pick up prefixes cached since they were admitted
             if request.state is RequestState.CONTEXT:
                 self._admit(request)
         live = [r for r in self.active if not r.is_finished]
+        self._propose_drafts(live)
         capacity = self._isolating("capacity_scheduler", live, lambda rs: self.capacity_scheduler.schedule(rs, self.kv_cache_manager))
         for request in capacity.preempted:
             self._free(request)
             if not request.is_finished:
                 request.reset_for_recompute()
-        fitting = []
-        for request in capacity.fitting:
-            if request.state is RequestState.QUEUED:
-                if not self._can_admit(request):
-                    continue  # a manager has no room yet: it stays queued
-                request.state = RequestState.CONTEXT
-                self._admit(request)
-            fitting.append(request)
-        fitting = [r for r in fitting if not r.is_finished]
-        self._propose_drafts(fitting)
+        fitting = [r for r in self._admitted(capacity.fitting) if not r.is_finished]
         scheduled = self._schedule_micro_batch(fitting)
         for request in scheduled:  # the drafts the token budget left room for
             del request.draft_token_ids[request.num_scheduled_tokens - (request.num_tokens - request.num_computed_tokens) :]
@@ -222,12 +210,25 @@ class PyExecutor:
             self._isolating("resource_manager", scheduled, self.resource_manager.prepare_resources)
         return scheduled
 
-    def _propose_drafts(self, fitting: list[LlmRequest]) -> None:
+    def _admitted(self, fitting: list[LlmRequest]) -> list[LlmRequest]:
+        """The fitting requests, the queued ones among them admitted unless a resource manager has
+        no room for them yet (those stay queued)."""
+        admitted = []
+        for request in fitting:
+            if request.state is RequestState.QUEUED:
+                if not self._can_admit(request):
+                    continue
+                request.state = RequestState.CONTEXT
+                self._admit(request)
+            admitted.append(request)
+        return admitted
+
+    def _propose_drafts(self, live: list[LlmRequest]) -> None:
         """Draft tokens for the decoding requests, at most as many as each may still produce
         (less one: the target adds a token of its own). A drafter that raises only costs the drafts."""
         if self.drafter is None:
             return
-        requests = decoding(fitting)
+        requests = decoding(live)
         try:
             self.drafter.propose(requests)
         except Exception:
@@ -299,63 +300,21 @@ class PyExecutor:
                 self._append_token(request, token, token_logprobs)
                 if request.is_finished:
                     break
-        request.num_computed_tokens -= len(request.draft_token_ids) + 1 - len(tokens)
+        proposed = len(request.draft_token_ids)
+        request.num_computed_tokens -= proposed + 1 - len(tokens)
         request.draft_token_ids = []
+        if proposed:
+            self._observe_drafts(request, proposed, len(tokens) - 1)
 
-    # ---- faults ------------------------------------------------------------------------------
-    @contextmanager
-    def _blame(self, kind: str, requests: list[LlmRequest]):
-        """Turn an exception raised inside into a ComponentFault naming the component (and its
-        plugin) and the requests it fails."""
+    def _observe_drafts(self, request: LlmRequest, proposed: int, accepted: int) -> None:
+        counters = self.counters
+        counters.verify_steps += 1
+        counters.draft_tokens += proposed
+        counters.accepted_draft_tokens += accepted
         try:
-            yield
-        except ComponentFault:
-            raise
-        except Exception as exc:
-            if isinstance(exc, ResourceManagerError):
-                kind, exc = exc.name, exc.__cause__
-            logger.exception("%s raised", self.describe(kind))
-            raise ComponentFault(self.describe(kind), exc, requests) from exc
-
-    def describe(self, kind: str) -> str:
-        """A component's name for messages: its kind, registered name and plugin."""
-        return self.component_names.get(kind, kind.replace("_", " "))
-
-    def _isolating(self, kind: str, requests: list[LlmRequest], call):
-        """`call(requests)`. If it raises, each request is tried alone: the fault is laid on those
-        that raise. When none does, the call is made once more, and a second raise fails them all.
-        (Calls made this way must be repeatable: scheduling is a query, preparing and updating
-        resources twice for a request changes nothing the second time.)"""
-        try:
-            with self._blame(kind, requests):
-                return call(requests)
-        except ComponentFault as fault:
-            culprits = [r for r in requests if self._raises(call, r)]
-            if culprits:
-                fault.requests = culprits
-                raise
-        with self._blame(kind, requests):
-            return call(requests)
-
-    @staticmethod
-    def _raises(call, request: LlmRequest) -> bool:
-        scheduled = request.num_scheduled_tokens  # a micro-batch scheduler's probe sets it
-        try:
-            call([request])
-            return False
+            self.drafter.observe(request, proposed, accepted)
         except Exception:
-            return True
-        finally:
-            request.num_scheduled_tokens = scheduled
-
-    @contextmanager
-    def _fails_alone(self, kind: str, request: LlmRequest):
-        """A raise inside fails `request` alone."""
-        try:
-            with self._blame(kind, [request]):
-                yield
-        except ComponentFault as fault:
-            self._fail([request], str(fault))
+            logger.exception("%s raised in observe", self.describe("drafter"))
 
     def _can_admit(self, request: LlmRequest) -> bool:
         with self._fails_alone("resource_manager", request):

@@ -11,7 +11,9 @@ packages are found through the `framework.plugins` entry-point group. Environmen
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import logging
 import os
+import types
 from dataclasses import dataclass, field
 
 import pluggy
@@ -21,6 +23,8 @@ from framework.plugins.kinds import KINDS
 from framework.plugins.registry import Registry
 
 ENTRY_POINT_GROUP = "framework.plugins"
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_MODULES = tuple(dict.fromkeys(kind.builtins for kind in KINDS.values()))
 
@@ -86,6 +90,28 @@ def _load_entry_points(pm: pluggy.PluginManager, providers: dict[str, str]) -> N
         providers[ep.name] = dist
 
 
+def _warn_unmarked_hooks(pm: pluggy.PluginManager, plugin, who: str) -> None:
+    """pluggy passes over a `register_*` function that lacks @hookimpl, so the plugin would be
+    listed as providing nothing through it: say so."""
+    unmarked = [
+        attr for attr in dir(plugin)
+        if attr.startswith("register_") and _defined_in(plugin, attr) and pm.parse_hookimpl_opts(plugin, attr) is None
+    ]
+    if unmarked:
+        logger.warning(
+            "plugin %s defines %s without @hookimpl, so it is not called; decorate it with "
+            "framework.plugins.hookspecs.hookimpl", who, ", ".join(unmarked),
+        )
+
+
+def _defined_in(plugin, attr: str) -> bool:
+    """Whether `plugin.attr` is a function of the plugin's own (not one a plugin module imported)."""
+    value = getattr(plugin, attr, None)
+    if not callable(value):
+        return False
+    return not isinstance(plugin, types.ModuleType) or getattr(value, "__module__", None) == plugin.__name__
+
+
 def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plugins:
     """Make a plugin manager with the built-ins, the installed plugins and `extra_plugins`
     (objects or modules with hook implementations, e.g. from a test), and fill the registries."""
@@ -104,6 +130,8 @@ def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plu
             continue  # already loaded through its entry point
         name = pm.register(plugin)
         providers[name] = getattr(plugin, "__name__", None) or type(plugin).__name__
+    for name, plugin in pm.list_name_plugin():
+        _warn_unmarked_hooks(pm, plugin, f"{name!r} ({providers.get(name, name)})")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,33 @@ def test_misspelt_hook_fails_loudly():
         create_plugin_manager(extra_plugins=[Misspelt()], autoload=False)
 
 
+def test_a_hook_without_hookimpl_is_warned_about(caplog):
+    class Unmarked:
+        def register_decoders(self, register):  # no @hookimpl: pluggy passes over it
+            register("never_seen", CountingScheduler)
+
+        def helper(self):
+            pass
+
+    with caplog.at_level("WARNING", logger="framework.plugins.manager"):
+        plugins = create_plugin_manager(extra_plugins=[Unmarked()], autoload=False)
+    assert "never_seen" not in plugins["decoder"]
+    (message,) = caplog.messages
+    assert "Unmarked" in message and "register_decoders without @hookimpl" in message and "helper" not in message
+
+
+def test_marked_hooks_and_imported_functions_are_not_warned_about(caplog):
+    import types
+
+    module = types.ModuleType("imports_a_register_function")
+    from framework.config import register_configs  # a function named register_*, not a hook
+
+    module.register_configs = register_configs
+    with caplog.at_level("WARNING", logger="framework.plugins.manager"):
+        create_plugin_manager(extra_plugins=[InTestPlugin(), module], autoload=False)
+    assert caplog.messages == []
+
+
 def test_unknown_name_from_python_lists_the_choices(tiny_dir):
     with pytest.raises(LookupError, match=r"unknown decoder 'nope'; available: sampling \(framework\), greedy \(framework\)"):
         LLM(str(tiny_dir), **{"decoder.name": "nope"})
@@ -101,7 +129,7 @@ def installed(tmp_path_factory):
 
 
 def cli(args, site, cwd, **env):
-    full_env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", **env}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "HF_HUB_OFFLINE": "1", **env}
     for var in ("FRAMEWORK_DISABLE_PLUGIN_AUTOLOAD", "FRAMEWORK_PLUGINS", "FRAMEWORK_BLOCK_PLUGINS"):
         if var not in env:
             full_env.pop(var, None)
@@ -170,6 +198,39 @@ def test_broken_plugin_fails_loudly_with_its_distribution(tmp_path, source, mess
     assert "Traceback" not in result.stderr
     # the switch to block it gets the user going again
     assert cli(["--list-plugins"], site, tmp_path, FRAMEWORK_BLOCK_PLUGINS="broken_plugin").returncode == 0
+
+
+def test_check_imports_every_factory_and_names_the_broken_ones(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_distribution(
+        site, "lazy-plugin",
+        "from framework.plugins.hookspecs import hookimpl\n"
+        "@hookimpl\ndef register_decoders(register):\n"
+        "    register('lazy', 'nowhere.mod:Thing')\n"
+        "    register('not_a_decoder', 'collections:OrderedDict')\n",
+    )
+    only = {"FRAMEWORK_PLUGINS": "lazy_plugin"}  # whatever else is installed
+    listed = cli(["--list-plugins"], site, tmp_path, **only)
+    assert listed.returncode == 0 and "lazy" in listed.stdout  # listing alone imports no factory
+    checked = cli(["--list-plugins", "--check"], site, tmp_path, **only)
+    assert checked.returncode == 2, checked.stderr
+    errors = checked.stderr.splitlines()
+    assert "framework: error: decoder 'lazy' from lazy-plugin 1.0 points at 'nowhere.mod:Thing', which cannot be loaded: No module named 'nowhere'" in errors
+    assert "framework: error: decoder 'not_a_decoder' from lazy-plugin 1.0: 'collections:OrderedDict' is not a Decoder subclass or factory" in errors
+    assert len(errors) == 2 and "Traceback" not in checked.stderr
+    assert json.loads(checked.stdout)["components"]["decoder"]  # the listing is still printed
+
+
+def test_check_passes_where_every_factory_loads(tmp_path):
+    result = cli(["--list-plugins", "--check"], tmp_path, tmp_path, FRAMEWORK_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"framework: all \d+ registered factories load\n", result.stderr)
+
+
+def test_check_without_list_plugins_is_refused(tmp_path):
+    result = cli(["--check"], tmp_path, tmp_path)
+    assert result.returncode == 2 and "--check goes with --list-plugins" in result.stderr
 
 
 def test_conf_ships_inside_the_wheel(tmp_path):

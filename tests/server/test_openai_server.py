@@ -514,7 +514,6 @@ def test_client_that_gives_up_on_a_non_streaming_request_is_aborted(served, clie
     with httpx.Client(base_url=served.url, timeout=httpx.Timeout(30, read=0.3), trust_env=False) as h:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
             h.post(path, json=body)
-        assert llm.executor.active  # still generating when the client went away
     wait_until_idle(llm)
     assert llm.executor.num_steps - steps_before < max_tokens // 2
     eventually(lambda: served.metrics()[ABORTS] == aborts_before + 1, "the abort is counted")

@@ -3,74 +3,20 @@ real paged KV cache manager (tiny sizes, CPU), its registration, and its Hydra c
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 import framework_priority
 from framework.plugins.manager import create_plugin_manager
-from framework.request import LlmRequest, RequestState
-from framework.resources.base import KVCacheSpec
-from framework.resources.paged_kv_cache import PagedKVCacheManager
-from framework.sampling_params import SamplingParams
 from framework.scheduler.base import CapacityScheduler
-from framework.scheduler.micro_batch import FCFSMicroBatchScheduler
+from framework.testing import ids, make_executor, make_scheduler, req, run_to_completion, start, tiny_kv_cache
 from framework_priority.config import PriorityConfig
 from framework_priority.scheduler import PriorityScheduler, request_priority
 
-BLOCK = 4  # tokens per block; the pool has 32 tokens = 8 blocks
-
-
-def make_kv(max_tokens: int = 32) -> PagedKVCacheManager:
-    return PagedKVCacheManager(
-        SimpleNamespace(block_size=BLOCK, max_tokens=max_tokens, memory_fraction=0.0, enable_prefix_caching=True),
-        None,
-        KVCacheSpec(
-            num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"), max_model_len=128
-        ),
-    )
-
-
-def make_scheduler(max_batch_size: int = 8, max_num_tokens: int = 64, **config) -> PriorityScheduler:
-    return PriorityScheduler(
-        SimpleNamespace(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens),
-        PriorityConfig(**config) if config else None,
-    )
-
-
-_next_token = iter(range(1000, 10**6))
-
-
-def req(rid: str, prompt_len: int = 8, max_tokens: int = 4, priority: int | None = None) -> LlmRequest:
-    """A queued request with its own (never shared) prompt tokens. prompt 8 + max_tokens 4 caches
-    at most 11 tokens: 3 blocks to completion."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    if priority is not None:
-        params.priority = priority
-    return LlmRequest(
-        request_id=rid, prompt_token_ids=[next(_next_token) for _ in range(prompt_len)], sampling_params=params
-    )
-
-
-def start(kv: PagedKVCacheManager, *requests: LlmRequest) -> None:
-    """Make requests running: their whole prompt scheduled and its blocks allocated."""
-    for r in requests:
-        r.state = RequestState.CONTEXT
-        kv.admit(r)  # as the executor does on admission: attaches cached prefix blocks
-        r.num_scheduled_tokens = r.num_missing_tokens
-    kv.prepare_resources(list(requests))
-    for r in requests:
-        r.num_computed_tokens += r.num_scheduled_tokens
-        r.num_scheduled_tokens = 0
-    kv.update_resources(list(requests))
-
-
-def ids(requests) -> list[str]:
-    return [r.request_id for r in requests]
+# Pools of blocks of 4 tokens. A request of `req`'s default size (prompt 8, max_tokens 4) caches at
+# most 11 tokens: 3 blocks to completion.
 
 
 # ---- request priority ---------------------------------------------------------------------------
@@ -79,12 +25,13 @@ def ids(requests) -> list[str]:
 def test_priority_comes_from_request_then_sampling_params_then_default():
     plain = req("plain")
     assert request_priority(plain, 7) == 7
-    via_params = req("params", priority=2)
+    via_params = req("params")
+    via_params.sampling_params.priority = 2
     assert request_priority(via_params, 7) == 2
     via_params.priority = -1  # set on the request itself: wins over the SamplingParams attribute
     assert request_priority(via_params, 7) == -1
-    assert make_scheduler(default_priority=5).priority(plain) == 5
-    assert make_scheduler().priority(plain) == 0  # config None -> PriorityConfig() defaults
+    assert make_scheduler(PriorityScheduler, PriorityConfig(default_priority=5)).priority(plain) == 5
+    assert make_scheduler(PriorityScheduler).priority(plain) == 0  # config None -> PriorityConfig() defaults
 
 
 def test_a_non_integer_priority_falls_back_to_the_default_with_a_warning(caplog):
@@ -92,7 +39,7 @@ def test_a_non_integer_priority_falls_back_to_the_default_with_a_warning(caplog)
     bad.sampling_params.priority = "high"
     with pytest.raises(TypeError, match="'bad'.*integer"):
         request_priority(bad, 0)
-    scheduler = make_scheduler(default_priority=3)
+    scheduler = make_scheduler(PriorityScheduler, PriorityConfig(default_priority=3))
     with caplog.at_level("WARNING"):
         assert scheduler.priority(bad) == 3
         assert scheduler.priority(bad) == 3
@@ -100,7 +47,7 @@ def test_a_non_integer_priority_falls_back_to_the_default_with_a_warning(caplog)
 
 
 def test_is_a_capacity_scheduler_with_the_group_settings():
-    scheduler = make_scheduler(max_batch_size=3, max_num_tokens=10, preempt=False)
+    scheduler = make_scheduler(PriorityScheduler, PriorityConfig(preempt=False), max_batch_size=3, max_num_tokens=10)
     assert isinstance(scheduler, CapacityScheduler)
     assert (scheduler.max_batch_size, scheduler.max_num_tokens) == (3, 10)
     assert scheduler.config == PriorityConfig(default_priority=0, preempt=False)
@@ -110,53 +57,53 @@ def test_is_a_capacity_scheduler_with_the_group_settings():
 
 
 def test_admits_in_priority_order_while_blocks_to_completion_fit():
-    kv = make_kv()  # 8 blocks; each request needs 3
+    kv = tiny_kv_cache(32)  # 8 blocks; each request needs 3
     a, b, c = req("a", priority=2), req("b", priority=0), req("c", priority=1)
-    out = make_scheduler().schedule([a, b, c], kv)
+    out = make_scheduler(PriorityScheduler).schedule([a, b, c], kv)
     assert ids(out.fitting) == ["b", "c"]  # 6 blocks; "a" (3 more) does not fit in the 2 left
     assert out.preempted == []
 
 
 def test_equal_priorities_are_admitted_in_arrival_order():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     a, b, c = req("a"), req("b"), req("c")
-    assert ids(make_scheduler().schedule([a, b, c], kv).fitting) == ["a", "b"]
+    assert ids(make_scheduler(PriorityScheduler).schedule([a, b, c], kv).fitting) == ["a", "b"]
 
 
 def test_running_requests_keep_their_reservation():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     running = req("running", prompt_len=4, max_tokens=9, priority=0)  # 12 cached tokens: 3 blocks
     start(kv, running)  # holds 1 block, needs 2 more to completion
     assert kv.num_free_blocks == 7
     a, b = req("a", priority=0), req("b", priority=0)
-    out = make_scheduler().schedule([running, a, b], kv)
+    out = make_scheduler(PriorityScheduler).schedule([running, a, b], kv)
     assert ids(out.fitting) == ["running", "a"]  # 7 - 2 reserved = 5: room for one 3-block request
 
 
 def test_fitting_is_in_priority_order_running_and_admitted_together():
-    kv = make_kv(max_tokens=64)  # 16 blocks
+    kv = tiny_kv_cache(max_tokens=64)  # 16 blocks
     low, mid = req("low", priority=5), req("mid", priority=3)
     start(kv, low, mid)
     top, also_mid = req("top", priority=-1), req("also_mid", priority=3)
-    out = make_scheduler().schedule([low, mid, top, also_mid], kv)
+    out = make_scheduler(PriorityScheduler).schedule([low, mid, top, also_mid], kv)
     assert ids(out.fitting) == ["top", "mid", "also_mid", "low"]
 
 
 def test_a_blocked_important_request_blocks_the_less_important_ones_behind_it():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     r1, r2 = req("r1", priority=0), req("r2", priority=0)
     start(kv, r1, r2)  # 6 blocks held or reserved; 2 left
     big = req("big", priority=0)  # 3 blocks: does not fit; r1, r2 are as important: no preemption
     small = req("small", prompt_len=2, max_tokens=2, priority=9)  # 1 block: would fit
-    out = make_scheduler().schedule([r1, r2, big, small], kv)
+    out = make_scheduler(PriorityScheduler).schedule([r1, r2, big, small], kv)
     assert ids(out.fitting) == ["r1", "r2"]
     assert out.preempted == []
 
 
 def test_respects_max_batch_size():
-    kv = make_kv(max_tokens=128)
+    kv = tiny_kv_cache(max_tokens=128)
     reqs = [req(f"r{i}", priority=i % 2) for i in range(5)]
-    out = make_scheduler(max_batch_size=3).schedule(reqs, kv)
+    out = make_scheduler(PriorityScheduler, max_batch_size=3).schedule(reqs, kv)
     assert ids(out.fitting) == ["r0", "r2", "r4"]
 
 
@@ -164,79 +111,77 @@ def test_respects_max_batch_size():
 
 
 def test_preempts_the_least_important_running_request_for_a_more_important_one():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     low, mid = req("low", priority=5), req("mid", priority=1)
     start(kv, low, mid)  # 2 blocks held + 1 reserved each: 2 blocks left
     urgent = req("urgent", priority=0)
-    out = make_scheduler().schedule([low, mid, urgent], kv)
+    out = make_scheduler(PriorityScheduler).schedule([low, mid, urgent], kv)
     assert ids(out.preempted) == ["low"]  # gives back 2 held + 1 reserved: 5 >= 3
     assert ids(out.fitting) == ["urgent", "mid"]
 
 
 def test_preempts_the_newest_among_equally_unimportant_requests():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     old, new = req("old", priority=4), req("new", priority=4)
     start(kv, old, new)
     urgent = req("urgent", priority=0)
-    out = make_scheduler().schedule([old, new, urgent], kv)
+    out = make_scheduler(PriorityScheduler).schedule([old, new, urgent], kv)
     assert ids(out.preempted) == ["new"]
     assert ids(out.fitting) == ["urgent", "old"]
 
 
 def test_preempts_as_many_as_needed_least_important_first():
-    kv = make_kv(max_tokens=48)  # 12 blocks
+    kv = tiny_kv_cache(max_tokens=48)  # 12 blocks
     a, b, c, d = (req(x, priority=p) for x, p in (("a", 3), ("b", 5), ("c", 4), ("d", 5)))
     start(kv, a, b, c, d)  # 12 blocks held or reserved; 0 left
     huge = req("huge", prompt_len=20, max_tokens=4, priority=0)  # 23 tokens: 6 blocks
-    out = make_scheduler().schedule([a, b, c, d, huge], kv)
+    out = make_scheduler(PriorityScheduler).schedule([a, b, c, d, huge], kv)
     assert ids(out.preempted) == ["d", "b"]  # priority 5 first, newest first: 3 + 3 = 6 blocks
     assert ids(out.fitting) == ["huge", "a", "c"]
 
 
 def test_never_preempts_for_an_equally_or_less_important_request():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     r1, r2 = req("r1", priority=2), req("r2", priority=2)
     start(kv, r1, r2)
     for p in (2, 3):
-        out = make_scheduler().schedule([r1, r2, req("q", priority=p)], kv)
+        out = make_scheduler(PriorityScheduler).schedule([r1, r2, req("q", priority=p)], kv)
         assert out.preempted == []
         assert ids(out.fitting) == ["r1", "r2"]
 
 
 def test_preempts_nothing_when_even_all_candidates_would_not_make_room():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     keep, low = req("keep", priority=0), req("low", priority=9)
     start(kv, keep, low)  # low gives back 3 blocks at most; 2 + 3 < 6
     too_big = req("too_big", prompt_len=20, max_tokens=4, priority=1)  # 6 blocks
-    out = make_scheduler().schedule([keep, low, too_big], kv)
+    out = make_scheduler(PriorityScheduler).schedule([keep, low, too_big], kv)
     assert out.preempted == []
     assert ids(out.fitting) == ["keep", "low"]
 
 
 def test_preempt_false_waits_instead():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     low, mid = req("low", priority=5), req("mid", priority=1)
     start(kv, low, mid)
-    out = make_scheduler(preempt=False).schedule([low, mid, req("urgent", priority=0)], kv)
+    out = make_scheduler(PriorityScheduler, PriorityConfig(preempt=False)).schedule([low, mid, req("urgent", priority=0)], kv)
     assert out.preempted == []
     assert ids(out.fitting) == ["mid", "low"]
 
 
 def test_preempts_for_a_batch_slot_too():
-    kv = make_kv(max_tokens=128)  # plenty of blocks
+    kv = tiny_kv_cache(max_tokens=128)  # plenty of blocks
     low, mid = req("low", priority=5), req("mid", priority=1)
     start(kv, low, mid)
-    out = make_scheduler(max_batch_size=2).schedule([low, mid, req("urgent", priority=0)], kv)
+    out = make_scheduler(PriorityScheduler, max_batch_size=2).schedule([low, mid, req("urgent", priority=0)], kv)
     assert ids(out.preempted) == ["low"]
     assert ids(out.fitting) == ["urgent", "mid"]
 
 
 def test_blocks_shared_with_a_kept_request_do_not_count_as_released():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     prompt = [7, 7, 7, 7, 8, 8, 8, 8]
-    first = LlmRequest("first", list(prompt), SamplingParams(max_tokens=4, temperature=0.0))
-    twin = LlmRequest("twin", list(prompt), SamplingParams(max_tokens=4, temperature=0.0))
-    twin.sampling_params.priority = 9
+    first, twin = req("first", prompt=prompt), req("twin", prompt=prompt, priority=9)
     start(kv, first)
     start(kv, twin)  # reuses first's first block (a prompt's last token is always computed)
     assert kv.num_exclusive_blocks(twin) == 1  # it holds 2 blocks, one of them shared
@@ -244,77 +189,38 @@ def test_blocks_shared_with_a_kept_request_do_not_count_as_released():
     urgent = req("urgent", prompt_len=20, max_tokens=4, priority=0)  # 23 tokens: 6 blocks
     # twin gives back 1 reserved + 1 exclusive block: 3 + 2 < 6, so preempting it would not help
     # (counting its shared block would wrongly say 6 >= 6); first is as important as the default.
-    out = make_scheduler().schedule([first, twin, urgent], kv)
+    out = make_scheduler(PriorityScheduler).schedule([first, twin, urgent], kv)
     assert out.preempted == []
     assert ids(out.fitting) == ["first", "twin"]
     smaller = req("smaller", prompt_len=16, max_tokens=4, priority=0)  # 19 tokens: 5 blocks
-    out = make_scheduler().schedule([first, twin, smaller], kv)
+    out = make_scheduler(PriorityScheduler).schedule([first, twin, smaller], kv)
     assert ids(out.preempted) == ["twin"]
     assert ids(out.fitting) == ["first", "smaller"]  # equal priority: arrival order
 
 
-# ---- the executor's protocol, end to end (no model: every computed last token emits token 1) ----
-
-
-def run_to_completion(scheduler, kv, arrivals: dict[int, list[LlmRequest]], max_steps: int = 200):
-    """Drive the scheduler the way PyExecutor.step does; returns the finishing order and the
-    preemption log. Raises if any allocation fails (the reservations must be honest)."""
-    micro = FCFSMicroBatchScheduler(SimpleNamespace(max_batch_size=scheduler.max_batch_size, max_num_tokens=16))
-    active: list[LlmRequest] = []
-    finished: list[str] = []
-    preempted: list[tuple[int, str]] = []
-    for step in range(max_steps):
-        active += arrivals.get(step, [])
-        if not active and step > max(arrivals):
-            return finished, preempted
-        if not active:
-            continue
-        capacity = scheduler.schedule(active, kv)
-        for r in capacity.preempted:
-            kv.free_resources(r)
-            r.reset_for_recompute()
-            preempted.append((step, r.request_id))
-        for r in capacity.fitting:
-            if r.state is RequestState.QUEUED:
-                r.state = RequestState.CONTEXT
-                kv.admit(r)
-        scheduled = micro.schedule(capacity.fitting)
-        kv.prepare_resources(scheduled)
-        for r in scheduled:
-            r.num_computed_tokens += r.num_scheduled_tokens
-            if r.num_missing_tokens == 0:
-                r.output_token_ids.append(1)
-                r.state = RequestState.GENERATION
-        kv.update_resources(scheduled)
-        for r in scheduled:
-            r.num_scheduled_tokens = 0
-            if len(r.output_token_ids) >= r.sampling_params.max_tokens:
-                r.state = RequestState.FINISHED
-                kv.free_resources(r)
-                active.remove(r)
-                finished.append(r.request_id)
-    raise AssertionError(f"not done after {max_steps} steps: {ids(active)}")
+# ---- end to end, through the real executor (framework.testing's FakeEngine stands in for a model) ----
 
 
 def test_end_to_end_an_urgent_late_arrival_preempts_and_finishes_first():
-    kv = make_kv()
+    kv = tiny_kv_cache(32)
     background = [req(f"bg{i}", prompt_len=6, max_tokens=6, priority=5) for i in range(3)]  # 3 blocks each
     urgent = req("urgent", prompt_len=6, max_tokens=6, priority=0)
-    finished, preempted = run_to_completion(make_scheduler(), kv, {0: background, 2: [urgent]})
-    assert preempted == [(2, "bg1")]  # only two background requests fit; the newer one yields
+    executor = make_executor(capacity=make_scheduler(PriorityScheduler), kv_cache=kv, max_num_tokens=16)
+    trace = run_to_completion(executor, {0: background, 2: [urgent]})
+    assert trace.preemptions == [(2, "bg1")]  # only two background requests fit; the newer one yields
     # bg0 keeps running and finishes first; the preempted bg1 is recomputed before bg2 (arrival order)
-    assert finished == ["bg0", "urgent", "bg1", "bg2"]
+    assert trace.finished == ["bg0", "urgent", "bg1", "bg2"]
     assert next(r for r in background if r.request_id == "bg1").num_preemptions == 1
     assert kv.num_free_blocks == kv.get_max_resource_count()  # everything released
 
 
 def test_end_to_end_without_preemption_the_urgent_request_waits_but_jumps_the_queue():
-    kv = make_kv()
     background = [req(f"bg{i}", prompt_len=6, max_tokens=6, priority=5) for i in range(3)]
     urgent = req("urgent", prompt_len=6, max_tokens=6, priority=0)
-    finished, preempted = run_to_completion(make_scheduler(preempt=False), kv, {0: background, 2: [urgent]})
-    assert preempted == []
-    assert finished.index("urgent") < finished.index("bg2")  # admitted before the earlier bg2
+    capacity = make_scheduler(PriorityScheduler, PriorityConfig(preempt=False))
+    trace = run_to_completion(make_executor(capacity=capacity, kv_cache=tiny_kv_cache(32), max_num_tokens=16), {0: background, 2: [urgent]})
+    assert trace.preemptions == []
+    assert trace.finished.index("urgent") < trace.finished.index("bg2")  # admitted before the earlier bg2
 
 
 # ---- registration and configuration -------------------------------------------------------------
