@@ -1,9 +1,11 @@
-"""The pool of KV blocks: reference counts, the prefix-hash index and LRU eviction. Plain Python,
-no tensors; the cache tensors live in the KV cache manager."""
+"""The pool of KV blocks: reference counts, the prefix-hash index and an eviction order (LRU
+unless told otherwise). Plain Python, no tensors; the cache tensors live in the KV cache manager."""
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
+
+from framework.resources.eviction import EvictionOrder, LRUEviction
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -14,19 +16,20 @@ class BlockPool:
     """Block ids 0..num_blocks-1. A block is in exactly one of three places:
 
     - `free`: unreferenced, no reusable content; allocated first, lowest ids first at start;
-    - `evictable`: unreferenced but holding a cached full block (a hash); least recently released
-      first, evicted only when `free` is empty;
+    - `evictable`: unreferenced but holding a cached full block (a hash); evicted in the order of
+      `evictable` (an EvictionOrder: least recently released first by default), and only when
+      `free` is empty;
     - in use: referenced by one or more requests (ref_count > 0).
     """
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, eviction: EvictionOrder | None = None):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[object | None] = [None] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
-        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.evictable: EvictionOrder = eviction if eviction is not None else LRUEviction()
         self.cached: dict[object, int] = {}  # block key (hashable) -> block id
 
     @property
@@ -37,7 +40,7 @@ class BlockPool:
         if self.free:
             block = self.free.popleft()
         elif self.evictable:
-            block, _ = self.evictable.popitem(last=False)
+            block = self.evictable.pop()
             del self.cached[self.block_hash[block]]
             self.block_hash[block] = None
         else:
@@ -51,7 +54,7 @@ class BlockPool:
     def acquire(self, block: int) -> None:
         """Take one more reference to a cached block (a prefix hit)."""
         if self.ref_counts[block] == 0:
-            del self.evictable[block]
+            self.evictable.remove(block)
         self.ref_counts[block] += 1
 
     def release(self, block: int) -> None:
@@ -61,7 +64,7 @@ class BlockPool:
             if self.block_hash[block] is None:
                 self.free.append(block)
             else:
-                self.evictable[block] = None
+                self.evictable.add(block)
 
     def forget_cached(self) -> int:
         """Drop every unreferenced cached block's content (they become plain free blocks)."""
@@ -79,3 +82,4 @@ class BlockPool:
         if block_hash not in self.cached and self.block_hash[block] is None:
             self.cached[block_hash] = block
             self.block_hash[block] = block_hash
+            self.evictable.committed(block)
