@@ -378,6 +378,14 @@ class LLM:
         return self.executor.reset_prefix_cache()
 
     @property
+    def speculation_stats(self):
+        """Draft tokens verified and accepted so far (all zero without a drafter)."""
+        from framework.drafter.base import SpeculationStats
+
+        c = self.executor.counters
+        return SpeculationStats(self.executor.num_steps, c.verify_steps, c.draft_tokens, c.accepted_draft_tokens)
+
+    @property
     def kv_cache_stats(self):
         return self.executor.kv_cache_manager.stats()
 

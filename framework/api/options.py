@@ -21,9 +21,12 @@ def _override_value(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+DOTTED_ONLY = ("speculative",)  # groups whose fields are set as `group.field` only (`speculative.max_batch_size`)
+
+
 def _field_owners() -> dict[str, list[str]]:
     owners: dict[str, list[str]] = {}
-    groups = {"model": ModelConfig, **{g: base for g, (base, _) in GROUPS.items()}}
+    groups = {"model": ModelConfig, **{g: base for g, (base, _) in GROUPS.items() if g not in DOTTED_ONLY}}
     for group, cls in groups.items():
         for f in dataclasses.fields(cls):
             owners.setdefault(f.name, []).append(group)

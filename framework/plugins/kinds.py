@@ -91,9 +91,16 @@ KINDS: dict[str, Kind] = {
             reserved=("auto",),
         ),
         Kind(
+            "drafter", "register_drafters", "framework.drafter.base:Drafter",
+            "framework.drafter.builtins", "speculative", "name", "framework.plugins.conformance:check_drafter",
+            "Drafter implementations: propose draft tokens that each step verifies (speculative "
+            "decoding). Selected with `speculative=<name>`; `none` proposes nothing.",
+        ),
+        Kind(
             "model", "register_models", None, "framework.models.builtins",
             doc="model architectures under a checkpoint `architectures` name, e.g. \"LlamaForCausalLM\". The "
-            "factory is called with the Hugging Face config object.",
+            "factory is called as factory(hf_config, backend): the Hugging Face config object and the engine's "
+            "backend, whose ops the model's layers call.",
         ),
     )
 }

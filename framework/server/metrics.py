@@ -65,7 +65,7 @@ class ServerMetrics:
 
     def render(self, llm) -> str:
         executor = llm.executor
-        stats = llm.kv_cache_stats
+        stats, speculation = llm.kv_cache_stats, llm.speculation_stats
         running, waiting = executor.num_running(), executor.num_waiting()
         with self._lock:
             lines = [
@@ -89,6 +89,14 @@ class ServerMetrics:
                 f"framework_prompt_tokens_total {self.prompt_tokens}",
                 "# TYPE framework_generation_tokens_total counter",
                 f"framework_generation_tokens_total {self.generation_tokens}",
+                "# TYPE framework_spec_decode_verify_steps_total counter",
+                f"framework_spec_decode_verify_steps_total {speculation.verify_steps}",
+                "# TYPE framework_spec_decode_draft_tokens_total counter",
+                f"framework_spec_decode_draft_tokens_total {speculation.draft_tokens}",
+                "# TYPE framework_spec_decode_accepted_tokens_total counter",
+                f"framework_spec_decode_accepted_tokens_total {speculation.accepted_tokens}",
+                "# TYPE framework_spec_decode_acceptance_rate gauge",
+                f"framework_spec_decode_acceptance_rate {speculation.acceptance_rate}",
                 "# TYPE framework_time_to_first_token_seconds histogram",
                 *self.ttft.lines("framework_time_to_first_token_seconds"),
                 "# TYPE framework_time_per_output_token_seconds histogram",

@@ -28,6 +28,7 @@ def test_bench_smoke_prints_json_for_each_workload(tiny_dir, tmp_path):
                     "mean_step_ms", "host_overhead", "prefix_hit_rate", "cold_start_s"):
             assert isinstance(row[key], (int, float)) and row[key] >= 0, key
         assert row["output_tok_s"] > 0 and 0 < row["peak_share"]
+        assert row["backend"] in ("torch", "cpu_kernels")  # the one engine.backend=auto took
         assert row["speedup_vs_static"] and row["speedup_vs_static"] > 0  # transformers generate ran
         assert "speedup_vs_continuous" in row
     assert rows[1]["prefix_hit_rate"] > 0  # W3's shared prefix is reused
@@ -50,3 +51,21 @@ def test_matmul_peak_is_the_best_measured_so_far(tiny_dir, monkeypatch):
     rows = runner.run_benchmark(llm.config, llm, tiny_dir, cold_start_s=0.0)
     assert [r["matmul_peak_gflops"] for r in rows] == [200.0, 400.0]
     assert rows[1]["peak_share"] == rows[1]["gflops"] / 400.0
+
+
+def test_bench_w5_measures_the_drafter_beside_plain_steps(tmp_path):
+    """On SmolLM2 itself: W5 is real text the model copies, so the drafter has something to find."""
+    result = run_cli(
+        [
+            "mode=bench", "kv_cache.max_tokens=8192", "bench.workload=W5",
+            "bench.scale=0.1", "bench.runs=1", "bench.warmup=false", "speculative=ngram",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["workload"], r["speculative"]) for r in rows] == [("W5", "none"), ("W5", "ngram")]
+    plain, drafted = rows
+    assert plain["draft_tokens"] == 0 and drafted["draft_tokens"] > 0
+    assert drafted["same_output_as_plain"] is True and drafted["speedup_vs_plain"] > 0
+    assert 0 < plain["output_tokens"] == drafted["output_tokens"] <= 26

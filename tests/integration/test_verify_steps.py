@@ -27,6 +27,9 @@ class Oracle:
             request.draft_token_ids = [(t + 1) % TINY_VOCAB if self.wrong else t for t in future]
             self.proposed += len(request.draft_token_ids)
 
+    def observe(self, request, proposed, accepted):
+        pass
+
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):

@@ -1,0 +1,62 @@
+"""The drafter seam: proposes draft tokens that a step verifies (speculative decoding).
+
+Each step the executor hands the drafter the requests that are decoding (their last token and
+nothing else left to compute); the drafter sets `request.draft_token_ids` on those it has a
+guess for. The step then computes and verifies them (framework/executor/verify.py): output is
+exactly what decoding one token at a time gives, only in fewer steps when the guesses are right.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from framework.request import LlmRequest
+
+
+class Drafter(ABC):
+    request_states = None  # per-request state, as a resource manager freed with the request (or None)
+
+    def __init__(self, speculative_config, config=None):
+        self.num_tokens = speculative_config.num_tokens  # k: at most this many drafts per request
+        self.max_batch_size = speculative_config.max_batch_size  # propose only for batches up to this
+        self.config = config
+        if self.num_tokens < 0 or self.max_batch_size < 0:
+            raise ValueError("speculative.num_tokens and speculative.max_batch_size must be >= 0")
+
+    @abstractmethod
+    def propose(self, requests: list[LlmRequest]) -> None:
+        """Set `draft_token_ids` (at most `num_tokens`) on any of these decoding requests."""
+
+    def observe(self, request: LlmRequest, proposed: int, accepted: int) -> None:
+        """A step verified `proposed` of the request's drafts and accepted `accepted` of them."""
+
+
+class NoDrafter(Drafter):
+    """`speculative=none`: every step is the plain one."""
+
+    def propose(self, requests):
+        pass
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    """Counts since the engine started (`LLM.speculation_stats`)."""
+
+    steps: int  # engine steps
+    verify_steps: int  # request-steps that verified at least one draft
+    draft_tokens: int  # drafts verified
+    accepted_tokens: int  # drafts accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_per_verify_step(self) -> float:
+        """Accepted drafts per verify step (add 1 for the tokens a verify step yields)."""
+        return self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def draft_tokens_per_step(self) -> float:
+        return self.draft_tokens / self.steps if self.steps else 0.0
