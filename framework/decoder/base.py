@@ -34,6 +34,12 @@ class Decoder(ABC):
     def decode(self, requests: list[LlmRequest], logits) -> DecoderOutput:
         """`logits` is `[len(requests), vocab]` float32, one row per request, in order."""
 
+    def processed_logits(self, requests: list[LlmRequest], logits):
+        """The logits after this decoder's own transform (penalties, a bias, a grammar mask), the
+        distribution temperature 0 takes the argmax of. The conformance check holds greedy
+        decoding to it. Default: the logits as they are."""
+        return logits
+
     def record_prompt_logprobs(self, prompt_logits) -> None:
         """Prompt logprobs of the requests that ask for them, from the raw logits of their chunk
         (see `ForwardOutput.prompt_logits`), appended to `request.prompt_logprobs`."""

@@ -56,16 +56,8 @@ class SamplingDecoder(Decoder):
         if not requests:
             return DecoderOutput([])
         params = [r.sampling_params for r in requests]
-        raw = logits
-        penalised = any(p.has_penalties for p in params)
-        below_min = any(len(r.output_token_ids) < r.sampling_params.min_tokens for r in requests)
-        if penalised or below_min:
-            logits = logits.clone()  # `raw` stays the unmodified distribution, for logprobs
-        if penalised:
-            self._apply_penalties(requests, logits)
-        if below_min:
-            self._apply_min_tokens(requests, logits)
-
+        raw = logits  # the unmodified distribution, for logprobs
+        logits = self.processed_logits(requests, logits)
         temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
         greedy = temperatures == 0
         tokens = self.argmax(logits)
@@ -86,6 +78,18 @@ class SamplingDecoder(Decoder):
         return DecoderOutput(tokens.tolist(), logprobs)
 
     # ---- penalties and masks -----------------------------------------------------------------
+    def processed_logits(self, requests, logits):
+        """Penalties and the `min_tokens` mask applied (to a copy, when any applies)."""
+        penalised = any(r.sampling_params.has_penalties for r in requests)
+        below_min = any(len(r.output_token_ids) < r.sampling_params.min_tokens for r in requests)
+        if penalised or below_min:
+            logits = logits.clone()
+        if penalised:
+            self._apply_penalties(requests, logits)
+        if below_min:
+            self._apply_min_tokens(requests, logits)
+        return logits
+
     def _state(self, request: LlmRequest, vocab: int, device) -> _PenaltyState:
         holder = self.request_states.get(request, _RequestState)
         state = holder.penalties

@@ -306,10 +306,9 @@ def _decoder(factory, config):
 
 def processed_logits(decoder, requests, logits):
     """The logits a temperature-0 request takes the argmax of: the decoder's own
-    `processed_logits(requests, logits)` where it declares its transform (a bias, a mask, penalties),
-    else the logits as they are. Called before `decode`, with the same arguments."""
-    transform = getattr(decoder, "processed_logits", None)
-    return transform(requests, logits.clone()) if transform is not None else logits
+    `processed_logits(requests, logits)` (a bias, a mask, penalties; the raw logits by default).
+    Called before `decode`, with the same arguments."""
+    return decoder.processed_logits(requests, logits.clone())
 
 
 def _decoder_judge(decoder):
