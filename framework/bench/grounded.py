@@ -1,28 +1,11 @@
 """W5, input-grounded decode: one chat prompt whose greedy continuation reuses its own text.
 
-The text is the source of the standard library's `textwrap.dedent`, read at run time with
-`inspect.getsource` (1723 characters, 395 SmolLM2 tokens; identical in CPython 3.10, 3.11, 3.12
-and 3.13, sha1 in `W5_SOURCE_SHA1`). The user asks SmolLM2-135M-Instruct, in its chat template
-(default system prompt), to "Add type hints to this Python function and show the complete
-function", with the function in a ```python fence: a request a user would really make, and one
-whose answer should keep almost all of the input. The prompt is 444 tokens.
-
-Why this one (docs/w5-notes.md has the measurements): of 20 prompt shapes tried (chat and plain
-completion; copy, rename, type hints, comments, docstring; the Zen of Python, `dedent`,
-`heapq.nsmallest`, `heapq._siftup`, `statistics.median`, `statistics.mode`,
-`colorsys.hsv_to_rgb`, `difflib.SequenceMatcher.ratio`), this is the one whose greedy output is
-the most reliably grounded. The model does not add the hints: it re-types the function
-(docstring rewrapped, one slip), and about 91% of its 256 output tokens lie in spans of >= 8
-tokens copied from the prompt, with no self-repetition loop. It runs to the 256-token limit (the
-function is longer than that), so every run does the same work. Its greedy output is identical
-in float32 and bfloat16 (transformers, CPU), whereas the other leading candidates diverged
-between the two dtypes. Simulated prompt lookup (n-gram 1..4, latest match) advances
-2.59 / 3.66 / 4.83 / 5.45 tokens per verify step for k = 2 / 4 / 6 / 8 on that output.
-
-Possibly not stable beyond 3.13: CPython 3.14 is believed to have rewritten `textwrap.dedent`
-for speed (not checked: no 3.14 was at hand). On a Python whose text differs, `w5_prompt` warns
-and tests/unit/test_grounded_workload.py fails, so that no one compares W5 figures across
-different prompts by accident.
+The text is the source of the standard library's `textwrap.dedent`, read at run time; the user
+asks, in the checkpoint's chat template, to "Add type hints to this Python function and show the
+complete function". SmolLM2-135M re-types the function, so most of its output can be looked up in
+the prompt. Why this prompt, and what the model really outputs: docs/w5-notes.md. The source must
+be the one W5 was defined on (`W5_SOURCE_SHA1`, CPython 3.10-3.13): on another, `w5_prompt` warns
+and the workload's test fails, so that W5 figures are never compared across different prompts.
 """
 
 from __future__ import annotations
