@@ -382,8 +382,7 @@ class LLM:
         """Draft tokens verified and accepted so far (all zero without a drafter)."""
         from framework.drafter.base import SpeculationStats
 
-        c = self.executor.counters
-        return SpeculationStats(self.executor.num_steps, c.verify_steps, c.draft_tokens, c.accepted_draft_tokens)
+        return SpeculationStats.of(self.executor.counters, self.executor.num_steps)
 
     @property
     def kv_cache_stats(self):

@@ -104,12 +104,15 @@ def _modes(llm) -> dict:
 
 def _speculation(mode: str, runs: list[dict], ours: dict[str, list]) -> dict:
     """A row's speculative-decoding figures, and for a drafter its speed and output against `none`."""
-    best = min(runs, key=lambda r: r["wall_s"])["counters"]
+    from framework.drafter.base import SpeculationStats
+
+    best = min(runs, key=lambda r: r["wall_s"])
+    stats = SpeculationStats.of(best["counters"], best["steps"])
     row = {
         "speculative": mode,
-        "acceptance_rate": best.accepted_draft_tokens / best.draft_tokens if best.draft_tokens else 0.0,
-        "accepted_per_verify_step": best.accepted_draft_tokens / best.verify_steps if best.verify_steps else 0.0,
-        "draft_tokens": best.draft_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "accepted_per_verify_step": stats.mean_accepted_per_verify_step,
+        "draft_tokens": stats.draft_tokens,
     }
     if mode != "none":
         plain = ours["none"]

@@ -48,6 +48,11 @@ class SpeculationStats:
     draft_tokens: int  # drafts verified
     accepted_tokens: int  # drafts accepted
 
+    @classmethod
+    def of(cls, counters, steps: int) -> "SpeculationStats":
+        """From the executor's StepCounters (or a difference of two) and the steps they cover."""
+        return cls(steps, counters.verify_steps, counters.draft_tokens, counters.accepted_draft_tokens)
+
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0

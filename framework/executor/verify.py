@@ -11,6 +11,8 @@ probability the target gives it (the accept rule for a draft proposed with certa
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 from framework.request import LlmRequest
 
 
@@ -21,7 +23,7 @@ def decode_runs(decoder, sampled: list[LlmRequest], logits) -> list[tuple[LlmReq
         decoded = decoder.decode(sampled, logits)
         logprobs = decoded.logprobs or [None] * len(sampled)
         return [(r, [t], [lp]) for r, t, lp in zip(sampled, decoded.token_ids, logprobs)]
-    first_row = [sum(rows[:i]) for i in range(len(sampled))]
+    first_row = list(accumulate(rows, initial=0))
     runs: list[tuple[list[int], list]] = [([], []) for _ in sampled]
     live = list(range(len(sampled)))
     try:

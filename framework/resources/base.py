@@ -150,29 +150,17 @@ class ResourceManager:
     def kv_cache_manager(self) -> KVCacheManager:
         return next(m for m in reversed(self.managers.values()) if isinstance(m, KVCacheManager))
 
-    def _each(self, method: str, arg, keep_going: bool = False) -> None:
-        """Call `method` on every manager, in order (in reverse, and past failures, when freeing)."""
-        items = list(self.managers.items())
-        errors = []
-        for name, manager in reversed(items) if keep_going else items:
-            try:
-                getattr(manager, method)(arg)
-            except Exception as exc:
-                error = ResourceManagerError(name, exc)
-                error.__cause__ = exc
-                if not keep_going:
-                    raise error
-                errors.append(error)
-        if errors:
-            raise errors[0]
-
     def _answers(self, method: str, arg):
-        """(manager, its answer) for each manager in order; a raise is named (ResourceManagerError)."""
+        """Each manager's answer to `method(arg)`, in order; a raise is named (ResourceManagerError)."""
         for name, manager in self.managers.items():
             try:
                 yield getattr(manager, method)(arg)
             except Exception as exc:
                 raise ResourceManagerError(name, exc) from exc
+
+    def _each(self, method: str, arg) -> None:
+        for _ in self._answers(method, arg):
+            pass
 
     def never_fits(self, request: LlmRequest) -> str | None:
         return next((reason for reason in self._answers("never_fits", request) if reason), None)
@@ -194,4 +182,14 @@ class ResourceManager:
         self._each("update_resources", scheduled)
 
     def free_resources(self, request: LlmRequest) -> None:
-        self._each("free_resources", request, keep_going=True)
+        """In reverse order, and on past a manager that raises (the first raise is raised last)."""
+        errors = []
+        for name, manager in reversed(self.managers.items()):
+            try:
+                manager.free_resources(request)
+            except Exception as exc:
+                error = ResourceManagerError(name, exc)
+                error.__cause__ = exc
+                errors.append(error)
+        if errors:
+            raise errors[0]
