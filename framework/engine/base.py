@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from framework.engine.clock import Clock, WallClock
 from framework.request import LlmRequest
 from framework.resources.base import KVCacheSpec, ResourceManager
 
@@ -27,6 +28,7 @@ class ModelEngine(ABC):
     device: Any  # torch.device the model runs on
     dtype: Any  # torch.dtype of weights and KV cache
     backend: Any = None  # the Backend whose ops the model runs on; None: an engine without one
+    clock: Clock = WallClock()  # the time request stamps are taken in; a simulated engine may keep its own
 
     @property
     def backend_name(self) -> str | None:
