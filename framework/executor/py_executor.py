@@ -356,7 +356,7 @@ class PyExecutor(FaultIsolation):
             if request.logprobs is None:
                 request.logprobs = []
             request.logprobs.append(token_logprobs)
-        now = time.monotonic()
+        now = self.model_engine.clock.now()
         if request.first_token_time is None:
             request.first_token_time = now
         request.state = RequestState.GENERATION
@@ -372,13 +372,12 @@ class PyExecutor(FaultIsolation):
         elif len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.model_engine.max_model_len:
             self._finish(request, FinishReason.LENGTH)
 
-    @staticmethod
-    def _finish(request: LlmRequest, reason: FinishReason, *, stop_reason=None, error=None) -> None:
+    def _finish(self, request: LlmRequest, reason: FinishReason, *, stop_reason=None, error=None) -> None:
         request.state = RequestState.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
         request.error = error
-        request.finish_time = time.monotonic()
+        request.finish_time = self.model_engine.clock.now()
 
     def _release_finished(self) -> list[LlmRequest]:
         finished = [r for r in self.active if r.is_finished]
