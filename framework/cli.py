@@ -40,17 +40,13 @@ def broken_factories(plugins) -> list[str]:
     for kind in KINDS.values():
         for entry in plugins[kind.name]:
             try:
-                factory = entry.load()
+                kind.checked_factory(entry)
             except ImportError as exc:  # Entry.load's message names the entry, its provider and the path
                 problems.append(f"{kind.label} {exc}")
-                continue
+            except TypeError as exc:
+                problems.append(str(exc))
             except Exception as exc:  # the module raised something else while importing
                 problems.append(f"{kind.label} {entry.name!r} from {entry.provider}: importing {entry.factory!r} raised {exc!r}")
-                continue
-            base = kind.base_class()
-            if not callable(factory) or (isinstance(factory, type) and base is not None and not issubclass(factory, base)):
-                expected = f"a {base.__name__} subclass or factory" if base is not None else "callable"
-                problems.append(f"{kind.label} {entry.name!r} from {entry.provider}: {entry.factory!r} is not {expected}")
     return problems
 
 

@@ -7,6 +7,7 @@ import logging
 
 from framework.backend.base import Backend
 from framework.config import component_config
+from framework.plugins.kinds import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -18,10 +19,8 @@ def _describe(device, dtype, head_dim: int) -> str:
 
 
 def _load(entry) -> type[Backend]:
-    cls = entry.load()
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise TypeError(f"backend {entry.name!r} from {entry.provider} is not a Backend subclass")
-    return cls
+    """A backend's class (`auto` reads its priority and what it supports before building one)."""
+    return KINDS["backend"].checked_factory(entry)
 
 
 def _candidates(registry):

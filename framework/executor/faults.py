@@ -66,14 +66,11 @@ class FaultIsolation:
 
     @staticmethod
     def _raises(call, request: LlmRequest) -> bool:
-        scheduled = request.num_scheduled_tokens  # a micro-batch scheduler's probe sets it
         try:
             call([request])
             return False
         except Exception:
             return True
-        finally:
-            request.num_scheduled_tokens = scheduled
 
     @contextmanager
     def _fails_alone(self, kind: str, request: LlmRequest):

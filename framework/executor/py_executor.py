@@ -336,18 +336,19 @@ class PyExecutor(FaultIsolation):
                 self._finish(request, FinishReason.ERROR, error=error)
 
     def _schedule_micro_batch(self, fitting: list[LlmRequest]) -> list[LlmRequest]:
-        """The micro-batch scheduler's batch, less the requests the resource managers defer to the
-        next step (the KV cache: prompt chunks that would recompute a block an earlier request of
-        the batch computes); the budget they free goes to the others."""
+        """Apply the micro-batch scheduler's plan, less the requests the resource managers defer to
+        the next step (the KV cache: prompt chunks that would recompute a block an earlier request
+        of the batch computes); the budget they free goes to the others."""
         held_back: set[int] = set()
         while True:
             candidates = [r for r in fitting if id(r) not in held_back]
-            scheduled = self._isolating("micro_batch_scheduler", candidates, self.micro_batch_scheduler.schedule)
-            deferred = self._isolating("resource_manager", scheduled, self.resource_manager.defer)
+            plan = self._isolating("micro_batch_scheduler", candidates, self.micro_batch_scheduler.schedule)
+            chunks = {id(chunk.request): chunk for chunk in plan}
+            deferred = self._isolating("resource_manager", [c.request for c in plan], lambda rs: self.resource_manager.defer([chunks[id(r)] for r in rs]))
             if not deferred:
-                return scheduled
-            for request in scheduled:
-                request.num_scheduled_tokens = 0
+                for chunk in plan:
+                    chunk.request.num_scheduled_tokens = chunk.num_tokens
+                return [chunk.request for chunk in plan]
             held_back.update(id(r) for r in deferred)
 
     def _append_token(self, request: LlmRequest, token: int, token_logprobs=None) -> None:

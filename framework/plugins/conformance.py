@@ -163,19 +163,22 @@ def _micro_batch_judge(fitting):
     return lambda batch: _micro_batch_problem(batch, fitting)
 
 
-def _micro_batch_problem(batch, fitting) -> str | None:
-    if not isinstance(batch, list):
-        return f"schedule() returned {type(batch).__name__}, not a list"
+def _micro_batch_problem(plan, fitting) -> str | None:
+    from framework.scheduler.base import Chunk
+
+    if not isinstance(plan, list) or not all(isinstance(chunk, Chunk) for chunk in plan):
+        return f"schedule() returned {type(plan).__name__}, not a list of Chunk"
+    batch = [chunk.request for chunk in plan]
     if len({id(r) for r in batch}) < len(batch):
         return "scheduled a request twice"
     if not {id(r) for r in batch} <= {id(r) for r in fitting}:
         return "scheduled a request the capacity scheduler did not pass it"
-    for request in batch:
-        if not 1 <= request.num_scheduled_tokens <= request.num_missing_tokens:
-            return (
-                f"request {request.request_id!r}: num_scheduled_tokens={request.num_scheduled_tokens} "
-                f"outside [1, num_missing_tokens={request.num_missing_tokens}]"
-            )
+    for chunk in plan:
+        request = chunk.request
+        if request.num_scheduled_tokens:
+            return f"request {request.request_id!r}: schedule() set num_scheduled_tokens itself (the executor applies the plan)"
+        if not 1 <= chunk.num_tokens <= request.num_missing_tokens:
+            return f"request {request.request_id!r}: a chunk of {chunk.num_tokens} tokens, outside [1, num_missing_tokens={request.num_missing_tokens}]"
     return None
 
 

@@ -24,6 +24,7 @@ class Kind:
     many: bool = False  # the field lists several names
     group_option: bool = True  # `group=<name>` selects it (else only `group.field=<name>` does)
     reserved: tuple[str, ...] = ()  # values the field takes besides registered names ("auto")
+    class_only: bool = False  # factories must be subclasses of the ABC (their class is read before one is built)
 
     @property
     def label(self) -> str:
@@ -31,6 +32,26 @@ class Kind:
 
     def base_class(self) -> type | None:
         return load(self.abc) if self.abc else None
+
+    def checked_factory(self, entry):
+        """`entry.load()`, if it can be of this kind: a subclass of the kind's ABC or (unless
+        `class_only`) any other callable; else a TypeError naming the entry and its plugin."""
+        factory, base = entry.load(), self.base_class()
+        if isinstance(factory, type) and base is not None:
+            fits = issubclass(factory, base)
+        else:
+            fits = callable(factory) and not self.class_only
+        if not fits:
+            expected = "callable" if base is None else f"a {base.__name__} subclass" + ("" if self.class_only else " or factory")
+            raise TypeError(f"{self.label} {entry.name!r} from {entry.provider}: {entry.factory!r} is not {expected}")
+        return factory
+
+    def checked(self, obj, entry):
+        """`obj`, built by `entry`'s factory, if it is an instance of the kind's ABC; else a TypeError."""
+        base = self.base_class()
+        if base is not None and not isinstance(obj, base):
+            raise TypeError(f"{self.label} {entry.name!r} from {entry.provider} is not a {base.__name__}")
+        return obj
 
 
 def load(path: str):
@@ -89,6 +110,7 @@ KINDS: dict[str, Kind] = {
             "dtype and head size.",
             group_option=False,
             reserved=("auto",),
+            class_only=True,
         ),
         Kind(
             "drafter", "register_drafters", "framework.drafter.base:Drafter",

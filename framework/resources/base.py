@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from framework.request import LlmRequest
+
+if TYPE_CHECKING:
+    from framework.scheduler.base import Chunk
 
 
 class BaseResourceManager(ABC):
@@ -48,10 +51,11 @@ class BaseResourceManager(ABC):
         resource holds), or None. Asked once, before a request is queued."""
         return None
 
-    def defer(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
-        """Requests of this step's batch better run next step (the KV cache: prompt chunks that
-        would compute a block an earlier request of the batch is computing, so they reuse it
-        instead). The executor schedules the step again without them. Default: none."""
+    def defer(self, plan: list[Chunk]) -> list[LlmRequest]:
+        """Requests of this step's plan (the micro-batch scheduler's chunks, in batch order) that
+        better run next step (the KV cache: prompt chunks that would compute a block an earlier
+        request of the batch is computing, so they reuse it instead). The executor schedules the
+        step again without them. Default: none."""
         return []
 
 
@@ -168,9 +172,9 @@ class ResourceManager:
     def can_admit(self, request: LlmRequest) -> bool:
         return all(self._answers("can_admit", request))
 
-    def defer(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
-        deferred = {id(r) for answer in self._answers("defer", scheduled) for r in answer}
-        return [r for r in scheduled if id(r) in deferred]
+    def defer(self, plan: list[Chunk]) -> list[LlmRequest]:
+        deferred = {id(r) for answer in self._answers("defer", plan) for r in answer}
+        return [c.request for c in plan if id(c.request) in deferred]
 
     def admit(self, request: LlmRequest) -> None:
         self._each("admit", request)

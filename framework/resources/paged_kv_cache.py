@@ -174,13 +174,14 @@ class PagedKVCacheManager(KVCacheManager):
         self.prefix_hit_tokens += len(reusable) * self.block_size
         request.num_computed_tokens += len(reusable) * self.block_size
 
-    def defer(self, scheduled):
+    def defer(self, plan):
         if not self.enable_prefix_caching:
             return []
         computed_now: set[tuple] = set()
         duplicates = []
-        for request in scheduled:
-            keys = self._new_block_keys(request, request.num_computed_tokens + request.num_scheduled_tokens)
+        for chunk in plan:
+            request = chunk.request
+            keys = self._new_block_keys(request, request.num_computed_tokens + chunk.num_tokens)
             if keys and keys[0] in computed_now and self._can_reuse_next(request):
                 duplicates.append(request)
             else:

@@ -1,3 +1,3 @@
-from framework.scheduler.base import CapacityOutput, CapacityScheduler, KVCacheCapacity, MicroBatchScheduler
+from framework.scheduler.base import CapacityOutput, CapacityScheduler, Chunk, KVCacheCapacity, MicroBatchScheduler
 
-__all__ = ["CapacityOutput", "CapacityScheduler", "KVCacheCapacity", "MicroBatchScheduler"]
+__all__ = ["CapacityOutput", "CapacityScheduler", "Chunk", "KVCacheCapacity", "MicroBatchScheduler"]

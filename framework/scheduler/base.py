@@ -77,13 +77,24 @@ class CapacityScheduler(ABC):
     def schedule(self, active: list[LlmRequest], kv_cache: KVCacheCapacity) -> CapacityOutput: ...
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One request's share of a step: its next `num_tokens` tokens from its cursor (a prompt or
+    recompute chunk, or a decode token and the drafts it verifies): 1 <= num_tokens <=
+    request.num_missing_tokens."""
+
+    request: LlmRequest
+    num_tokens: int
+
+
 class MicroBatchScheduler(ABC):
-    """Chooses, among fitting requests, the ones that run this step, and sets each one's
-    `num_scheduled_tokens` (a prompt chunk, a recompute chunk or one decode token)."""
+    """Chooses, among fitting requests, the ones that run this step and how many tokens each
+    computes. It returns the plan, one Chunk per request in batch order, and changes no request:
+    the executor applies the plan."""
 
     def __init__(self, scheduler_config, config=None):
         self.max_batch_size, self.max_num_tokens = _limits(scheduler_config)
         self.config = config
 
     @abstractmethod
-    def schedule(self, fitting: list[LlmRequest]) -> list[LlmRequest]: ...
+    def schedule(self, fitting: list[LlmRequest]) -> list[Chunk]: ...

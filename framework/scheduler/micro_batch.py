@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from framework.scheduler.base import MicroBatchScheduler, is_decoding
+from framework.scheduler.base import Chunk, MicroBatchScheduler, is_decoding
 
 
 class FCFSMicroBatchScheduler(MicroBatchScheduler):
@@ -12,23 +12,20 @@ class FCFSMicroBatchScheduler(MicroBatchScheduler):
     (chunked prefill)."""
 
     def schedule(self, fitting):
-        decoding = [r for r in fitting if is_decoding(r)]
-        catching_up = [r for r in fitting if not is_decoding(r)]
-        batch = decoding[: min(self.max_batch_size, self.max_num_tokens)]
-        for request in batch:
-            request.num_scheduled_tokens = 1
-        budget = self.max_num_tokens - len(batch)
-        for request in batch:  # drafts to verify: after every decode row has its token
-            extra = min(request.num_missing_tokens - 1, budget)
-            request.num_scheduled_tokens += extra
-            budget -= extra
-        for request in catching_up:
-            if budget == 0 or len(batch) >= self.max_batch_size:
+        decoding = [r for r in fitting if is_decoding(r)][: min(self.max_batch_size, self.max_num_tokens)]
+        budget = self.max_num_tokens - len(decoding)
+        plan = []
+        for request in decoding:  # drafts to verify: after every decode row has its token
+            drafts = min(request.num_missing_tokens - 1, budget)
+            plan.append(Chunk(request, 1 + drafts))
+            budget -= drafts
+        for request in fitting:
+            if budget == 0 or len(plan) >= self.max_batch_size:
                 break
-            request.num_scheduled_tokens = min(request.num_missing_tokens, budget)
-            budget -= request.num_scheduled_tokens
-            batch.append(request)
-        return batch
+            if not is_decoding(request):
+                plan.append(Chunk(request, min(request.num_missing_tokens, budget)))
+                budget -= plan[-1].num_tokens
+        return plan
 
 
 class EqualProgressMicroBatchScheduler(MicroBatchScheduler):
@@ -36,26 +33,24 @@ class EqualProgressMicroBatchScheduler(MicroBatchScheduler):
     are catching up, so several long prompts advance together instead of one after another."""
 
     def schedule(self, fitting):
-        decoding = [r for r in fitting if is_decoding(r)]
-        catching_up = [r for r in fitting if r not in decoding]
-        batch = decoding[: min(self.max_batch_size, self.max_num_tokens)]
-        for request in batch:
-            request.num_scheduled_tokens = 1
+        decoding = [r for r in fitting if is_decoding(r)][: min(self.max_batch_size, self.max_num_tokens)]
+        tokens = {id(r): 1 for r in decoding}
+        batch = list(decoding)
         budget = self.max_num_tokens - len(batch)
-        catching_up = catching_up[: max(0, self.max_batch_size - len(batch))]
+        catching_up = [r for r in fitting if not is_decoding(r)][: max(0, self.max_batch_size - len(batch))]
         while budget > 0 and catching_up:
             share = max(1, budget // len(catching_up))
             still_missing = []
             for request in catching_up:
                 if budget == 0:
                     break
-                if request not in batch:
-                    request.num_scheduled_tokens = 0
+                if id(request) not in tokens:
+                    tokens[id(request)] = 0
                     batch.append(request)
-                take = min(request.num_missing_tokens - request.num_scheduled_tokens, share, budget)
-                request.num_scheduled_tokens += take
+                take = min(request.num_missing_tokens - tokens[id(request)], share, budget)
+                tokens[id(request)] += take
                 budget -= take
-                if request.num_scheduled_tokens < request.num_missing_tokens:
+                if tokens[id(request)] < request.num_missing_tokens:
                     still_missing.append(request)
             catching_up = still_missing
-        return batch
+        return [Chunk(r, tokens[id(r)]) for r in batch]

@@ -101,6 +101,18 @@ def test_a_micro_batch_scheduler_over_the_token_budget_fails():
         conformance.check_micro_batch_scheduler.cases["tight_budgets"](OneTokenTooMany, None)
 
 
+def test_a_micro_batch_scheduler_that_sets_chunks_itself_fails():
+    class WritesOnRequests(FCFSMicroBatchScheduler):
+        def schedule(self, fitting):
+            plan = super().schedule(fitting)
+            for chunk in plan:
+                chunk.request.num_scheduled_tokens = chunk.num_tokens
+            return plan
+
+    with pytest.raises(AssertionError, match="set num_scheduled_tokens itself"):
+        conformance.check_micro_batch_scheduler.cases["tight_budgets"](WritesOnRequests, None)
+
+
 def test_a_cache_that_keeps_blocks_fails():
     class LosesTheLastBlock(PagedKVCacheManager):
         def free_resources(self, request):

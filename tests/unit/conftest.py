@@ -1,6 +1,6 @@
-"""Shared helpers for the CPU-only unit tests: tiny KV cache managers, requests, and a model-free
-driver that runs the executor's step loop (schedule -> admit -> micro-batch -> prepare -> compute ->
-sample -> update -> free) with a fake "sampler".
+"""Shared helpers for the CPU-only unit tests: tiny KV cache managers, requests, the executor's
+half-steps around the forward with a fake "sampler" (for tests of the KV cache alone), and
+`MiniExecutor`, the real step loop on a fake model that records what each step did.
 
 The helpers are plain functions and classes exposed through the `h` fixture, so that test files do
 not import this module by name.
@@ -138,63 +138,52 @@ class StepRecord:
 
 
 class MiniExecutor:
-    """`PyExecutor.step` without a model: same order of calls on the schedulers and the KV cache
-    manager (capacity -> free the preempted -> admit -> micro-batch -> prepare -> compute ->
-    update -> free the finished), a fake sampler, finishing on max_tokens / max_model_len. Checks
-    the step's contracts on the way, as `framework.plugins.conformance.simulate` does."""
+    """A real `PyExecutor` over `framework.testing.FakeEngine` with the given schedulers and KV
+    cache, recording each step as the components saw it (what was admitted, with its prefix hit, is
+    added to `framework.testing.observe`'s trace)."""
 
     def __init__(self, capacity, micro_batch, kv):
-        self.capacity = capacity
-        self.micro_batch = micro_batch
+        from framework.executor.py_executor import PyExecutor
+        from framework.resources.base import ResourceManager
+        from framework.testing import FakeEngine, make_decoder
+
         self.kv = kv
-        self.active: list[LlmRequest] = []
-        self.done: list[LlmRequest] = []
+        self.engine = FakeEngine(max_model_len=kv.spec.max_model_len)
+        self.executor = PyExecutor(capacity, micro_batch, ResourceManager({"kv_cache": kv}), self.engine, make_decoder())
         self.records: list[StepRecord] = []
 
+    @property
+    def active(self) -> list[LlmRequest]:
+        return self.executor.active
+
     def add(self, *requests: LlmRequest) -> None:
-        self.active.extend(requests)
+        for request in requests:
+            self.executor.enqueue(request)
 
     def step(self) -> StepRecord:
-        out = self.capacity.schedule(self.active, self.kv)
-        for request in out.preempted:
-            self.kv.free_resources(request)
-            request.reset_for_recompute()
-        admitted = {}
-        for request in out.fitting:
-            if request.state is RequestState.QUEUED:
-                admit(self.kv, request)
-                admitted[request.request_id] = request.num_computed_tokens
-        scheduled = self.micro_batch.schedule(out.fitting)
-        assert all(1 <= r.num_scheduled_tokens <= r.num_missing_tokens for r in scheduled), "chunk outside [1, missing]"
-        chunks = {r.request_id: r.num_scheduled_tokens for r in scheduled}
-        self.kv.prepare_resources(scheduled)
-        for request in scheduled:
-            covered = len(self.kv.get_block_table(request)) * self.kv.block_size
-            assert covered >= request.num_computed_tokens + request.num_scheduled_tokens, "a chunk without blocks"
-        finished = []
-        for request in complete(self.kv, scheduled):
-            if (
-                len(request.output_token_ids) >= request.sampling_params.max_tokens
-                or request.num_tokens >= self.kv.spec.max_model_len
-            ):
-                request.state = RequestState.FINISHED
-                self.kv.free_resources(request)
-                finished.append(request.request_id)
-        self.done += [r for r in self.active if r.is_finished]
-        self.active = [r for r in self.active if not r.is_finished]
-        record = StepRecord(
-            fitting=[r.request_id for r in out.fitting],
-            preempted=[r.request_id for r in out.preempted],
-            admitted=admitted,
-            chunks=chunks,
-            finished=finished,
-        )
+        from framework.testing import observe, watch
+
+        admitted: dict[str, int] = {}
+        queued: set[int] = set()
+
+        def capacity(active, kv_cache):
+            return lambda out: queued.update(id(r) for r in out.fitting if r.state is RequestState.QUEUED)
+
+        def admit(request):
+            return lambda _: admitted.update({request.request_id: request.num_computed_tokens} if id(request) in queued else {})
+
+        with observe(self.executor) as trace, watch(self.executor.capacity_scheduler, "schedule", capacity), watch(self.kv, "admit", admit):
+            self.executor.step()
+        for request in self.executor.active:
+            assert request.error is None, request.error
+        done = trace.steps[-1]
+        record = StepRecord(done.fitting, done.preempted, admitted, done.batch, done.finished)
         self.records.append(record)
         return record
 
     def run(self, max_steps: int = 200) -> list[StepRecord]:
         for _ in range(max_steps):
-            if not self.active:
+            if not self.executor.has_work():
                 return self.records
             self.step()
         raise AssertionError(f"not done after {max_steps} steps: {[r.request_id for r in self.active]}")

@@ -12,6 +12,7 @@ from framework.request import RequestState
 from framework.resources.base import KVCacheStats
 from framework.resources.paged_kv_cache import PagedKVCacheManager
 from framework.sampling_params import SamplingParams
+from framework.scheduler.base import Chunk
 from framework.scheduler.micro_batch import FCFSMicroBatchScheduler
 
 
@@ -306,16 +307,14 @@ def test_deferred_are_the_later_requests_whose_next_block_the_batch_computes(h):
     logprobs = h.request("p", tokens(1, 10))
     logprobs.sampling_params.prompt_logprobs = 1  # reuses nothing, so waiting would not help it
     h.admit(kv, a, b, c, logprobs)
-    for request in (a, b, c, logprobs):
-        request.num_scheduled_tokens = request.num_missing_tokens
-    assert kv.defer([a, b, c, logprobs]) == [b]
-    assert kv.defer([b, a]) == [a]  # the earlier one in the batch computes
-    assert kv.defer([a, c]) == []
-    b.num_scheduled_tokens = 3  # not even one full block this step: nothing to compute twice
-    assert kv.defer([a, b]) == []
+    whole = {r: Chunk(r, r.num_missing_tokens) for r in (a, b, c, logprobs)}
+    assert kv.defer([whole[a], whole[b], whole[c], whole[logprobs]]) == [b]
+    assert kv.defer([whole[b], whole[a]]) == [a]  # the earlier one in the batch computes
+    assert kv.defer([whole[a], whole[c]]) == []
+    assert kv.defer([whole[a], Chunk(b, 3)]) == []  # not even one full block this step: nothing to compute twice
     assert kv.num_free_blocks == kv.pool.num_blocks  # a read-only query
     disabled = h.kv(max_tokens=64, enable_prefix_caching=False)
-    assert disabled.defer([a, b]) == []
+    assert disabled.defer([whole[a], whole[b]]) == []
 
 
 def test_admission_takes_the_whole_cached_prefix_and_only_the_rest_is_scheduled(h):
@@ -334,9 +333,9 @@ def test_admission_takes_the_whole_cached_prefix_and_only_the_rest_is_scheduled(
     assert kv.stats().prefix_hit_tokens == 12
 
     for expected_table, samples in (([0, 1, 2, 3], []), ([0, 1, 2, 3, 4], [b])):
-        scheduled = fcfs.schedule([b])  # the budget goes to uncached tokens only
-        assert [(r.request_id, r.num_scheduled_tokens) for r in scheduled] == [("b", 4)]
-        h.prepare(kv, {b: 4})
+        plan = fcfs.schedule([b])  # the budget goes to uncached tokens only
+        assert [(c.request.request_id, c.num_tokens) for c in plan] == [("b", 4)]
+        scheduled = h.prepare(kv, {b: 4})
         assert kv.get_block_table(b) == expected_table
         assert h.complete(kv, scheduled) == samples
         assert b.num_computed_tokens == 4 * len(expected_table)
