@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from framework.api import inputs
 from framework.config import ServerConfig
 from framework.outputs import RequestOutput
 from framework.sampling_params import SamplingParams
@@ -201,11 +202,22 @@ def sampling_params_or_400(make) -> SamplingParams:
         raise OpenAIError(str(exc)) from None
 
 
-def new_groups(llm, prompts, params: SamplingParams) -> list:
+def checked_scheduling(body) -> dict:
+    """The body's scheduling metadata, checked as the Python API checks it (a 400 naming the field)."""
+    metadata = body.scheduling()
+    for name, value in metadata.items():
+        try:
+            inputs.scheduling(**{name: value})
+        except (ValueError, TypeError) as exc:
+            raise OpenAIError(str(exc), param=name) from None
+    return metadata
+
+
+def new_groups(llm, prompts, params: SamplingParams, scheduling: dict) -> list:
     """Tokenize and validate every prompt before any starts (a 400 means nothing ran)."""
     indices = range(len(prompts)) if len(prompts) > 1 else [None]
     try:
-        return [llm.new_request_group(prompt, params, None, index=i) for i, prompt in zip(indices, prompts)]
+        return [llm.new_request_group(prompt, params, index=i, **scheduling) for i, prompt in zip(indices, prompts)]
     except (ValueError, TypeError) as exc:
         raise OpenAIError(str(exc), param="prompt") from None
 
@@ -235,8 +247,8 @@ class ServedModel:
         if name is not None and name != self.model_name:
             raise OpenAIError(f"the model '{name}' does not exist; this server serves '{self.model_name}'", param="model")
 
-    async def start(self, prompts, params: SamplingParams) -> tuple[list[AsyncIterator[RequestOutput]], Tally]:
-        groups = await self.off_loop(new_groups, self.llm, prompts, params)
+    async def start(self, prompts, params: SamplingParams, scheduling: dict) -> tuple[list[AsyncIterator[RequestOutput]], Tally]:
+        groups = await self.off_loop(new_groups, self.llm, prompts, params, scheduling)
         if error := engine_error(self.llm):  # it died while the prompts were tokenized
             raise engine_failure(error)
         streams = [self.llm.generate_group_async(g, stream=True) for g in groups]
@@ -483,10 +495,11 @@ async def complete(served: ServedModel, request: Request):
     body = await parse(request, CompletionRequest)
     served.check_model(body.model)
     params = sampling_params_or_400(body.sampling_params)
+    scheduling = checked_scheduling(body)
     prompts = body.prompts()
     if not prompts:
         raise OpenAIError("prompt must not be empty", param="prompt")
-    streams, tally = await served.start(prompts, params)
+    streams, tally = await served.start(prompts, params, scheduling)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": served.model_name}
     if body.stream:
         return EventStream(completion_events(streams, tally, base, params.n, body.include_usage), tally)
@@ -498,8 +511,9 @@ async def chat(served: ServedModel, request: Request):
     body = await parse(request, ChatCompletionRequest)
     served.check_model(body.model)
     params = sampling_params_or_400(lambda: body.sampling_params(served.default_chat_max_tokens))
+    scheduling = checked_scheduling(body)
     prompt = await served.off_loop(chat_prompt, served.llm, body.messages)
-    (stream,), tally = await served.start([prompt], params)
+    (stream,), tally = await served.start([prompt], params, scheduling)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.model_name}
     k = params.logprobs or 0
     if body.stream:

@@ -25,6 +25,7 @@ except ImportError:  # some environments ship httpx under the name httpx2 (the o
 
 from framework import LLM, SamplingParams
 from framework.server.app import build_app
+from framework.testing import watch
 from tests.conftest import TINY_VOCAB
 
 MODEL = "tiny"
@@ -331,6 +332,29 @@ def test_chat_logprobs(client, offline):
 # ---- the other endpoints ------------------------------------------------------------------------
 
 
+def test_scheduling_metadata_in_the_body_reaches_the_scheduler(served, client):
+    seen = {}
+
+    def before(active, kv_cache):
+        seen.update({r.prompt_token_ids[0]: (r.priority, r.tenant, r.ttft_slo_ms) for r in active})
+        return lambda out: None
+
+    with watch(served.llm.executor.capacity_scheduler, "schedule", before):
+        client.completions.create(model=MODEL, prompt=[901, 1], max_tokens=2, extra_body={"priority": -1, "tenant": "acme", "ttft_slo_ms": 250})
+        client.completions.create(model=MODEL, prompt=[902, 1], max_tokens=2, user="alice")  # OpenAI's `user`: the tenant
+        client.completions.create(model=MODEL, prompt=[903, 1], max_tokens=2, user="alice", extra_body={"tenant": "acme"})
+        client.completions.create(model=MODEL, prompt=[904, 1], max_tokens=2, user="")
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, user="bob", extra_body={"priority": 3, "ttft_slo_ms": 1.5})
+    chat = [v for k, v in seen.items() if k not in (901, 902, 903, 904)]
+    assert [seen[k] for k in (901, 902, 903, 904)] == [(-1, "acme", 250), (None, "alice", None), (None, "acme", None), (None, None, None)]
+    assert chat == [(3, "bob", 1.5)]
+
+
+def test_a_bad_scheduling_field_is_the_400s_param(raw):
+    error = raw.post("/v1/completions", json={"model": MODEL, "prompt": "x", "ttft_slo_ms": -1}).json()["error"]
+    assert error["param"] == "ttft_slo_ms"
+
+
 def test_models_health_metrics(client, raw):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -433,6 +457,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "temperature": -1}, "temperature"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_logprobs": 99, "logprobs": True}, "top_logprobs"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": MESSAGES}, "model"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "priority": "1"}, "priority"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "tenant": ""}, "tenant must not be empty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "ttft_slo_ms": 0}, "ttft_slo_ms must be"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "ttft_slo_ms": -5}, "milliseconds"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tenant": 3}, "tenant"),
 ]
 
 
