@@ -276,9 +276,10 @@ class LLM:
             )
         first = group.requests[0]
         metrics = {"arrival_time": first.arrival_time, "num_preemptions": sum(r.num_preemptions for r in group.requests)}
-        firsts = [r.first_token_time for r in group.requests if r.first_token_time is not None]
-        if firsts:
-            metrics["first_token_time"] = min(firsts)
+        for stamp in ("first_scheduled_time", "first_token_time"):
+            stamps = [getattr(r, stamp) for r in group.requests if getattr(r, stamp) is not None]
+            if stamps:
+                metrics[stamp] = min(stamps)
         if group.finished:
             metrics["finish_time"] = max(r.finish_time for r in group.requests)
         errors = [r.error for r in group.requests if r.error]

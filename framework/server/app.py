@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -562,7 +563,7 @@ def build_app(
 ) -> FastAPI:
     check_settings(api_key, max_body_bytes)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framework-tokenize")
-    served = ServedModel(llm, model_name, ServerMetrics(), pool, default_chat_max_tokens)
+    served = ServedModel(llm, model_name, ServerMetrics(llm), pool, default_chat_max_tokens)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -590,7 +591,7 @@ def build_app(
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(served.metrics.render(llm), media_type="text/plain; version=0.0.4")
+        return Response(served.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

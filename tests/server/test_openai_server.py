@@ -17,6 +17,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 try:
     import httpx
@@ -43,6 +44,9 @@ METRIC_NAMES = [
     "framework_generation_tokens_total",
     "framework_time_to_first_token_seconds",
     "framework_time_per_output_token_seconds",
+    "framework_request_queue_time_seconds",
+    "framework_scheduler_cpu_seconds_total",
+    "framework_scheduler_passes_total",
 ]
 
 
@@ -366,6 +370,10 @@ def test_models_health_metrics(client, raw):
         assert f"\n{name}" in "\n" + metrics.text, name
     assert 'framework_requests_total{outcome="ok"}' in metrics.text
     assert 'framework_time_to_first_token_seconds_bucket{le="+Inf"}' in metrics.text
+    families = {f.name: f.type for f in text_string_to_metric_families(metrics.text)}  # valid exposition text
+    assert families["framework_request_queue_time_seconds"] == "histogram"
+    assert families["framework_scheduler_cpu_seconds"] == families["framework_engine_steps"] == "counter"
+    assert families["framework_kv_cache_usage_ratio"] == "gauge"
 
 
 def test_metrics_count_requests_and_tokens(served, client):
@@ -376,6 +384,9 @@ def test_metrics_count_requests_and_tokens(served, client):
     assert after["framework_prompt_tokens_total"] == before["framework_prompt_tokens_total"] + 4
     assert after["framework_generation_tokens_total"] == before["framework_generation_tokens_total"] + 9
     assert after["framework_time_to_first_token_seconds_count"] == before["framework_time_to_first_token_seconds_count"] + 1
+    assert after["framework_request_queue_time_seconds_count"] == before["framework_request_queue_time_seconds_count"] + 1
+    assert after["framework_scheduler_passes_total"] >= before["framework_scheduler_passes_total"] + 9
+    assert after["framework_scheduler_cpu_seconds_total"] > before["framework_scheduler_cpu_seconds_total"]
     assert after["framework_engine_steps_total"] >= before["framework_engine_steps_total"] + 9
     assert after["framework_requests_running"] == 0 and after["framework_requests_waiting"] == 0
     assert after["framework_kv_cache_usage_ratio"] == 0.0

@@ -129,11 +129,16 @@ def test_merged_streams_are_counted_once_each_even_when_abandoned():
 
     seen = asyncio.run(main())
     assert sorted(seen) == [(0, "x"), (0, "xy"), (1, "z")]
-    assert metrics.requests == {"ok": 1, "error": 0, "abort": 0}
+    assert requests_by_outcome(metrics) == {"ok": 1, "error": 0, "abort": 0}
     tally.settle()
     tally.settle()  # idempotent
-    assert metrics.requests == {"ok": 1, "error": 0, "abort": 2}
-    assert metrics.prompt_tokens == 3 + 3 + 5 and metrics.generation_tokens == 2 + 1
+    assert requests_by_outcome(metrics) == {"ok": 1, "error": 0, "abort": 2}
+    value = metrics.registry.get_sample_value
+    assert value("framework_prompt_tokens_total") == 3 + 3 + 5 and value("framework_generation_tokens_total") == 2 + 1
+
+
+def requests_by_outcome(metrics: ServerMetrics) -> dict[str, float]:
+    return {k: metrics.registry.get_sample_value("framework_requests_total", {"outcome": k}) for k in ("ok", "error", "abort")}
 
 
 def test_merged_cancels_its_streams_when_closed():
