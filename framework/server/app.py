@@ -241,6 +241,17 @@ class ServedModel:
     tokenizer_pool: ThreadPoolExecutor
     default_chat_max_tokens: int
 
+    @asynccontextmanager
+    async def lifespan(self, app):
+        """The app's lifespan: the LLM's background loop runs while the app does; at its end running
+        requests are aborted and the tokenizer pool stops."""
+        self.llm.start()
+        try:
+            yield
+        finally:
+            self.llm.shutdown(abort_running=True)
+            self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
 
@@ -405,9 +416,9 @@ def sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def advance(sent: dict, key, choice) -> tuple[int, int] | None:
+def unsent(sent: dict, key, choice) -> tuple[int, int] | None:
     """The (chars, tokens) of `choice` already sent, now marked sent in full; None when it has
-    nothing new (no new text and not finished)."""
+    nothing new (no new text and not finished). The one delta rule of both streaming endpoints."""
     chars, tokens = sent.get(key, (0, 0))
     if len(choice.text) == chars and choice.finish_reason is None:
         return None
@@ -418,7 +429,7 @@ def advance(sent: dict, key, choice) -> tuple[int, int] | None:
 def completion_deltas(i: int, out: RequestOutput, n: int, sent: dict) -> list[dict]:
     deltas = []
     for c in out.outputs:
-        if (seen := advance(sent, (i, c.index), c)) is not None:
+        if (seen := unsent(sent, (i, c.index), c)) is not None:
             chars, tokens = seen
             logprobs = completion_logprobs(c, tokens, chars)
             deltas.append({"index": i * n + c.index, "text": c.text[chars:], "logprobs": logprobs, "finish_reason": c.finish_reason})
@@ -428,24 +439,30 @@ def completion_deltas(i: int, out: RequestOutput, n: int, sent: dict) -> list[di
 def chat_deltas(out: RequestOutput, k: int, sent: dict) -> list[dict]:
     deltas = []
     for c in out.outputs:
-        if (seen := advance(sent, c.index, c)) is not None:
+        if (seen := unsent(sent, c.index, c)) is not None:
             chars, tokens = seen
             delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
             deltas.append({"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, k, tokens), "finish_reason": c.finish_reason})
     return deltas
 
 
-async def completion_events(streams, tally: Tally, base: dict, n: int, include_usage: bool) -> AsyncIterator[str]:
+async def events(streams, tally: Tally, base: dict, deltas, include_usage: bool) -> AsyncIterator[str]:
+    """The streaming loop of both endpoints: an event for each choice with something new in each
+    engine output (`deltas(i, out, sent)` makes them), then the usage event if asked, then [DONE]."""
     last: dict[int, RequestOutput] = {}
     sent: dict = {}
     async with aclosing(recorded(streams, tally)) as outputs:
         async for i, out in outputs:
             last[i] = out
-            for choice in completion_deltas(i, out, n, sent):
+            for choice in deltas(i, out, sent):
                 yield sse({**base, "choices": [choice]})
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage([last[i] for i in sorted(last)])})
     yield DONE
+
+
+def completion_events(streams, tally: Tally, base: dict, n: int, include_usage: bool) -> AsyncIterator[str]:
+    return events(streams, tally, base, lambda i, out, sent: completion_deltas(i, out, n, sent), include_usage)
 
 
 async def chat_events(stream, tally: Tally, base: dict, n: int, k: int, include_usage: bool) -> AsyncIterator[str]:
@@ -453,15 +470,9 @@ async def chat_events(stream, tally: Tally, base: dict, n: int, k: int, include_
     for i in range(n):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         yield sse({**chunk, "choices": [role]})
-    final, sent = None, {}
-    async with aclosing(recorded([stream], tally)) as outputs:
-        async for _, out in outputs:
-            final = out
-            for choice in chat_deltas(out, k, sent):
-                yield sse({**chunk, "choices": [choice]})
-    if include_usage and final is not None:
-        yield sse({**chunk, "choices": [], "usage": usage([final])})
-    yield DONE
+    async with aclosing(events([stream], tally, chunk, lambda _, out, sent: chat_deltas(out, k, sent), include_usage)) as rest:
+        async for event in rest:
+            yield event
 
 
 class EventStream(StreamingResponse):
@@ -486,6 +497,10 @@ class EventStream(StreamingResponse):
 def health(llm) -> JSONResponse:
     error = engine_error(llm)
     return response_for(engine_failure(error)) if error else JSONResponse({"status": "ok"})
+
+
+def exposition(metrics: ServerMetrics) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 def models(model_name: str) -> dict:
@@ -564,18 +579,8 @@ def build_app(
     check_settings(api_key, max_body_bytes)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framework-tokenize")
     served = ServedModel(llm, model_name, ServerMetrics(llm), pool, default_chat_max_tokens)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        llm.start()
-        try:
-            yield
-        finally:
-            llm.shutdown(abort_running=True)
-            pool.shutdown(wait=False, cancel_futures=True)
-
     docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="framework", lifespan=lifespan, **docs)
+    app = FastAPI(title="framework", lifespan=served.lifespan, **docs)
     app.state.llm, app.state.metrics = llm, served.metrics
     app.add_middleware(Gate, llm=llm, api_key=api_key, hosts=accepted_hosts(allowed_hosts, api_key), max_body_bytes=max_body_bytes)
     app.add_middleware(Contain)  # outside Gate
@@ -590,8 +595,8 @@ def build_app(
         return models(model_name)
 
     @app.get("/metrics")
-    async def prometheus():
-        return Response(served.metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    async def _metrics():
+        return exposition(served.metrics)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from framework.outputs import CompletionOutput, RequestOutput
-from framework.server.app import build_app, completion_deltas, host_name, merged, recorded, serve
+from framework.server.app import build_app, chat_events, completion_deltas, completion_events, host_name, merged, recorded, serve
 from framework.server.metrics import ServerMetrics, Tally
 from tests.server.test_openai_server import (
     ABORTS,
@@ -189,6 +189,25 @@ def test_completion_deltas_send_only_what_is_new():
     assert completion_deltas(1, output("r", "ab", [4, 5]), 2, sent) == []  # nothing new
     (last,) = completion_deltas(1, output("r", "abc", [4, 5, 6], "stop"), 2, sent)
     assert last == {"index": 2, "text": "c", "logprobs": None, "finish_reason": "stop"}
+
+
+def test_completion_and_chat_streams_send_the_same_pieces_then_usage_and_done():
+    outs = [output("r", "x", [7]), output("r", "x", [7, 8]), output("r", "xy", [7, 8, 9], "length")]
+
+    def run(events):
+        async def collect():
+            return [e async for e in events(fake_stream(outs), Tally(ServerMetrics(), [3]))]
+
+        return [e.removeprefix("data: ").strip() for e in asyncio.run(collect())]
+
+    completion = run(lambda stream, tally: completion_events([stream], tally, {"id": "c"}, 1, True))
+    chat = run(lambda stream, tally: chat_events(stream, tally, {"id": "c"}, 1, 0, True))
+    assert [json.loads(e)["choices"][0]["text"] for e in completion[:2]] == ["x", "y"]  # "x" again: nothing new
+    assert [json.loads(e)["choices"][0]["delta"] for e in chat[:3]] == [{"role": "assistant", "content": ""}, {"content": "x"}, {"content": "y"}]
+    for events in (completion, chat):
+        assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(events[-2])["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+        assert events[-1] == "[DONE]"
 
 
 def test_host_name_strips_the_port():
