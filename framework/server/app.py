@@ -264,7 +264,7 @@ class ServedModel:
         if error := engine_error(self.llm):  # it died while the prompts were tokenized
             raise engine_failure(error)
         streams = [self.llm.generate_group_async(g, stream=True) for g in groups]
-        return streams, Tally(self.metrics, [len(g.requests[0].prompt_token_ids) for g in groups])
+        return streams, Tally(self.metrics, [len(g.requests[0].prompt_token_ids) for g in groups], scheduling["ttft_slo_ms"])
 
 
 # ---- engine outputs -----------------------------------------------------------------------------

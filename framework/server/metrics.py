@@ -68,11 +68,17 @@ class ServerMetrics:
         self.queue_time = Histogram(
             "framework_request_queue_time_seconds", "engine request created -> first admitted by the scheduler", buckets=TIME_BUCKETS, registry=registry
         )
+        self.ttft_slo = Counter(
+            "framework_ttft_slo_requests", "requests with a ttft_slo_ms that got a first token, by whether it came in time", ["outcome"], registry=registry
+        )
+        for outcome in ("met", "missed"):
+            self.ttft_slo.labels(outcome)
         if llm is not None:
             registry.register(EngineCollector(llm))
 
-    def record(self, out: RequestOutput, aborted: bool = False) -> None:
-        """Count a finished request, or (`aborted`) the last output of one its client abandoned."""
+    def record(self, out: RequestOutput, aborted: bool = False, ttft_slo_ms: float | None = None) -> None:
+        """Count a finished request, or (`aborted`) the last output of one its client abandoned;
+        `ttft_slo_ms`: its deadline for the first token, if it set one."""
         reasons = [c.finish_reason for c in out.outputs]
         self.requests.labels("error" if "error" in reasons else "abort" if aborted or "abort" in reasons else "ok").inc()
         self.prompt_tokens.inc(len(out.prompt_token_ids))
@@ -82,7 +88,10 @@ class ServerMetrics:
         if "first_scheduled_time" in m:
             self.queue_time.observe(m["first_scheduled_time"] - m["arrival_time"])
         if "first_token_time" in m:
-            self.ttft.observe(m["first_token_time"] - m["arrival_time"])
+            ttft = m["first_token_time"] - m["arrival_time"]
+            self.ttft.observe(ttft)
+            if ttft_slo_ms is not None:
+                self.ttft_slo.labels("met" if ttft * 1000 <= ttft_slo_ms else "missed").inc()
             if "finish_time" in m and generated > len(out.outputs):
                 self.tpot.observe((m["finish_time"] - m["first_token_time"]) / (generated - len(out.outputs)))
 
@@ -100,9 +109,10 @@ class Tally:
     `settle()` as aborted, with or without an output seen (its client went away, possibly before
     its first token)."""
 
-    def __init__(self, metrics: ServerMetrics, prompt_lengths: list[int]):
+    def __init__(self, metrics: ServerMetrics, prompt_lengths: list[int], ttft_slo_ms: float | None = None):
         self.metrics = metrics
         self.prompt_lengths = prompt_lengths
+        self.ttft_slo_ms = ttft_slo_ms
         self.last: dict[int, RequestOutput] = {}
         self.open = set(range(len(prompt_lengths)))
 
@@ -112,12 +122,12 @@ class Tally:
         self.last[i] = out
         if out.finished:
             self.open.discard(i)
-            self.metrics.record(out)
+            self.metrics.record(out, ttft_slo_ms=self.ttft_slo_ms)
 
     def settle(self) -> None:
         for i in sorted(self.open):
             if i in self.last:
-                self.metrics.record(self.last[i], aborted=True)
+                self.metrics.record(self.last[i], aborted=True, ttft_slo_ms=self.ttft_slo_ms)
             else:
                 self.metrics.record_unstarted(self.prompt_lengths[i])
         self.open.clear()

@@ -31,6 +31,17 @@ def test_a_finished_request_feeds_queue_time_ttft_and_tpot_from_its_stamps():
     assert value("framework_generation_tokens_total") == 6
 
 
+def test_requests_with_a_ttft_deadline_count_as_met_or_missed():
+    metrics = ServerMetrics()
+    metrics.record(finished(2, arrival_time=1.0, first_token_time=1.25), ttft_slo_ms=250)  # exactly on time
+    metrics.record(finished(2, arrival_time=1.0, first_token_time=1.5), ttft_slo_ms=250)
+    metrics.record(finished(2, arrival_time=1.0, first_token_time=9.0))  # no deadline: not counted
+    metrics.record(finished(0, arrival_time=1.0), aborted=True, ttft_slo_ms=250)  # no first token: not counted
+    value = metrics.registry.get_sample_value
+    assert value("framework_ttft_slo_requests_total", {"outcome": "met"}) == 1
+    assert value("framework_ttft_slo_requests_total", {"outcome": "missed"}) == 1
+
+
 def test_a_request_never_scheduled_has_no_queue_time():
     metrics = ServerMetrics()
     metrics.record(finished(0, arrival_time=1.0), aborted=True)

@@ -354,6 +354,15 @@ def test_scheduling_metadata_in_the_body_reaches_the_scheduler(served, client):
     assert chat == [(3, "bob", 1.5)]
 
 
+def test_a_ttft_deadline_in_the_body_is_counted_met_or_missed(served, client):
+    before = served.metrics()
+    client.completions.create(model=MODEL, prompt=[905, 1], max_tokens=2, extra_body={"ttft_slo_ms": 10**9})  # always met
+    client.completions.create(model=MODEL, prompt=[906, 1], max_tokens=2)  # no deadline: not counted
+    after = served.metrics()
+    met, missed = ('framework_ttft_slo_requests_total{outcome="%s"}' % o for o in ("met", "missed"))
+    assert (after[met] - before[met], after[missed] - before[missed]) == (1, 0)
+
+
 def test_a_bad_scheduling_field_is_the_400s_param(raw):
     error = raw.post("/v1/completions", json={"model": MODEL, "prompt": "x", "ttft_slo_ms": -1}).json()["error"]
     assert error["param"] == "ttft_slo_ms"
