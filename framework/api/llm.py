@@ -77,7 +77,7 @@ class LLM:
 
     # ---- adding requests ---------------------------------------------------------------------
     def new_request_group(
-        self, prompt: Prompt, params: SamplingParams, priority=None, request_id=None, index=None, *, tenant=None, ttft_slo_ms=None
+        self, prompt: Prompt, params: SamplingParams | None, priority=None, request_id=None, index=None, *, tenant=None, ttft_slo_ms=None
     ) -> RequestGroup:
         """Build and validate (ValueError or TypeError naming the problem) the requests of one
         prompt; `priority`, `tenant` and `ttft_slo_ms` are its scheduling metadata (None: unset)."""
