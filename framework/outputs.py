@@ -35,4 +35,5 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # None for the first prompt token
     error: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)  # arrival_time, first_token_time, finish_time (monotonic s)
+    # arrival_time, first_scheduled_time (first admitted), first_token_time, finish_time: monotonic s
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -37,7 +37,10 @@ class LlmRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     prompt: str | None = None
-    priority: int | None = None  # for priority-aware schedulers (lower is more important); None: unset
+    # Scheduling metadata, read by policies (docs/scheduler.md); None: unset.
+    priority: int | None = None  # lower is more important
+    tenant: str | None = None  # who asks: fair shares are per tenant (requests without one share one)
+    ttft_slo_ms: float | None = None  # the first token is wanted within this many ms of arrival
     eos_token_ids: tuple[int, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
     draft_token_ids: list[int] = field(default_factory=list)  # proposed continuation this step verifies
@@ -48,6 +51,7 @@ class LlmRequest:
     stop_reason: int | str | None = None
     error: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # first admitted by a capacity scheduler (end of its queue time)
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0

@@ -5,6 +5,7 @@ token a fixed function of the whole context, which it reads back from the KV cac
 that points at the wrong block changes the output and fails loudly.
 
     req("a", prompt_len=8, max_tokens=4)            an LlmRequest with a prompt no other shares
+                                                    (priority=, tenant=, ttft_slo_ms=: its scheduling metadata)
     ids(requests)                                   their request ids
     make_scheduler(MyScheduler, MyConfig())         built as the engine builds a scheduler
     tiny_kv_cache(max_tokens=32)                    a real PagedKVCacheManager of a few blocks
@@ -53,12 +54,14 @@ def _resolve(factory):
 
 
 # ---- requests and components -----------------------------------------------------------------
-def req(request_id: str, prompt_len: int = 8, max_tokens: int = 4, *, prompt=None, priority=None, **sampling) -> LlmRequest:
+def req(
+    request_id: str, prompt_len: int = 8, max_tokens: int = 4, *, prompt=None, priority=None, tenant=None, ttft_slo_ms=None, **sampling
+) -> LlmRequest:
     """A queued LlmRequest, greedy unless `sampling` says otherwise (any SamplingParams field).
     Without `prompt`, its `prompt_len` token ids are shared with no other request's."""
     prompt = list(prompt) if prompt is not None else [next(_next_fresh) for _ in range(prompt_len)]
     params = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **sampling})
-    return LlmRequest(request_id, prompt, params, priority=priority)
+    return LlmRequest(request_id, prompt, params, priority=priority, tenant=tenant, ttft_slo_ms=ttft_slo_ms)
 
 
 def ids(requests) -> list[str]:

@@ -8,6 +8,8 @@ prompt lengths against the model, by the executor's `validate`.
 
 from __future__ import annotations
 
+import math
+
 from framework.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, short_repr
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -79,19 +81,60 @@ def chat_messages(messages) -> list[dict]:
 
 def priorities_list(priority, count: int) -> list[int | None]:
     """One priority per prompt (lower is more important): None (all unset) or a list of ints."""
-    if priority is None:
-        return [None] * count
-    if not isinstance(priority, (list, tuple)):
-        raise TypeError(f"priority must be a list of ints (one per prompt) or None, got {_got(priority)}")
-    for i, value in enumerate(priority):
-        if not _is_int(value):
-            raise TypeError(f"priority[{i}] must be an int, got {_got(value)}")
-    if len(priority) != count:
-        raise ValueError(f"priority has {len(priority)} entries for {count} prompts; give one per prompt")
-    return list(priority)
+    return _per_prompt(priority, count, "priority", "ints", priority_value)
+
+
+def tenants_list(tenant, count: int) -> list[str | None]:
+    """One tenant per prompt: None (all unset) or a list of non-empty strs."""
+    return _per_prompt(tenant, count, "tenant", "strs", tenant_value)
+
+
+def ttft_slos_list(ttft_slo_ms, count: int) -> list[float | None]:
+    """One time-to-first-token deadline per prompt, in ms: None (all unset) or a list of numbers > 0."""
+    return _per_prompt(ttft_slo_ms, count, "ttft_slo_ms", "numbers of milliseconds", ttft_slo_value)
+
+
+def scheduling(priority=None, tenant=None, ttft_slo_ms=None) -> dict:
+    """One request's scheduling metadata, checked (each may be None: unset), as LlmRequest fields."""
+    for value, check in ((priority, priority_value), (tenant, tenant_value), (ttft_slo_ms, ttft_slo_value)):
+        if value is not None:
+            check(value)
+    return {"priority": priority, "tenant": tenant, "ttft_slo_ms": ttft_slo_ms}
+
+
+def priority_value(value, name: str = "priority") -> None:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {_got(value)}")
+
+
+def tenant_value(value, name: str = "tenant") -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {_got(value)}")
+    if not value:
+        raise ValueError(f"{name} must not be empty (leave it unset for no tenant)")
+
+
+def ttft_slo_value(value, name: str = "ttft_slo_ms") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of milliseconds, got {_got(value)}")
+    if not (value > 0 and (isinstance(value, int) or math.isfinite(value))):
+        raise ValueError(f"{name} must be a finite number of milliseconds > 0, got {short_repr(value)}")
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _per_prompt(values, count: int, name: str, kind: str, check) -> list:
+    """None (all unset) or a list of `count` values, each passing `check(value, "name[i]")`."""
+    if values is None:
+        return [None] * count
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of {kind} (one per prompt) or None, got {_got(values)}")
+    for i, value in enumerate(values):
+        check(value, f"{name}[{i}]")
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} prompts; give one per prompt")
+    return list(values)
+
+
 def _chat_message(message, i: int) -> dict:
     """Message `i`, checked, with its content as one str and `developer` read as `system`."""
     if not isinstance(message, dict):

@@ -76,9 +76,13 @@ class LLM:
         self._stopping = False
 
     # ---- adding requests ---------------------------------------------------------------------
-    def new_request_group(self, prompt: Prompt, params: SamplingParams, priority, request_id=None, index=None) -> RequestGroup:
-        """Build and validate (ValueError or TypeError naming the problem) the requests of one prompt."""
+    def new_request_group(
+        self, prompt: Prompt, params: SamplingParams | None, priority=None, request_id=None, index=None, *, tenant=None, ttft_slo_ms=None
+    ) -> RequestGroup:
+        """Build and validate (ValueError or TypeError naming the problem) the requests of one
+        prompt; `priority`, `tenant` and `ttft_slo_ms` are its scheduling metadata (None: unset)."""
         (params,) = inputs.sampling_params_list(params, 1)
+        metadata = inputs.scheduling(priority, tenant, ttft_slo_ms)
         text, ids = inputs.token_prompt(prompt, index)
         if text is not None:
             ids = self.tokenizer.encode(text)
@@ -92,7 +96,7 @@ class LLM:
                     prompt_token_ids=ids,
                     sampling_params=member,
                     prompt=text,
-                    priority=priority,
+                    **metadata,
                     eos_token_ids=self.eos_token_ids,
                     follows=requests[0] if requests else None,
                 )
@@ -272,9 +276,10 @@ class LLM:
             )
         first = group.requests[0]
         metrics = {"arrival_time": first.arrival_time, "num_preemptions": sum(r.num_preemptions for r in group.requests)}
-        firsts = [r.first_token_time for r in group.requests if r.first_token_time is not None]
-        if firsts:
-            metrics["first_token_time"] = min(firsts)
+        for stamp in ("first_scheduled_time", "first_token_time"):
+            stamps = [getattr(r, stamp) for r in group.requests if getattr(r, stamp) is not None]
+            if stamps:
+                metrics[stamp] = min(stamps)
         if group.finished:
             metrics["finish_time"] = max(r.finish_time for r in group.requests)
         errors = [r.error for r in group.requests if r.error]
@@ -290,11 +295,15 @@ class LLM:
         )
 
     # ---- the public API ----------------------------------------------------------------------
-    def _groups_for(self, prompts, sampling_params, priority) -> list[RequestGroup]:
+    def _groups_for(self, prompts, sampling_params, priority=None, tenant=None, ttft_slo_ms=None) -> list[RequestGroup]:
         prompts = inputs.prompts_list(prompts)
-        params = inputs.sampling_params_list(sampling_params, len(prompts))
-        priorities = inputs.priorities_list(priority, len(prompts))
-        return [self.new_request_group(p, sp, pr, index=i) for i, (p, sp, pr) in enumerate(zip(prompts, params, priorities))]
+        n = len(prompts)
+        params = inputs.sampling_params_list(sampling_params, n)
+        metadata = zip(inputs.priorities_list(priority, n), inputs.tenants_list(tenant, n), inputs.ttft_slos_list(ttft_slo_ms, n))
+        return [
+            self.new_request_group(p, sp, pr, index=i, tenant=t, ttft_slo_ms=slo)
+            for i, (p, sp, (pr, t, slo)) in enumerate(zip(prompts, params, metadata))
+        ]
 
     def generate(
         self,
@@ -302,13 +311,20 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        *,
+        tenant: Sequence[str] | None = None,
+        ttft_slo_ms: Sequence[float] | None = None,
     ) -> list[RequestOutput]:
         """Generate for one prompt (text or token ids) or a list of them. Every prompt is checked
-        before any runs: a bad one raises ValueError and leaves the engine as it was. `priority`
-        (one int per prompt, lower is more important) is read by priority-aware schedulers."""
+        before any runs: a bad one raises ValueError and leaves the engine as it was.
+
+        Scheduling metadata, one entry per prompt, read by the scheduling policies
+        (docs/scheduler.md): `priority` (ints, lower is more important), `tenant` (strs: who asks;
+        `fair` shares the engine per tenant), `ttft_slo_ms` (the first token is wanted within this
+        many milliseconds)."""
         from tqdm.auto import tqdm
 
-        groups = self._groups_for(prompts, sampling_params, priority)
+        groups = self._groups_for(prompts, sampling_params, priority, tenant, ttft_slo_ms)
         finals: dict[str, RequestOutput] = {}
         with tqdm(total=len(groups), desc="Generating", disable=not use_tqdm or len(groups) < 2) as bar:
             with contextlib.closing(self._updates(groups)) as updates:  # aborts what is left on Ctrl-C
@@ -318,10 +334,19 @@ class LLM:
                         bar.update(1)
         return [finals[g.request_id] for g in groups]
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, priority: int | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        priority: int | None = None,
+        *,
+        tenant: str | None = None,
+        ttft_slo_ms: float | None = None,
+    ) -> Iterator[RequestOutput]:
         """Partial outputs of one prompt as tokens arrive (text is cumulative); the last has
-        `finished=True`. Closing the iterator early aborts the request."""
-        (group,) = self._groups_for([prompt], sampling_params, None if priority is None else [priority])
+        `finished=True`. Closing the iterator early aborts the request. The scheduling metadata
+        are `generate`'s, for this one prompt."""
+        group = self.new_request_group(prompt, sampling_params, priority, tenant=tenant, ttft_slo_ms=ttft_slo_ms)
         yield from self._updates([group])
 
     async def generate_async(
@@ -332,11 +357,16 @@ class LLM:
         stream: bool = False,
         request_id: str | None = None,
         priority: int | None = None,
+        tenant: str | None = None,
+        ttft_slo_ms: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """`async for out in llm.generate_async(prompt, params, stream=True)`: partial outputs
         (or only the final one), while the background loop batches all concurrent callers. A
-        consumer that stops iterating aborts its request."""
-        group = self.new_request_group(prompt, sampling_params or SamplingParams(), priority, request_id=request_id)
+        consumer that stops iterating aborts its request. The scheduling metadata are
+        `generate`'s, for this one prompt."""
+        group = self.new_request_group(
+            prompt, sampling_params or SamplingParams(), priority, request_id=request_id, tenant=tenant, ttft_slo_ms=ttft_slo_ms
+        )
         async for out in self.generate_group_async(group, stream=stream):
             yield out
 

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from framework.decoder.base import Decoder
@@ -32,6 +33,8 @@ class StepCounters:
     verify_steps: int = 0  # request-steps that verified drafts
     draft_tokens: int = 0  # drafts verified
     accepted_draft_tokens: int = 0  # of which accepted
+    scheduler_cpu_seconds: float = 0.0  # this thread's CPU time inside the capacity and micro-batch schedulers
+    scheduler_passes: int = 0  # steps that scheduled (had active requests), whether or not a batch ran
 
 
 class PyExecutor(FaultIsolation):
@@ -197,13 +200,16 @@ class PyExecutor(FaultIsolation):
                 self._admit(request)
         live = [r for r in self.active if not r.is_finished]
         self._propose_drafts(live)
-        capacity = self._isolating("capacity_scheduler", live, lambda rs: self.capacity_scheduler.schedule(rs, self.kv_cache_manager))
+        self.counters.scheduler_passes += 1
+        with self._scheduler_cpu_time():
+            capacity = self._isolating("capacity_scheduler", live, lambda rs: self.capacity_scheduler.schedule(rs, self.kv_cache_manager))
         for request in capacity.preempted:
             self._free(request)
             if not request.is_finished:
                 request.reset_for_recompute()
         fitting = [r for r in self._admitted(capacity.fitting) if not r.is_finished]
-        scheduled = self._schedule_micro_batch(fitting)
+        with self._scheduler_cpu_time():
+            scheduled = self._schedule_micro_batch(fitting)
         for request in scheduled:  # the drafts the token budget left room for
             del request.draft_token_ids[request.num_scheduled_tokens - (request.num_tokens - request.num_computed_tokens) :]
         if scheduled:
@@ -219,9 +225,19 @@ class PyExecutor(FaultIsolation):
                 if not self._can_admit(request):
                     continue
                 request.state = RequestState.CONTEXT
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = self.model_engine.clock.now()
                 self._admit(request)
             admitted.append(request)
         return admitted
+
+    @contextmanager
+    def _scheduler_cpu_time(self):
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            self.counters.scheduler_cpu_seconds += time.thread_time() - started
 
     def _propose_drafts(self, live: list[LlmRequest]) -> None:
         """Draft tokens for the decoding requests, at most as many as each may still produce

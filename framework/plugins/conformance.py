@@ -65,7 +65,8 @@ SCENARIOS = {
 def workload(seed: int = 0, n: int = 10, vocab: int = 1000, sampled: bool = False) -> list[LlmRequest]:
     """Requests of mixed prompt and output lengths; every other one starts with a shared 12-token
     prefix, and the last two are that prefix alone (whole blocks: once cached, all of the prompt
-    but its last token is reused); a few carry a priority. With `sampled`, every other request
+    but its last token is reused); a few carry a priority, and they come from three tenants (one of
+    them unnamed), some with a time-to-first-token deadline. With `sampled`, every other request
     samples, half of those with a seed of its own."""
     rng = random.Random(seed)
     shared = [rng.randrange(3, vocab) for _ in range(12)]
@@ -76,7 +77,8 @@ def workload(seed: int = 0, n: int = 10, vocab: int = 1000, sampled: bool = Fals
         if sampled and i % 2:
             params = replace(params, temperature=0.8, top_k=rng.choice([0, 50]), top_p=0.9, seed=i if i % 4 == 1 else None)
         priority = rng.choice([None, None, 0, 1, 2])
-        requests.append(LlmRequest(str(i), shared + own if i % 2 or not own else own, params, priority=priority))
+        metadata = {"priority": priority, "tenant": ("a", "b", None)[i % 3], "ttft_slo_ms": 50.0 if i % 4 == 0 else None}
+        requests.append(LlmRequest(str(i), shared + own if i % 2 or not own else own, params, **metadata))
     return requests
 
 

@@ -1,6 +1,8 @@
 """Registers the built-in schedulers through the same hooks a plugin uses."""
 
 from framework.plugins.hookspecs import hookimpl
+from framework.scheduler.fair import FairConfig
+from framework.scheduler.sjf import SJFConfig
 
 
 @hookimpl
@@ -8,6 +10,8 @@ def register_capacity_schedulers(register):
     register("guaranteed_no_evict", "framework.scheduler.capacity:GuaranteedNoEvictScheduler")
     register("max_utilization", "framework.scheduler.capacity:MaxUtilizationScheduler")
     register("static_batch", "framework.scheduler.capacity:StaticBatchScheduler")
+    register("sjf", "framework.scheduler.sjf:ShortestJobFirstScheduler", config=SJFConfig)
+    register("fair", "framework.scheduler.fair:FairShareScheduler", config=FairConfig)
 
 
 @hookimpl

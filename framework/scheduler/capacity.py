@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from framework.request import LlmRequest
 from framework.scheduler.base import CapacityOutput, CapacityScheduler, KVCacheCapacity, queued, running
+
+
+def admit_to_completion(kept: list[LlmRequest], candidates: Iterable[LlmRequest], kv_cache: KVCacheCapacity, max_batch_size: int) -> list[LlmRequest]:
+    """`kept` (the running requests) followed by the `candidates` admitted, taken in the order given
+    while the blocks each needs to run to completion fit beside what the kept ones still need, and
+    `max_batch_size` allows. The first candidate that does not fit stops admission: the ones
+    behind it (smaller, perhaps) cannot overtake and starve it. A candidate is drawn only once the
+    previous one was admitted, so `candidates` may be a generator that reorders as it goes."""
+    fitting = list(kept)
+    available = kv_cache.num_free_blocks - sum(kv_cache.get_needed_resource_to_completion(r) for r in kept)
+    for request in candidates:
+        need = kv_cache.get_needed_resource_to_completion(request)
+        if len(fitting) >= max_batch_size or need > available:
+            break
+        available -= need
+        fitting.append(request)
+    return fitting
 
 
 class GuaranteedNoEvictScheduler(CapacityScheduler):
@@ -12,17 +31,7 @@ class GuaranteedNoEvictScheduler(CapacityScheduler):
     (a request that does not fit blocks the ones behind it, so none starves)."""
 
     def schedule(self, active, kv_cache):
-        fitting = running(active)
-        available = kv_cache.num_free_blocks - sum(
-            kv_cache.get_needed_resource_to_completion(r) for r in fitting
-        )
-        for request in queued(active):
-            need = kv_cache.get_needed_resource_to_completion(request)
-            if len(fitting) >= self.max_batch_size or need > available:
-                break
-            available -= need
-            fitting.append(request)
-        return CapacityOutput(fitting)
+        return CapacityOutput(admit_to_completion(running(active), queued(active), kv_cache, self.max_batch_size))
 
 
 class StaticBatchScheduler(GuaranteedNoEvictScheduler):

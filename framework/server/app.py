@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from typing import AsyncIterator, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from framework.api import inputs
 from framework.config import ServerConfig
 from framework.outputs import RequestOutput
 from framework.sampling_params import SamplingParams
@@ -201,11 +203,22 @@ def sampling_params_or_400(make) -> SamplingParams:
         raise OpenAIError(str(exc)) from None
 
 
-def new_groups(llm, prompts, params: SamplingParams) -> list:
+def checked_scheduling(body) -> dict:
+    """The body's scheduling metadata, checked as the Python API checks it (a 400 naming the field)."""
+    metadata = body.scheduling()
+    for name, value in metadata.items():
+        try:
+            inputs.scheduling(**{name: value})
+        except (ValueError, TypeError) as exc:
+            raise OpenAIError(str(exc), param=name) from None
+    return metadata
+
+
+def new_groups(llm, prompts, params: SamplingParams, scheduling: dict) -> list:
     """Tokenize and validate every prompt before any starts (a 400 means nothing ran)."""
     indices = range(len(prompts)) if len(prompts) > 1 else [None]
     try:
-        return [llm.new_request_group(prompt, params, None, index=i) for i, prompt in zip(indices, prompts)]
+        return [llm.new_request_group(prompt, params, index=i, **scheduling) for i, prompt in zip(indices, prompts)]
     except (ValueError, TypeError) as exc:
         raise OpenAIError(str(exc), param="prompt") from None
 
@@ -228,6 +241,17 @@ class ServedModel:
     tokenizer_pool: ThreadPoolExecutor
     default_chat_max_tokens: int
 
+    @asynccontextmanager
+    async def lifespan(self, app):
+        """The app's lifespan: the LLM's background loop runs while the app does; at its end running
+        requests are aborted and the tokenizer pool stops."""
+        self.llm.start()
+        try:
+            yield
+        finally:
+            self.llm.shutdown(abort_running=True)
+            self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
 
@@ -235,12 +259,12 @@ class ServedModel:
         if name is not None and name != self.model_name:
             raise OpenAIError(f"the model '{name}' does not exist; this server serves '{self.model_name}'", param="model")
 
-    async def start(self, prompts, params: SamplingParams) -> tuple[list[AsyncIterator[RequestOutput]], Tally]:
-        groups = await self.off_loop(new_groups, self.llm, prompts, params)
+    async def start(self, prompts, params: SamplingParams, scheduling: dict) -> tuple[list[AsyncIterator[RequestOutput]], Tally]:
+        groups = await self.off_loop(new_groups, self.llm, prompts, params, scheduling)
         if error := engine_error(self.llm):  # it died while the prompts were tokenized
             raise engine_failure(error)
         streams = [self.llm.generate_group_async(g, stream=True) for g in groups]
-        return streams, Tally(self.metrics, [len(g.requests[0].prompt_token_ids) for g in groups])
+        return streams, Tally(self.metrics, [len(g.requests[0].prompt_token_ids) for g in groups], scheduling["ttft_slo_ms"])
 
 
 # ---- engine outputs -----------------------------------------------------------------------------
@@ -392,9 +416,9 @@ def sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def advance(sent: dict, key, choice) -> tuple[int, int] | None:
+def unsent(sent: dict, key, choice) -> tuple[int, int] | None:
     """The (chars, tokens) of `choice` already sent, now marked sent in full; None when it has
-    nothing new (no new text and not finished)."""
+    nothing new (no new text and not finished). The one delta rule of both streaming endpoints."""
     chars, tokens = sent.get(key, (0, 0))
     if len(choice.text) == chars and choice.finish_reason is None:
         return None
@@ -405,7 +429,7 @@ def advance(sent: dict, key, choice) -> tuple[int, int] | None:
 def completion_deltas(i: int, out: RequestOutput, n: int, sent: dict) -> list[dict]:
     deltas = []
     for c in out.outputs:
-        if (seen := advance(sent, (i, c.index), c)) is not None:
+        if (seen := unsent(sent, (i, c.index), c)) is not None:
             chars, tokens = seen
             logprobs = completion_logprobs(c, tokens, chars)
             deltas.append({"index": i * n + c.index, "text": c.text[chars:], "logprobs": logprobs, "finish_reason": c.finish_reason})
@@ -415,24 +439,30 @@ def completion_deltas(i: int, out: RequestOutput, n: int, sent: dict) -> list[di
 def chat_deltas(out: RequestOutput, k: int, sent: dict) -> list[dict]:
     deltas = []
     for c in out.outputs:
-        if (seen := advance(sent, c.index, c)) is not None:
+        if (seen := unsent(sent, c.index, c)) is not None:
             chars, tokens = seen
             delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
             deltas.append({"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, k, tokens), "finish_reason": c.finish_reason})
     return deltas
 
 
-async def completion_events(streams, tally: Tally, base: dict, n: int, include_usage: bool) -> AsyncIterator[str]:
+async def events(streams, tally: Tally, base: dict, deltas, include_usage: bool) -> AsyncIterator[str]:
+    """The streaming loop of both endpoints: an event for each choice with something new in each
+    engine output (`deltas(i, out, sent)` makes them), then the usage event if asked, then [DONE]."""
     last: dict[int, RequestOutput] = {}
     sent: dict = {}
     async with aclosing(recorded(streams, tally)) as outputs:
         async for i, out in outputs:
             last[i] = out
-            for choice in completion_deltas(i, out, n, sent):
+            for choice in deltas(i, out, sent):
                 yield sse({**base, "choices": [choice]})
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage([last[i] for i in sorted(last)])})
     yield DONE
+
+
+def completion_events(streams, tally: Tally, base: dict, n: int, include_usage: bool) -> AsyncIterator[str]:
+    return events(streams, tally, base, lambda i, out, sent: completion_deltas(i, out, n, sent), include_usage)
 
 
 async def chat_events(stream, tally: Tally, base: dict, n: int, k: int, include_usage: bool) -> AsyncIterator[str]:
@@ -440,15 +470,9 @@ async def chat_events(stream, tally: Tally, base: dict, n: int, k: int, include_
     for i in range(n):
         role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         yield sse({**chunk, "choices": [role]})
-    final, sent = None, {}
-    async with aclosing(recorded([stream], tally)) as outputs:
-        async for _, out in outputs:
-            final = out
-            for choice in chat_deltas(out, k, sent):
-                yield sse({**chunk, "choices": [choice]})
-    if include_usage and final is not None:
-        yield sse({**chunk, "choices": [], "usage": usage([final])})
-    yield DONE
+    async with aclosing(events([stream], tally, chunk, lambda _, out, sent: chat_deltas(out, k, sent), include_usage)) as rest:
+        async for event in rest:
+            yield event
 
 
 class EventStream(StreamingResponse):
@@ -475,6 +499,10 @@ def health(llm) -> JSONResponse:
     return response_for(engine_failure(error)) if error else JSONResponse({"status": "ok"})
 
 
+def exposition(metrics: ServerMetrics) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
 def models(model_name: str) -> dict:
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "framework"}]}
 
@@ -483,10 +511,11 @@ async def complete(served: ServedModel, request: Request):
     body = await parse(request, CompletionRequest)
     served.check_model(body.model)
     params = sampling_params_or_400(body.sampling_params)
+    scheduling = checked_scheduling(body)
     prompts = body.prompts()
     if not prompts:
         raise OpenAIError("prompt must not be empty", param="prompt")
-    streams, tally = await served.start(prompts, params)
+    streams, tally = await served.start(prompts, params, scheduling)
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": served.model_name}
     if body.stream:
         return EventStream(completion_events(streams, tally, base, params.n, body.include_usage), tally)
@@ -498,8 +527,9 @@ async def chat(served: ServedModel, request: Request):
     body = await parse(request, ChatCompletionRequest)
     served.check_model(body.model)
     params = sampling_params_or_400(lambda: body.sampling_params(served.default_chat_max_tokens))
+    scheduling = checked_scheduling(body)
     prompt = await served.off_loop(chat_prompt, served.llm, body.messages)
-    (stream,), tally = await served.start([prompt], params)
+    (stream,), tally = await served.start([prompt], params, scheduling)
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.model_name}
     k = params.logprobs or 0
     if body.stream:
@@ -548,19 +578,9 @@ def build_app(
 ) -> FastAPI:
     check_settings(api_key, max_body_bytes)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framework-tokenize")
-    served = ServedModel(llm, model_name, ServerMetrics(), pool, default_chat_max_tokens)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        llm.start()
-        try:
-            yield
-        finally:
-            llm.shutdown(abort_running=True)
-            pool.shutdown(wait=False, cancel_futures=True)
-
+    served = ServedModel(llm, model_name, ServerMetrics(llm), pool, default_chat_max_tokens)
     docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="framework", lifespan=lifespan, **docs)
+    app = FastAPI(title="framework", lifespan=served.lifespan, **docs)
     app.state.llm, app.state.metrics = llm, served.metrics
     app.add_middleware(Gate, llm=llm, api_key=api_key, hosts=accepted_hosts(allowed_hosts, api_key), max_body_bytes=max_body_bytes)
     app.add_middleware(Contain)  # outside Gate
@@ -575,8 +595,8 @@ def build_app(
         return models(model_name)
 
     @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(served.metrics.render(llm), media_type="text/plain; version=0.0.4")
+    async def _metrics():
+        return exposition(served.metrics)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

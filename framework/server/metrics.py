@@ -1,108 +1,107 @@
-"""Server metrics in the Prometheus text format."""
+"""Server metrics in the Prometheus text format, through prometheus_client.
+
+Each `ServerMetrics` (one per app) has a `CollectorRegistry` of its own, never the process-wide
+default one, so several servers or tests in one process do not collide. Counts of HTTP requests are
+prometheus_client counters and histograms fed as requests finish; the engine's figures are read
+from the LLM (its executor, KV cache and counters) at scrape time by `EngineCollector`."""
 
 from __future__ import annotations
 
-import bisect
-import threading
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from framework.outputs import RequestOutput
 
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OUTCOMES = ("ok", "error", "abort")
 
 
-class Histogram:
-    def __init__(self, buckets=TIME_BUCKETS):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
-        self.n = 0
+class EngineCollector:
+    """The engine's gauges and counters, read from `llm` when /metrics is scraped."""
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.n += 1
+    def __init__(self, llm):
+        self.llm = llm
 
-    def lines(self, name: str) -> list[str]:
-        out, running = [], 0
-        for bound, count in zip(self.buckets, self.counts):
-            running += count
-            out.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.n}')
-        out += [f"{name}_sum {self.total}", f"{name}_count {self.n}"]
-        return out
+    def collect(self):
+        llm, executor = self.llm, self.llm.executor
+        stats, speculation, counters = llm.kv_cache_stats, llm.speculation_stats, executor.counters
+        gauges = [
+            ("framework_requests_running", "requests in prefill or decode", executor.num_running()),
+            ("framework_requests_running_peak", "the most requests computed in one step since start", executor.peak_running),
+            ("framework_requests_waiting", "requests queued or not yet picked up by a step", executor.num_waiting()),
+            ("framework_kv_cache_usage_ratio", "KV blocks referenced by running requests / all blocks", stats.usage),
+            ("framework_kv_cache_free_blocks", "KV blocks allocatable now, cached prefix blocks included", stats.num_free_blocks),
+            ("framework_prefix_cache_hit_rate", "prompt tokens found in the prefix cache / prompt tokens looked up", stats.prefix_hit_rate),
+            ("framework_spec_decode_acceptance_rate", "accepted / verified draft tokens", speculation.acceptance_rate),
+        ]
+        totals = [
+            ("framework_engine_steps", "engine steps that ran a batch", executor.num_steps),
+            ("framework_scheduler_cpu_seconds", "CPU time of the executor thread in the capacity and micro-batch schedulers", counters.scheduler_cpu_seconds),
+            ("framework_scheduler_passes", "scheduling passes (steps with active requests)", counters.scheduler_passes),
+            ("framework_spec_decode_verify_steps", "request-steps that verified draft tokens", speculation.verify_steps),
+            ("framework_spec_decode_draft_tokens", "draft tokens verified", speculation.draft_tokens),
+            ("framework_spec_decode_accepted_tokens", "draft tokens accepted", speculation.accepted_tokens),
+        ]
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value=value)
+        for name, documentation, value in totals:
+            yield CounterMetricFamily(name, documentation, value=value)
 
 
 class ServerMetrics:
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = {"ok": 0, "error": 0, "abort": 0}
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.ttft = Histogram()
-        self.tpot = Histogram()
+    """The HTTP requests' counters and histograms, and (given an `llm`) the engine's figures."""
 
-    def record(self, out: RequestOutput, aborted: bool = False) -> None:
-        """Count a finished request, or (`aborted`) the last output of one its client abandoned."""
-        with self._lock:
-            reasons = [c.finish_reason for c in out.outputs]
-            kind = "error" if "error" in reasons else "abort" if aborted or "abort" in reasons else "ok"
-            self.requests[kind] += 1
-            self.prompt_tokens += len(out.prompt_token_ids)
-            generated = sum(len(c.token_ids) for c in out.outputs)
-            self.generation_tokens += generated
-            m = out.metrics
-            if "first_token_time" in m:
-                self.ttft.observe(m["first_token_time"] - m["arrival_time"])
-                per_output = max(1, generated - len(out.outputs))
-                if "finish_time" in m and generated > len(out.outputs):
-                    self.tpot.observe((m["finish_time"] - m["first_token_time"]) / per_output)
+    def __init__(self, llm=None):
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter("framework_requests", "finished requests by outcome", ["outcome"], registry=registry)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)  # every outcome is exposed from the start, at 0
+        self.prompt_tokens = Counter("framework_prompt_tokens", "prompt tokens of counted requests", registry=registry)
+        self.generation_tokens = Counter("framework_generation_tokens", "generated tokens of counted requests", registry=registry)
+        self.ttft = Histogram(
+            "framework_time_to_first_token_seconds", "engine request created -> first token", buckets=TIME_BUCKETS, registry=registry
+        )
+        self.tpot = Histogram(
+            "framework_time_per_output_token_seconds", "(finish - first token) / later tokens", buckets=TIME_BUCKETS, registry=registry
+        )
+        self.queue_time = Histogram(
+            "framework_request_queue_time_seconds", "engine request created -> first admitted by the scheduler", buckets=TIME_BUCKETS, registry=registry
+        )
+        self.ttft_slo = Counter(
+            "framework_ttft_slo_requests", "requests with a ttft_slo_ms that got a first token, by whether it came in time", ["outcome"], registry=registry
+        )
+        for outcome in ("met", "missed"):
+            self.ttft_slo.labels(outcome)
+        if llm is not None:
+            registry.register(EngineCollector(llm))
+
+    def record(self, out: RequestOutput, aborted: bool = False, ttft_slo_ms: float | None = None) -> None:
+        """Count a finished request, or (`aborted`) the last output of one its client abandoned;
+        `ttft_slo_ms`: its deadline for the first token, if it set one."""
+        reasons = [c.finish_reason for c in out.outputs]
+        self.requests.labels("error" if "error" in reasons else "abort" if aborted or "abort" in reasons else "ok").inc()
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        generated = sum(len(c.token_ids) for c in out.outputs)
+        self.generation_tokens.inc(generated)
+        m = out.metrics
+        if "first_scheduled_time" in m:
+            self.queue_time.observe(m["first_scheduled_time"] - m["arrival_time"])
+        if "first_token_time" in m:
+            ttft = m["first_token_time"] - m["arrival_time"]
+            self.ttft.observe(ttft)
+            if ttft_slo_ms is not None:
+                self.ttft_slo.labels("met" if ttft * 1000 <= ttft_slo_ms else "missed").inc()
+            if "finish_time" in m and generated > len(out.outputs):
+                self.tpot.observe((m["finish_time"] - m["first_token_time"]) / (generated - len(out.outputs)))
 
     def record_unstarted(self, prompt_tokens: int) -> None:
         """Count a request abandoned before its first output as aborted."""
-        with self._lock:
-            self.requests["abort"] += 1
-            self.prompt_tokens += prompt_tokens
+        self.requests.labels("abort").inc()
+        self.prompt_tokens.inc(prompt_tokens)
 
-    def render(self, llm) -> str:
-        executor = llm.executor
-        stats, speculation = llm.kv_cache_stats, llm.speculation_stats
-        running, waiting = executor.num_running(), executor.num_waiting()
-        with self._lock:
-            lines = [
-                "# TYPE framework_requests_running gauge",
-                f"framework_requests_running {running}",
-                "# TYPE framework_requests_running_peak gauge",
-                f"framework_requests_running_peak {executor.peak_running}",
-                "# TYPE framework_requests_waiting gauge",
-                f"framework_requests_waiting {waiting}",
-                "# TYPE framework_kv_cache_usage_ratio gauge",
-                f"framework_kv_cache_usage_ratio {stats.usage}",
-                "# TYPE framework_kv_cache_free_blocks gauge",
-                f"framework_kv_cache_free_blocks {stats.num_free_blocks}",
-                "# TYPE framework_prefix_cache_hit_rate gauge",
-                f"framework_prefix_cache_hit_rate {stats.prefix_hit_rate}",
-                "# TYPE framework_engine_steps_total counter",
-                f"framework_engine_steps_total {executor.num_steps}",
-                "# TYPE framework_requests_total counter",
-                *[f'framework_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()],
-                "# TYPE framework_prompt_tokens_total counter",
-                f"framework_prompt_tokens_total {self.prompt_tokens}",
-                "# TYPE framework_generation_tokens_total counter",
-                f"framework_generation_tokens_total {self.generation_tokens}",
-                "# TYPE framework_spec_decode_verify_steps_total counter",
-                f"framework_spec_decode_verify_steps_total {speculation.verify_steps}",
-                "# TYPE framework_spec_decode_draft_tokens_total counter",
-                f"framework_spec_decode_draft_tokens_total {speculation.draft_tokens}",
-                "# TYPE framework_spec_decode_accepted_tokens_total counter",
-                f"framework_spec_decode_accepted_tokens_total {speculation.accepted_tokens}",
-                "# TYPE framework_spec_decode_acceptance_rate gauge",
-                f"framework_spec_decode_acceptance_rate {speculation.acceptance_rate}",
-                "# TYPE framework_time_to_first_token_seconds histogram",
-                *self.ttft.lines("framework_time_to_first_token_seconds"),
-                "# TYPE framework_time_per_output_token_seconds histogram",
-                *self.tpot.lines("framework_time_per_output_token_seconds"),
-            ]
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class Tally:
@@ -110,9 +109,10 @@ class Tally:
     `settle()` as aborted, with or without an output seen (its client went away, possibly before
     its first token)."""
 
-    def __init__(self, metrics: ServerMetrics, prompt_lengths: list[int]):
+    def __init__(self, metrics: ServerMetrics, prompt_lengths: list[int], ttft_slo_ms: float | None = None):
         self.metrics = metrics
         self.prompt_lengths = prompt_lengths
+        self.ttft_slo_ms = ttft_slo_ms
         self.last: dict[int, RequestOutput] = {}
         self.open = set(range(len(prompt_lengths)))
 
@@ -122,12 +122,12 @@ class Tally:
         self.last[i] = out
         if out.finished:
             self.open.discard(i)
-            self.metrics.record(out)
+            self.metrics.record(out, ttft_slo_ms=self.ttft_slo_ms)
 
     def settle(self) -> None:
         for i in sorted(self.open):
             if i in self.last:
-                self.metrics.record(self.last[i], aborted=True)
+                self.metrics.record(self.last[i], aborted=True, ttft_slo_ms=self.ttft_slo_ms)
             else:
                 self.metrics.record_unstarted(self.prompt_lengths[i])
         self.open.clear()

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from framework.sampling_params import SamplingParams
 
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
@@ -34,6 +35,15 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # scheduling metadata (extensions, as vLLM takes `priority`); `user` is OpenAI's own field
+    priority: int | None = None
+    tenant: str | None = None
+    user: str | None = None
+    ttft_slo_ms: float | None = None
+
+    def scheduling(self) -> dict:
+        """`new_request_group`'s scheduling keywords: the tenant is `tenant`, else a non-empty `user`."""
+        return {"priority": self.priority, "tenant": self.tenant if self.tenant is not None else self.user or None, "ttft_slo_ms": self.ttft_slo_ms}
 
     def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from framework import LLM, SamplingParams
+from framework.testing import watch
 from tests.conftest import GREEDY, random_prompts as prompts, reference_model
 
 
@@ -128,6 +129,50 @@ def test_closing_a_stream_aborts_and_frees(llm):
     stream.close()
     llm.executor.step()  # the abort is processed by the next step at the latest
     assert llm.kv_cache_stats.num_used_blocks == 0 and not llm.executor.active
+
+
+def scheduling_seen(llm):
+    """A recorder of what the capacity scheduler sees: request id -> (priority, tenant, ttft_slo_ms)."""
+    seen = {}
+
+    def before(active, kv_cache):
+        seen.update({r.request_id: (r.priority, r.tenant, r.ttft_slo_ms) for r in active})
+        return lambda out: None
+
+    return seen, watch(llm.executor.capacity_scheduler, "schedule", before)
+
+
+def test_scheduling_metadata_reaches_the_scheduler(llm):
+    params = SamplingParams(max_tokens=2, n=2, **GREEDY)
+    seen, watching = scheduling_seen(llm)
+    with watching:
+        outs = llm.generate(prompts([4, 5]), params, priority=[1, -3], tenant=["acme", "globex"], ttft_slo_ms=[250, 1.5], use_tqdm=False)
+        (streamed,) = [out for out in llm.stream(prompts([6])[0], params, priority=7, tenant="initech") if out.finished]
+        plain = llm.generate(prompts([3])[0], params, use_tqdm=False)[0]
+
+        async def main():
+            async for out in llm.generate_async(prompts([5])[0], params, request_id="async-1", tenant="umbrella", ttft_slo_ms=80):
+                return out
+
+        asyncio.run(main())
+        llm.shutdown()
+    first, second = (out.request_id for out in outs)
+    expected = {
+        f"{first}-0": (1, "acme", 250), f"{first}-1": (1, "acme", 250),  # every completion of a prompt
+        f"{second}-0": (-3, "globex", 1.5),
+        f"{streamed.request_id}-0": (7, "initech", None),
+        f"{plain.request_id}-1": (None, None, None),
+        "async-1-0": (None, "umbrella", 80),
+    }
+    assert {rid: seen[rid] for rid in expected} == expected
+
+
+def test_bad_scheduling_metadata_raises_before_anything_runs(llm):
+    with pytest.raises(ValueError, match=r"^ttft_slo_ms\[1\] must be a finite number of milliseconds > 0"):
+        llm.generate(prompts([4, 5]), ttft_slo_ms=[10, 0], use_tqdm=False)
+    with pytest.raises(TypeError, match="^tenant must be a str"):
+        next(llm.stream(prompts([4])[0], tenant=7))
+    assert not llm.executor.has_work()
 
 
 def test_async_callers_are_batched_and_match_offline(tiny_dir):

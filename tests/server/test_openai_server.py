@@ -17,6 +17,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 try:
     import httpx
@@ -25,6 +26,7 @@ except ImportError:  # some environments ship httpx under the name httpx2 (the o
 
 from framework import LLM, SamplingParams
 from framework.server.app import build_app
+from framework.testing import watch
 from tests.conftest import TINY_VOCAB
 
 MODEL = "tiny"
@@ -42,6 +44,9 @@ METRIC_NAMES = [
     "framework_generation_tokens_total",
     "framework_time_to_first_token_seconds",
     "framework_time_per_output_token_seconds",
+    "framework_request_queue_time_seconds",
+    "framework_scheduler_cpu_seconds_total",
+    "framework_scheduler_passes_total",
 ]
 
 
@@ -331,6 +336,38 @@ def test_chat_logprobs(client, offline):
 # ---- the other endpoints ------------------------------------------------------------------------
 
 
+def test_scheduling_metadata_in_the_body_reaches_the_scheduler(served, client):
+    seen = {}
+
+    def before(active, kv_cache):
+        seen.update({r.prompt_token_ids[0]: (r.priority, r.tenant, r.ttft_slo_ms) for r in active})
+        return lambda out: None
+
+    with watch(served.llm.executor.capacity_scheduler, "schedule", before):
+        client.completions.create(model=MODEL, prompt=[901, 1], max_tokens=2, extra_body={"priority": -1, "tenant": "acme", "ttft_slo_ms": 250})
+        client.completions.create(model=MODEL, prompt=[902, 1], max_tokens=2, user="alice")  # OpenAI's `user`: the tenant
+        client.completions.create(model=MODEL, prompt=[903, 1], max_tokens=2, user="alice", extra_body={"tenant": "acme"})
+        client.completions.create(model=MODEL, prompt=[904, 1], max_tokens=2, user="")
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, user="bob", extra_body={"priority": 3, "ttft_slo_ms": 1.5})
+    chat = [v for k, v in seen.items() if k not in (901, 902, 903, 904)]
+    assert [seen[k] for k in (901, 902, 903, 904)] == [(-1, "acme", 250), (None, "alice", None), (None, "acme", None), (None, None, None)]
+    assert chat == [(3, "bob", 1.5)]
+
+
+def test_a_ttft_deadline_in_the_body_is_counted_met_or_missed(served, client):
+    before = served.metrics()
+    client.completions.create(model=MODEL, prompt=[905, 1], max_tokens=2, extra_body={"ttft_slo_ms": 10**9})  # always met
+    client.completions.create(model=MODEL, prompt=[906, 1], max_tokens=2)  # no deadline: not counted
+    after = served.metrics()
+    met, missed = ('framework_ttft_slo_requests_total{outcome="%s"}' % o for o in ("met", "missed"))
+    assert (after[met] - before[met], after[missed] - before[missed]) == (1, 0)
+
+
+def test_a_bad_scheduling_field_is_the_400s_param(raw):
+    error = raw.post("/v1/completions", json={"model": MODEL, "prompt": "x", "ttft_slo_ms": -1}).json()["error"]
+    assert error["param"] == "ttft_slo_ms"
+
+
 def test_models_health_metrics(client, raw):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -342,6 +379,10 @@ def test_models_health_metrics(client, raw):
         assert f"\n{name}" in "\n" + metrics.text, name
     assert 'framework_requests_total{outcome="ok"}' in metrics.text
     assert 'framework_time_to_first_token_seconds_bucket{le="+Inf"}' in metrics.text
+    families = {f.name: f.type for f in text_string_to_metric_families(metrics.text)}  # valid exposition text
+    assert families["framework_request_queue_time_seconds"] == "histogram"
+    assert families["framework_scheduler_cpu_seconds"] == families["framework_engine_steps"] == "counter"
+    assert families["framework_kv_cache_usage_ratio"] == "gauge"
 
 
 def test_metrics_count_requests_and_tokens(served, client):
@@ -352,6 +393,9 @@ def test_metrics_count_requests_and_tokens(served, client):
     assert after["framework_prompt_tokens_total"] == before["framework_prompt_tokens_total"] + 4
     assert after["framework_generation_tokens_total"] == before["framework_generation_tokens_total"] + 9
     assert after["framework_time_to_first_token_seconds_count"] == before["framework_time_to_first_token_seconds_count"] + 1
+    assert after["framework_request_queue_time_seconds_count"] == before["framework_request_queue_time_seconds_count"] + 1
+    assert after["framework_scheduler_passes_total"] >= before["framework_scheduler_passes_total"] + 9
+    assert after["framework_scheduler_cpu_seconds_total"] > before["framework_scheduler_cpu_seconds_total"]
     assert after["framework_engine_steps_total"] >= before["framework_engine_steps_total"] + 9
     assert after["framework_requests_running"] == 0 and after["framework_requests_waiting"] == 0
     assert after["framework_kv_cache_usage_ratio"] == 0.0
@@ -433,6 +477,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "temperature": -1}, "temperature"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_logprobs": 99, "logprobs": True}, "top_logprobs"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": MESSAGES}, "model"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "priority": "1"}, "priority"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "tenant": ""}, "tenant must not be empty"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "ttft_slo_ms": 0}, "ttft_slo_ms must be"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "ttft_slo_ms": -5}, "milliseconds"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tenant": 3}, "tenant"),
 ]
 
 

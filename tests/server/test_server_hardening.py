@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from framework.outputs import CompletionOutput, RequestOutput
-from framework.server.app import build_app, completion_deltas, host_name, merged, recorded, serve
+from framework.server.app import build_app, chat_events, completion_deltas, completion_events, host_name, merged, recorded, serve
 from framework.server.metrics import ServerMetrics, Tally
 from tests.server.test_openai_server import (
     ABORTS,
@@ -129,11 +129,16 @@ def test_merged_streams_are_counted_once_each_even_when_abandoned():
 
     seen = asyncio.run(main())
     assert sorted(seen) == [(0, "x"), (0, "xy"), (1, "z")]
-    assert metrics.requests == {"ok": 1, "error": 0, "abort": 0}
+    assert requests_by_outcome(metrics) == {"ok": 1, "error": 0, "abort": 0}
     tally.settle()
     tally.settle()  # idempotent
-    assert metrics.requests == {"ok": 1, "error": 0, "abort": 2}
-    assert metrics.prompt_tokens == 3 + 3 + 5 and metrics.generation_tokens == 2 + 1
+    assert requests_by_outcome(metrics) == {"ok": 1, "error": 0, "abort": 2}
+    value = metrics.registry.get_sample_value
+    assert value("framework_prompt_tokens_total") == 3 + 3 + 5 and value("framework_generation_tokens_total") == 2 + 1
+
+
+def requests_by_outcome(metrics: ServerMetrics) -> dict[str, float]:
+    return {k: metrics.registry.get_sample_value("framework_requests_total", {"outcome": k}) for k in ("ok", "error", "abort")}
 
 
 def test_merged_cancels_its_streams_when_closed():
@@ -184,6 +189,25 @@ def test_completion_deltas_send_only_what_is_new():
     assert completion_deltas(1, output("r", "ab", [4, 5]), 2, sent) == []  # nothing new
     (last,) = completion_deltas(1, output("r", "abc", [4, 5, 6], "stop"), 2, sent)
     assert last == {"index": 2, "text": "c", "logprobs": None, "finish_reason": "stop"}
+
+
+def test_completion_and_chat_streams_send_the_same_pieces_then_usage_and_done():
+    outs = [output("r", "x", [7]), output("r", "x", [7, 8]), output("r", "xy", [7, 8, 9], "length")]
+
+    def run(events):
+        async def collect():
+            return [e async for e in events(fake_stream(outs), Tally(ServerMetrics(), [3]))]
+
+        return [e.removeprefix("data: ").strip() for e in asyncio.run(collect())]
+
+    completion = run(lambda stream, tally: completion_events([stream], tally, {"id": "c"}, 1, True))
+    chat = run(lambda stream, tally: chat_events(stream, tally, {"id": "c"}, 1, 0, True))
+    assert [json.loads(e)["choices"][0]["text"] for e in completion[:2]] == ["x", "y"]  # "x" again: nothing new
+    assert [json.loads(e)["choices"][0]["delta"] for e in chat[:3]] == [{"role": "assistant", "content": ""}, {"content": "x"}, {"content": "y"}]
+    for events in (completion, chat):
+        assert json.loads(events[-3])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(events[-2])["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+        assert events[-1] == "[DONE]"
 
 
 def test_host_name_strips_the_port():

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from framework.api.inputs import chat_messages, priorities_list, prompts_list, sampling_params_list, token_prompt
+from framework.api.inputs import (
+    chat_messages, priorities_list, prompts_list, sampling_params_list, scheduling, tenants_list, token_prompt, ttft_slos_list,
+)
 from framework.sampling_params import SamplingParams, short_repr
 
 
@@ -254,6 +256,49 @@ def test_good_priority_passes_through():
     assert priorities_list([3, -1], 2) == [3, -1]
     assert priorities_list((0, 2**70), 2) == [0, 2**70]
     assert priorities_list([], 0) == []
+
+
+# ---- tenant and ttft_slo_ms ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("check", "values", "error", "name"),
+    [
+        (tenants_list, "acme", TypeError, "tenant"),  # one str is not a list of them
+        (tenants_list, ["a", 3], TypeError, "tenant[1]"),
+        (tenants_list, ["a", None], TypeError, "tenant[1]"),
+        (tenants_list, ["", "b"], ValueError, "tenant[0]"),
+        (tenants_list, ["a"], ValueError, "tenant"),
+        (ttft_slos_list, 100, TypeError, "ttft_slo_ms"),
+        (ttft_slos_list, [100, "5"], TypeError, "ttft_slo_ms[1]"),
+        (ttft_slos_list, [True, 5], TypeError, "ttft_slo_ms[0]"),
+        (ttft_slos_list, [0, 5], ValueError, "ttft_slo_ms[0]"),
+        (ttft_slos_list, [5, -1.5], ValueError, "ttft_slo_ms[1]"),
+        (ttft_slos_list, [5, float("nan")], ValueError, "ttft_slo_ms[1]"),
+        (ttft_slos_list, [float("inf"), 5], ValueError, "ttft_slo_ms[0]"),
+        (ttft_slos_list, [5, 5, 5], ValueError, "ttft_slo_ms"),
+    ],
+    ids=_id,
+)
+def test_bad_scheduling_lists_raise_naming_the_entry(check, values, error, name):
+    with pytest.raises(error, match="^" + re.escape(name) + " "):
+        check(values, 2)
+
+
+def test_good_scheduling_lists_pass_through():
+    assert tenants_list(None, 2) == [None, None]
+    assert tenants_list(("a", "b"), 2) == ["a", "b"]
+    assert ttft_slos_list([250, 0.5], 2) == [250, 0.5]
+    assert ttft_slos_list([10**400], 1) == [10**400]  # an int too large for a float is still a deadline
+
+
+def test_one_requests_scheduling_metadata_is_checked_by_name():
+    assert scheduling() == {"priority": None, "tenant": None, "ttft_slo_ms": None}
+    assert scheduling(-2, "acme", 300.0) == {"priority": -2, "tenant": "acme", "ttft_slo_ms": 300.0}
+    for kwargs, error, name in [({"priority": 1.0}, TypeError, "priority"), ({"tenant": b"x"}, TypeError, "tenant"),
+                                ({"tenant": ""}, ValueError, "tenant"), ({"ttft_slo_ms": 0}, ValueError, "ttft_slo_ms")]:
+        with pytest.raises(error, match="^" + name + " "):
+            scheduling(**kwargs)
 
 
 def test_inputs_module_does_not_import_torch():
