@@ -11,14 +11,7 @@ from framework.replay.http_client import Endpoint, replay_url
 from framework.replay.runner import run_replay
 from framework.replay.workload import ReplayRequest
 from tests.conftest import TINY_VOCAB
-from tests.server.test_openai_server import MODEL, RunningServer, new_llm
-
-
-@pytest.fixture(scope="module")
-def served(tiny_dir):
-    server = RunningServer(new_llm(tiny_dir))
-    yield server
-    server.stop()
+from tests.server.test_openai_server import MODEL, served  # noqa: F401 (served: the tiny model's server, a fixture)
 
 
 def test_streamed_requests_are_timed_by_their_chunks(served):
