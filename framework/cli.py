@@ -147,11 +147,14 @@ def _replay(cfg, plugins) -> None:
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from framework.replay.runner import run_replay
 
     hydra = HydraConfig.get() if HydraConfig.initialized() else None
     out_dir = Path(cfg.replay.out or (hydra.runtime.output_dir if hydra else "."))
+    if cfg.replay.out and hydra and hydra.mode == RunMode.MULTIRUN:
+        out_dir /= str(hydra.job.num)  # each job of a sweep its own folder
     run_replay(cfg, plugins, out_dir, list(hydra.overrides.task) if hydra else [])
 
 

@@ -27,7 +27,7 @@ class SweepFigure(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         if config.get("mode") != "replay":
             return
-        path = draw_sweep(config.hydra.sweep.dir)
+        path = draw_sweep(config.replay.out or config.hydra.sweep.dir)  # where the jobs wrote their reports
         if path is not None:
             print(f"[framework] sweep figure {path}")
 

@@ -194,7 +194,8 @@ def test_sweep_figure_after_a_multirun(tmp_path, tiny_dir):
 
     for i, (scheduler, rate) in enumerate([("fcfs", 2), ("fcfs", 8), ("max_utilization", 2), ("max_utilization", 8)]):
         run(tmp_path / "sweep", tiny_dir, str(i), "mode=replay", f"scheduler={scheduler}", f"replay.rate={rate}", "engine=virtual_fake", "replay.num_requests=8", *(f"{k}={v}" for k, v in KV.items()))
-    SweepFigure().on_multirun_end(OmegaConf.create({"mode": "replay", "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}))
+    sweep = {"mode": "replay", "replay": {"out": None}, "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}
+    SweepFigure().on_multirun_end(OmegaConf.create(sweep))
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
     documents = read_reports(tmp_path / "sweep")
     assert sorted(zip(configuration_labels(documents), map(request_rate, documents))) == [

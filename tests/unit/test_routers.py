@@ -60,3 +60,14 @@ def test_every_builtin_router_is_registered(name):
 
 
 test_prefix_affinity_conforms = conformance_suite("router", PrefixAffinityRouter, PrefixAffinityConfig())
+
+
+def test_a_routers_own_settings_are_replay_keys():
+    from framework.config import compose
+    from framework.replay.runner import build_router
+
+    plugins = create_plugin_manager(autoload=False)
+    cfg = compose(["replay.router=prefix_affinity", "replay.max_imbalance=3"], plugins)
+    router = build_router(cfg, plugins)
+    assert isinstance(router, PrefixAffinityRouter)
+    assert (router.max_imbalance, router.block_size) == (3, cfg.kv_cache.block_size)
