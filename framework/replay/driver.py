@@ -33,6 +33,11 @@ class Timeline:
     waiting: list[int] = field(default_factory=list)
     kv_cache_usage: list[float] = field(default_factory=list)
 
+    def thinned(self, most: int) -> dict:
+        """The timeline as lists, every k-th step kept so that at most `most` remain."""
+        every = max(1, -(-len(self.time) // most))
+        return {name: values[::every] for name, values in vars(self).items()}
+
 
 @dataclass
 class ReplayResult:

@@ -12,10 +12,16 @@ FIGURE_NAME = "replay.png"
 SWEEP_FIGURE_NAME = "sweep.png"
 
 
+CDF_POINTS = 2000  # quantiles drawn per CDF, however many samples (a day's ITLs are millions)
+TIMELINE_POINTS = 5000  # steps drawn per replica
+
+
 def _cdf(axes, values_ms, title: str) -> None:
     values = np.sort(np.asarray(values_ms, dtype=float))
     if values.size:
-        axes.plot(values, np.arange(1, values.size + 1) / values.size)
+        fractions = np.arange(1, values.size + 1) / values.size
+        keep = np.unique(np.linspace(0, values.size - 1, min(values.size, CDF_POINTS)).astype(int))
+        axes.plot(values[keep], fractions[keep])
     axes.set(title=title, xlabel="ms", ylabel="fraction of samples", ylim=(0, 1.02))
     axes.grid(alpha=0.3)
 
@@ -32,11 +38,11 @@ def run_figure(result, title: str, path: Path) -> Path:
     _cdf(grid[0, 2], [gap * 1000 for t in done for gap in t.itls], "inter-token latency")
     _cdf(grid[1, 0], [t.e2e * 1000 for t in done], "end-to-end latency")
     several = len(result.timelines) > 1
-    for i, line in enumerate(result.timelines):
+    for i, line in enumerate(line.thinned(TIMELINE_POINTS) for line in result.timelines):
         label = f" (replica {i})" if several else ""
-        grid[1, 1].step(line.time, line.waiting, where="post", label=f"waiting{label}")
-        grid[1, 1].step(line.time, line.running, where="post", label=f"running{label}", alpha=0.6)
-        grid[1, 2].step(line.time, line.kv_cache_usage, where="post", label=f"replica {i}")
+        grid[1, 1].step(line["time"], line["waiting"], where="post", label=f"waiting{label}")
+        grid[1, 1].step(line["time"], line["running"], where="post", label=f"running{label}", alpha=0.6)
+        grid[1, 2].step(line["time"], line["kv_cache_usage"], where="post", label=f"replica {i}")
     grid[1, 1].set(title="requests over time", xlabel="s", ylabel="requests")
     grid[1, 2].set(title="KV cache in use", xlabel="s", ylabel="share of blocks", ylim=(0, 1.02))
     if not result.timelines:  # a server's internals are not seen from its URL

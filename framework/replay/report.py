@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from framework.replay.driver import ReplayResult, Timeline
+from framework.replay.driver import ReplayResult
 
 MAX_TIMELINE_POINTS = 500  # per replica in the JSON (every step stays in the figure)
 REPORT_NAME = "replay.json"
@@ -18,12 +18,6 @@ def offered_rate(arrivals) -> float | None:
     return (len(arrivals) - 1) / span if span > 0 else None
 
 
-def thinned(line: Timeline, most: int = MAX_TIMELINE_POINTS) -> dict:
-    """The timeline as lists, every k-th step kept so that at most `most` remain."""
-    every = max(1, -(-len(line.time) // most))
-    return {name: values[::every] for name, values in vars(line).items()}
-
-
 def report_document(setup: dict, workload: dict, result: ReplayResult, statistics: dict) -> dict:
     """One run: what ran (`setup`), on what (`workload`), the statistics and the timelines."""
     timings = result.timings
@@ -31,7 +25,7 @@ def report_document(setup: dict, workload: dict, result: ReplayResult, statistic
         "setup": setup,
         "workload": {**workload, "requests": len(timings), "offered_rate": offered_rate([t.arrival for t in timings])},
         "statistics": {**statistics, "prefix_hit_rate": result.prefix_hit_rate},
-        "timelines": [thinned(line) for line in result.timelines],
+        "timelines": [line.thinned(MAX_TIMELINE_POINTS) for line in result.timelines],
         "requests": [
             {
                 "arrival": t.arrival, "prompt_len": t.prompt_len, "output_tokens": t.output_tokens,

@@ -65,3 +65,11 @@ def test_offered_rate_and_table():
     table = format_table({"statistics": {**s, "prefix_hit_rate": 0.5}})
     assert "3 completed, 1 failed" in table and "2 requests met the SLO: ttft <= 250 ms" in table
     assert "TTFT" in table and "450.0" in table and "50.0%" in table
+
+
+def test_timelines_are_thinned_to_a_bound():
+    from framework.replay.driver import Timeline
+
+    line = Timeline(list(range(10)), list(range(10)), [0] * 10, [0.5] * 10)
+    assert line.thinned(4) == {"time": [0, 3, 6, 9], "running": [0, 3, 6, 9], "waiting": [0] * 4, "kv_cache_usage": [0.5] * 4}
+    assert line.thinned(20)["time"] == list(range(10))
