@@ -8,6 +8,9 @@ it: a wall clock sleeps, a virtual one jumps), otherwise the due replica runs on
 advances a virtual clock by the step's predicted time). Every token is stamped with its replica's
 clock after the step that made it. With one wall-clock engine this is the usual benchmark loop:
 submit what has arrived, step while there is work, else sleep until the next arrival.
+
+A step starts only before the next arrival, but may end after it: the router then sees that replica
+as its last step left it, at most one step ahead of the arrival.
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
                 before = due.elapsed()
                 finished, produced = _step(due, timings)
                 bar.update(finished)
-                idle_steps = 0 if produced or due.elapsed() > before or not isinstance(due.llm.clock, VirtualClock) else idle_steps + 1
+                progressed = produced or due.elapsed() > before or not isinstance(due.llm.clock, VirtualClock)
+                idle_steps = 0 if progressed else idle_steps + 1
                 if idle_steps >= MAX_IDLE_STEPS:
                     raise RuntimeError(f"replica {due.index} stepped {MAX_IDLE_STEPS} times without a token or any time passing")
             else:
