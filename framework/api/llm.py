@@ -207,8 +207,9 @@ class LLM:
         if self._thread is not None:
             raise RuntimeError("add_request/step drive the engine by hand; the background loop is running")
         group = self.new_request_group(prompt, sampling_params, priority, request_id=request_id)
-        for request in group.requests:
-            request.arrival_time = self.clock.now() if arrival_time is None else arrival_time
+        if arrival_time is not None:
+            for request in group.requests:
+                request.arrival_time = arrival_time
         group.listener = self._stepped.append
         self._submit([group])
         return group.request_id
