@@ -24,7 +24,7 @@ def report_document(setup: dict, workload: dict, result: ReplayResult, statistic
     return {
         "setup": setup,
         "workload": {**workload, "requests": len(timings), "offered_rate": offered_rate([t.arrival for t in timings])},
-        "statistics": {**statistics, "prefix_hit_rate": result.prefix_hit_rate},
+        "statistics": {**statistics, "prefix_hit_rate": result.prefix_hit_rate, **peaks(result)},
         "timelines": [line.thinned(MAX_TIMELINE_POINTS) for line in result.timelines],
         "requests": [
             {
@@ -34,6 +34,16 @@ def report_document(setup: dict, workload: dict, result: ReplayResult, statistic
             }
             for t in timings
         ],
+    }
+
+
+def peaks(result: ReplayResult) -> dict:
+    """The most requests waiting and the most KV cache in use on any replica after any step (None
+    without timelines: against a URL)."""
+    lines = [line for line in result.timelines if line.time]
+    return {
+        "peak_waiting": max((max(line.waiting) for line in lines), default=None),
+        "peak_kv_cache_usage": max((max(line.kv_cache_usage) for line in lines), default=None),
     }
 
 
@@ -53,6 +63,10 @@ def read_reports(folder: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(Path(folder).rglob(REPORT_NAME))]
 
 
+def share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def format_table(document: dict) -> str:
     s = document["statistics"]
     rate = lambda value, unit: "-" if value is None else f"{value:.2f} {unit}"  # noqa: E731
@@ -63,7 +77,8 @@ def format_table(document: dict) -> str:
         f"requests: {s['completed']} completed, {s['failed']} failed, in {s['duration_s']:.2f} s",
         f"throughput: {rate(s['request_throughput'], 'req/s')}, {rate(s['output_throughput'], 'output tok/s')}",
         f"goodput: {rate(s['goodput'], 'req/s')} ({slo['met']} requests met the SLO: {bounds})",
-        f"preemptions: {s['preemptions']}; prefix hit rate: " + ("-" if s["prefix_hit_rate"] is None else f"{s['prefix_hit_rate']:.1%}"),
+        f"preemptions: {s['preemptions']}; prefix hit rate: {share(s['prefix_hit_rate'])}; "
+        f"peak waiting: {'-' if s['peak_waiting'] is None else s['peak_waiting']}; peak KV cache use: {share(s['peak_kv_cache_usage'])}",
         f"{'latency (ms)':14} {'mean':>9} {'p50':>9} {'p90':>9} {'p99':>9}",
     ]
     for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "end to end")):

@@ -184,6 +184,7 @@ def test_tiny_model_end_to_end(tmp_path, tiny_dir, capsys):
     s = saved["statistics"]
     assert (s["completed"], s["output_tokens"], s["slo"]["met"]) == (6, 24, 6)
     assert s["ttft_ms"]["p50"] > 0 and s["goodput"] == s["request_throughput"]
+    assert s["peak_waiting"] >= 0 and 0 < s["peak_kv_cache_usage"] <= 1
     assert saved["setup"]["engine"] == "pytorch" and saved["setup"]["clock"] == "WallClock"
     assert len(saved["requests"]) == 6 and saved["timelines"][0]["running"]
     assert (tmp_path / "run" / "replay.png").stat().st_size > 0

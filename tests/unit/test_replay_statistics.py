@@ -62,9 +62,10 @@ def test_offered_rate_and_table():
     assert offered_rate([0.0, 1.0, 2.0, 4.0]) == 0.75
     assert offered_rate([3.0]) is None
     s = summarize(timings(), duration=4.0, ttft_ms=250)
-    table = format_table({"statistics": {**s, "prefix_hit_rate": 0.5}})
+    table = format_table({"statistics": {**s, "prefix_hit_rate": 0.5, "peak_waiting": 3, "peak_kv_cache_usage": 0.25}})
     assert "3 completed, 1 failed" in table and "2 requests met the SLO: ttft <= 250 ms" in table
-    assert "TTFT" in table and "450.0" in table and "50.0%" in table
+    assert "TTFT" in table and "450.0" in table
+    assert "prefix hit rate: 50.0%; peak waiting: 3; peak KV cache use: 25.0%" in table
 
 
 def test_timelines_are_thinned_to_a_bound():
