@@ -3,6 +3,7 @@ CDFs and timelines, and a sweep's runs side by side."""
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,9 +41,9 @@ def run_figure(result, title: str, path: Path) -> Path:
     several = len(result.timelines) > 1
     for i, line in enumerate(line.thinned(TIMELINE_POINTS) for line in result.timelines):
         label = f" (replica {i})" if several else ""
-        grid[1, 1].step(line["time"], line["waiting"], where="post", label=f"waiting{label}")
-        grid[1, 1].step(line["time"], line["running"], where="post", label=f"running{label}", alpha=0.6)
-        grid[1, 2].step(line["time"], line["kv_cache_usage"], where="post", label=f"replica {i}")
+        grid[1, 1].step(line["time"], line["waiting"], where="post", color=f"C{i}", label=f"waiting{label}")
+        grid[1, 1].step(line["time"], line["running"], where="post", color=f"C{i}", linestyle=":", label=f"running{label}")
+        grid[1, 2].step(line["time"], line["kv_cache_usage"], where="post", color=f"C{i}", label=f"replica {i}")
     grid[1, 1].set(title="requests over time", xlabel="s", ylabel="requests")
     grid[1, 2].set(title="KV cache in use", xlabel="s", ylabel="share of blocks", ylim=(0, 1.02))
     if not result.timelines:  # a server's internals are not seen from its URL
@@ -52,7 +53,7 @@ def run_figure(result, title: str, path: Path) -> Path:
         grid[1, 1].legend(fontsize="small")
     if several:
         grid[1, 2].legend(fontsize="small")
-    figure.suptitle(title, fontsize="medium")
+    figure.suptitle("\n".join(textwrap.fill(part, 160) for part in title.splitlines()), fontsize="medium")
     figure.savefig(path, dpi=100)
     return path
 
