@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -65,7 +65,7 @@ def _azure_time(text: str) -> float:
     """'2023-11-16 18:17:03.9799600' (seven fractional digits) as POSIX seconds."""
     whole, _, fraction = text.strip().partition(".")
     try:
-        seconds = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp()
+        seconds = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp()  # no DST jumps
         return seconds + (float(f"0.{fraction}") if fraction else 0.0)
     except ValueError:
         raise ValueError(f"TIMESTAMP must look like '2023-11-16 18:17:03.9799600', got {text!r}") from None
