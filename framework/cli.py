@@ -73,8 +73,15 @@ def run(cfg, plugins) -> None:
     from framework.plugins.registry import UnknownNameError
 
     modes = {"generate": _generate, "serve": _serve, "bench": _bench}
-    if cfg.mode not in modes:
-        _fail(f"mode must be one of {', '.join(modes)}; got {cfg.mode!r}")
+    own_engines = {"replay": _replay}  # modes that build their engines themselves (none, one or several)
+    if cfg.mode not in modes | own_engines:
+        _fail(f"mode must be one of {', '.join(modes | own_engines)}; got {cfg.mode!r}")
+    if cfg.mode in own_engines:
+        try:
+            own_engines[cfg.mode](cfg, plugins)
+        except (UnknownNameError, CheckpointError, ImportError, ValueError, TypeError) as exc:
+            _fail(str(exc))
+        return
     started = time.perf_counter()
     try:
         llm = LLM(config=cfg, plugins=plugins)
@@ -130,6 +137,21 @@ def _bench(cfg, llm, started: float) -> None:
     llm.generate([[llm.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=1), use_tqdm=False)
     cold_start = time.perf_counter() - started  # from LLM() to the first generated token
     print_rows(run_benchmark(cfg, llm, resolve_checkpoint(cfg.model.path), cold_start))
+
+
+def _replay(cfg, plugins) -> None:
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from framework.replay.runner import run_replay
+
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    out_dir = Path(cfg.replay.out or (hydra.runtime.output_dir if hydra else "."))
+    if cfg.replay.out and hydra and hydra.mode == RunMode.MULTIRUN:
+        out_dir /= str(hydra.job.num)  # each job of a sweep its own folder
+    run_replay(cfg, plugins, out_dir, list(hydra.overrides.task) if hydra else [])
 
 
 def main() -> None:

@@ -102,6 +102,55 @@ class BenchConfig:
 
 
 @dataclass
+class LengthConfig:
+    """A distribution of token counts (prompt or output lengths of `mode=replay`'s synthetic requests)."""
+
+    dist: str = "fixed"  # fixed | uniform | zipf | lognormal
+    value: int = 128  # fixed: the length; lognormal: the median
+    min: int = 1  # uniform, zipf, lognormal: lengths are drawn (or clipped) within [min, max]
+    max: int = 512
+    zipf_a: float = 1.5  # zipf: the exponent, P(min + k - 1) ~ k^-zipf_a within [min, max]
+    sigma: float = 1.0  # lognormal: the standard deviation of the log length
+    fit: str | None = None  # lognormal: a trace file whose lengths give the median and sigma instead
+
+
+@dataclass
+class SLOConfig:
+    """Service-level objectives for goodput; None: no bound on that metric."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+
+@dataclass
+class ReplayConfig:
+    """`mode=replay`: a serving benchmark, arrivals from a distribution or a trace
+    (docs/serving-benchmark.md)."""
+
+    num_requests: int | None = 100  # synthetic requests; with a trace: its first this many (None: all of it)
+    rate: float = 4.0  # requests/s of the synthetic arrivals
+    arrival: str = "poisson"  # poisson | gamma
+    burstiness: float = 1.0  # gamma shape: 1 is Poisson, below 1 burstier (gap cv = 1/sqrt(burstiness))
+    input: LengthConfig = field(default_factory=LengthConfig)
+    output: LengthConfig = field(default_factory=lambda: LengthConfig(value=64, max=256))
+    trace: str | None = None  # an Azure CSV or Mooncake JSONL file replayed at its own timestamps
+    trace_format: str = "auto"  # auto (by suffix: .csv azure, .jsonl mooncake) | azure | mooncake
+    time_scale: float = 1.0  # trace gaps are multiplied by this (0.1: ten times as fast)
+    length_scale: float = 1.0  # trace lengths (and Mooncake's prefix blocks) are multiplied by this
+    max_input_len: int | None = None  # then clipped to these (None: the model's length decides)
+    max_output_len: int | None = None
+    seed: int = 0  # arrivals, lengths and prompt token ids
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    url: str | None = None  # drive this OpenAI-compatible server (streaming completions) instead of an in-process engine
+    model: str | None = None  # with url: the model name to send (None: the server's first in /v1/models)
+    vocab_size: int | None = None  # prompt token ids lie below this; None: the model's (32000 with url)
+    replicas: int = 1  # engines in one simulated cluster (needs engines on virtual clocks)
+    router: str = "round_robin"  # round_robin | least_loaded | prefix_affinity | a plugin's router
+    out: str | None = None  # folder for replay.json and replay.png; None: the Hydra run (or sweep job) folder
+    progress: bool = True  # a progress bar on stderr
+
+
+@dataclass
 class RunConfig:
     """What `python -m framework` does with the engine."""
 
@@ -130,7 +179,7 @@ GROUPS: dict[str, tuple[type, dict[str, str]]] = {
 
 @dataclass
 class FrameworkConfig:
-    mode: str = "generate"  # generate | serve | bench
+    mode: str = "generate"  # generate | serve | bench | replay
     model: ModelConfig = field(default_factory=ModelConfig)
     # typed by the selected option's own dataclass (see register_configs)
     scheduler: Any = None
@@ -142,6 +191,7 @@ class FrameworkConfig:
     run: RunConfig = field(default_factory=RunConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
 def selected_config_fields(group: str, base: type, plugins) -> type:
@@ -162,6 +212,16 @@ def selected_config_fields(group: str, base: type, plugins) -> type:
                 owner[f.name] = f"{kind.label} {entry.name!r} ({entry.provider})"
                 fields.append((f.name, f.type, f))
     return dataclasses.make_dataclass(f"{base.__name__}_with_{group}_settings", fields, bases=(base,)) if fields else base
+
+
+def framework_schema(plugins) -> type:
+    """FrameworkConfig with `replay` extended by the own settings of every registered router."""
+    replay = selected_config_fields("replay", ReplayConfig, plugins)
+    if replay is ReplayConfig:
+        return FrameworkConfig
+    return dataclasses.make_dataclass(
+        "FrameworkConfig_with_router_settings", [("replay", replay, field(default_factory=replay))], bases=(FrameworkConfig,)
+    )
 
 
 def _option_node(base: type, name_field: str, name: str, own_config: type | None) -> Any:
@@ -263,7 +323,7 @@ class _FrameworkSearchPath(SearchPathPlugin):
 def register_configs(plugins) -> None:
     """Put every registered implementation into Hydra's ConfigStore as a group option."""
     cs = ConfigStore.instance()
-    cs.store(name="framework_schema", node=FrameworkConfig)
+    cs.store(name="framework_schema", node=framework_schema(plugins))
     for group, (base, name_fields) in GROUPS.items():
         base = selected_config_fields(group, base, plugins)
         seen: dict[str, str] = {}

@@ -8,6 +8,7 @@ that points at the wrong block changes the output and fails loudly.
                                                     (priority=, tenant=, ttft_slo_ms=: its scheduling metadata)
     ids(requests)                                   their request ids
     make_scheduler(MyScheduler, MyConfig())         built as the engine builds a scheduler
+    make_router(MyRouter, MyConfig())               built as the replay driver builds a router
     tiny_kv_cache(max_tokens=32)                    a real PagedKVCacheManager of a few blocks
     start(kv_cache, a, b)                           a and b running: prompts cached, first token out
     make_executor(capacity=..., kv_cache=...)       a PyExecutor on a FakeEngine
@@ -75,6 +76,13 @@ def make_scheduler(factory, config=None, *, max_batch_size: int = 8, max_num_tok
 
     group = _group_config(SchedulerConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens), config)
     return _resolve(factory)(group, config)
+
+
+def make_router(factory, config=None, *, block_size: int = 4):
+    """A router, built as the replay driver builds one: `factory(replay_config, own_config, block_size)`."""
+    from framework.config import ReplayConfig
+
+    return _resolve(factory)(_group_config(ReplayConfig(), config), config, block_size)
 
 
 def fake_kv_spec(max_model_len: int = 256):
@@ -150,12 +158,19 @@ class FakeEngine(ModelEngine):
     cache through the request's block table, and reads a request's whole context back from there
     before it samples, failing if any slot holds another token; the logits it returns put their
     maximum on `next_token(context)`, a fixed function of the context. So the greedy output of a
-    request is `greedy(prompt, n)`, whatever the batching, preemption or prefix reuse on the way."""
+    request is `greedy(prompt, n)`, whatever the batching, preemption or prefix reuse on the way.
+    With `seconds_per_step` it keeps a VirtualClock that each forward advances by that much plus
+    `seconds_per_token` per computed token: a simulated engine in miniature."""
 
-    def __init__(self, vocab_size: int = 32768, max_model_len: int = 256):
+    def __init__(self, vocab_size: int = 32768, max_model_len: int = 256, seconds_per_step: float | None = None, seconds_per_token: float = 0.0):
         import torch
 
         self.vocab_size, self.max_model_len = vocab_size, max_model_len
+        if seconds_per_step is not None:  # simulated time: each forward advances a clock of its own
+            from framework.engine.clock import VirtualClock
+
+            self.clock = VirtualClock()
+        self.seconds_per_step, self.seconds_per_token = seconds_per_step, seconds_per_token
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self._row = torch.randn(vocab_size, generator=torch.Generator().manual_seed(0))  # rolled per context
         self._row_top = int(self._row.argmax())
@@ -193,6 +208,8 @@ class FakeEngine(ModelEngine):
                 sampled.append(request)
                 rows += [self.logits(self._read(kv, request, n)) for n in range(request.num_tokens, end + 1)]
         logits = torch.stack(rows) if rows else torch.zeros(0, self.vocab_size)
+        if self.seconds_per_step is not None:
+            self.clock.advance(self.seconds_per_step + self.seconds_per_token * sum(r.num_scheduled_tokens for r in scheduled))
         return ForwardOutput(logits, sampled)
 
     @staticmethod

@@ -74,6 +74,7 @@ class LLM:
         self.engine_error: str | None = None  # set once the background loop has died: why
         self._wake = threading.Event()
         self._stopping = False
+        self._stepped: list[RequestOutput] = []  # outputs of add_request's groups, until step() returns them
 
     # ---- adding requests ---------------------------------------------------------------------
     def new_request_group(
@@ -99,6 +100,7 @@ class LLM:
                     **metadata,
                     eos_token_ids=self.eos_token_ids,
                     follows=requests[0] if requests else None,
+                    arrival_time=self.clock.now(),
                 )
             )
         error = self.executor.validate(requests[0])
@@ -195,6 +197,40 @@ class LLM:
                     if not self.executor.has_work():
                         raise RuntimeError("the engine went idle with requests of this call unfinished")
                     self._step()
+
+    # ---- stepping by hand (a driver that owns the clock, like the replay benchmark) -------------
+    @property
+    def clock(self):
+        """The engine's clock: request times are stamped in it (a wall clock, or a simulated
+        engine's virtual one)."""
+        return self.executor.model_engine.clock
+
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams, *, request_id=None, arrival_time: float | None = None, priority: int | None = None) -> str:
+        """Queue one prompt for `step()`; returns its request id. `arrival_time` (on `clock`,
+        default now) is when it counts as having arrived. Raises ValueError for a bad request."""
+        if self._thread is not None:
+            raise RuntimeError("add_request/step drive the engine by hand; the background loop is running")
+        group = self.new_request_group(prompt, sampling_params, priority, request_id=request_id)
+        if arrival_time is not None:
+            for request in group.requests:
+                request.arrival_time = arrival_time
+        group.listener = self._stepped.append
+        self._submit([group])
+        return group.request_id
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the outputs of the `add_request` prompts it changed (tokens
+        so far, `finished` on the last one)."""
+        if self._thread is not None:
+            raise RuntimeError("add_request/step drive the engine by hand; the background loop is running")
+        with self._step_lock:
+            self._step()
+        outputs = list(self._stepped)
+        self._stepped.clear()  # in place: the listeners hold its `append`
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.executor.has_work()
 
     # ---- the background loop (serving) -------------------------------------------------------
     def start(self) -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 from framework.request import FinishReason, LlmRequest, RequestState
 from framework.sampling_params import SamplingParams
 from framework.testing import (
-    FakeEngine, OracleDrafter, make_decoder, make_engine, make_executor, make_scheduler, run_to_completion, tiny_kv_cache, watch,
+    FakeEngine, OracleDrafter, make_decoder, make_engine, make_executor, make_router, make_scheduler, run_to_completion, tiny_kv_cache, watch,
 )
 
 
@@ -483,4 +483,40 @@ check_drafter = Check({
     "tight_budgets": _drafter_case(TIGHT),
     "roomy_budgets": _drafter_case(SCENARIOS["roomy_budgets"]),
     "sampled_requests": _drafter_case(replace(TIGHT, seed=4, sampled=True)),
+})
+
+
+# ---- routers -----------------------------------------------------------------------------------
+def _router_decisions(factory, config, num_replicas: int, seed: int) -> list[int]:
+    """The router's answers for `workload(seed)`'s prompts, twice over, under loads that change
+    with every decision (the chosen replica gets the request)."""
+    from framework.router.base import ReplicaLoad
+
+    router = make_router(factory, config)
+    running = [0] * num_replicas
+    decisions = []
+    for request in workload(seed) * 2:
+        loads = [ReplicaLoad(i, running[i], i % 2, running[i] / 10) for i in range(num_replicas)]
+        chosen = router.route(list(request.prompt_token_ids), loads)
+        assert isinstance(chosen, int) and 0 <= chosen < num_replicas, (
+            f"route answered {chosen!r}; it must be a replica index in [0, {num_replicas})"
+        )
+        running[chosen] += 1
+        decisions.append(chosen)
+    return decisions
+
+
+def _router_answers_a_replica(factory, config):
+    for num_replicas in (1, 2, 3):
+        _router_decisions(factory, config, num_replicas, seed=num_replicas)
+
+
+def _router_is_deterministic(factory, config):
+    first, second = (_router_decisions(factory, config, 3, seed=5) for _ in range(2))
+    assert first == second, f"two routers given the same requests and loads decided {first} and {second}"
+
+
+check_router = Check({
+    "answers_a_replica": _router_answers_a_replica,
+    "deterministic": _router_is_deterministic,
 })

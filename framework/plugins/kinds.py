@@ -119,6 +119,14 @@ KINDS: dict[str, Kind] = {
             "decoding). Selected with `speculative=<name>`; `none` proposes nothing.",
         ),
         Kind(
+            "router", "register_routers", "framework.router.base:Router",
+            "framework.router.builtins", "replay", "router", "framework.plugins.conformance:check_router",
+            "Router implementations: which replica of a simulated cluster serves each arriving request "
+            "(`mode=replay replay.replicas=N`). Selected with `replay.router=<name>`; the factory is called "
+            "as factory(replay_config, own_config, block_size), block_size being the replicas' KV block size.",
+            group_option=False,
+        ),
+        Kind(
             "model", "register_models", None, "framework.models.builtins",
             doc="model architectures under a checkpoint `architectures` name, e.g. \"LlamaForCausalLM\". The "
             "factory is called as factory(hf_config, backend): the Hugging Face config object and the engine's "

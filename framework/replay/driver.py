@@ -1,0 +1,162 @@
+"""One loop drives a replay on one engine or a simulated cluster of several, on wall or virtual
+clocks alike: a small discrete-event simulation.
+
+Each replica is an `LLM` whose engine keeps a clock. A replica with work is due at its clock's
+time (elapsed since the replay began); the next request is due at its arrival. The loop takes the
+earliest: an arrival is routed to a replica (an idle replica behind the arrival first waits until
+it: a wall clock sleeps, a virtual one jumps), otherwise the due replica runs one step (its forward
+advances a virtual clock by the step's predicted time). Every token is stamped with its replica's
+clock after the step that made it. With one wall-clock engine this is the usual benchmark loop:
+submit what has arrived, step while there is work, else sleep until the next arrival.
+
+A step starts only before the next arrival, but may end after it: the router then sees that replica
+as its last step left it, at most one step ahead of the arrival.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from framework.engine.clock import VirtualClock
+from framework.replay.statistics import RequestTiming
+from framework.replay.workload import ReplayRequest
+from framework.router.base import ReplicaLoad, Router
+from framework.sampling_params import SamplingParams
+
+MAX_IDLE_STEPS = 1000  # steps in a row that neither move a virtual clock nor produce a token
+
+
+@dataclass
+class Timeline:
+    """A replica's state after each of its steps."""
+
+    time: list[float] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+    waiting: list[int] = field(default_factory=list)
+    kv_cache_usage: list[float] = field(default_factory=list)
+
+    def thinned(self, most: int) -> dict:
+        """The timeline as lists, every k-th step kept so that at most `most` remain."""
+        every = max(1, -(-len(self.time) // most))
+        return {name: values[::every] for name, values in vars(self).items()}
+
+
+@dataclass
+class ReplayResult:
+    timings: list[RequestTiming]  # one per request, in arrival order
+    duration: float  # seconds from the start to the last finish
+    timelines: list[Timeline]  # one per replica
+    prefix_hit_rate: float | None  # over the replay's prompts (None: nothing was looked up)
+
+
+class Replica:
+    def __init__(self, index: int, llm):
+        self.index, self.llm = index, llm
+        self.origin = llm.clock.now()
+        self.timeline = Timeline()
+        stats = llm.kv_cache_stats
+        self.prefix_at_start = (stats.prefix_queried_tokens, stats.prefix_hit_tokens)
+
+    def elapsed(self) -> float:
+        return self.llm.clock.now() - self.origin
+
+    def busy(self) -> bool:
+        return self.llm.has_unfinished_requests()
+
+    def load(self) -> ReplicaLoad:
+        executor = self.llm.executor
+        return ReplicaLoad(self.index, executor.num_running(), executor.num_waiting(), self.llm.kv_cache_stats.usage)
+
+    def record(self, now: float) -> None:
+        load, line = self.load(), self.timeline
+        line.time.append(now)
+        line.running.append(load.num_running)
+        line.waiting.append(load.num_waiting)
+        line.kv_cache_usage.append(load.kv_cache_usage)
+
+
+def check_clocks(llms, replicas: int | None = None) -> None:
+    """Several replicas (`replicas`, default one per llm) share one simulated timeline: each
+    needs a virtual clock of its own."""
+    replicas = len(llms) if replicas is None else replicas
+    if replicas < 2:
+        return
+    clocks = [llm.clock for llm in llms]
+    if not all(isinstance(clock, VirtualClock) for clock in clocks):
+        raise ValueError(
+            f"replay.replicas={replicas} needs engines on virtual clocks (a simulated engine, such as engine=sim); "
+            f"engine {llms[0].config.engine.name!r} runs in wall-clock time, so run it with replay.replicas=1"
+        )
+    if len({id(clock) for clock in clocks}) < len(clocks):
+        raise ValueError("the replicas' engines share one clock object; each replica needs a clock of its own")
+
+
+def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool = True) -> ReplayResult:
+    """Run `requests` (in arrival order) through the replicas `llms`, `router` choosing one for each."""
+    from tqdm.auto import tqdm
+
+    check_clocks(llms)
+    replicas = [Replica(i, llm) for i, llm in enumerate(llms)]
+    timings = [RequestTiming(r.arrival, len(r.prompt_token_ids)) for r in requests]
+    pending = deque(enumerate(requests))
+    idle_steps = 0
+    with tqdm(total=len(requests), desc="Replaying", unit="req", disable=not progress) as bar:
+        while True:
+            busy = [r for r in replicas if r.busy()]
+            due = min(busy, key=lambda r: (r.elapsed(), r.index)) if busy else None
+            if pending and (due is None or pending[0][1].arrival <= due.elapsed()):
+                index, request = pending.popleft()
+                if not _submit(replicas, router, index, request, timings[index]):
+                    bar.update(1)
+            elif due is not None:
+                before = due.elapsed()
+                finished, produced = _step(due, timings)
+                bar.update(finished)
+                progressed = produced or due.elapsed() > before or not isinstance(due.llm.clock, VirtualClock)
+                idle_steps = 0 if progressed else idle_steps + 1
+                if idle_steps >= MAX_IDLE_STEPS:
+                    raise RuntimeError(f"replica {due.index} stepped {MAX_IDLE_STEPS} times without a token or any time passing")
+            else:
+                break
+    ends = [t.finish for t in timings if t.finish is not None] + [r.arrival for r in requests]
+    return ReplayResult(timings, max(ends, default=0.0), [r.timeline for r in replicas], _prefix_hit_rate(replicas))
+
+
+def _submit(replicas: list[Replica], router: Router, index: int, request: ReplayRequest, timing: RequestTiming) -> bool:
+    """Hand `request` to the replica the router picks; False when the engine refused it."""
+    chosen = replicas[router.route(request.prompt_token_ids, [r.load() for r in replicas])]
+    chosen.llm.clock.sleep_until(chosen.origin + request.arrival)
+    params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0)
+    try:
+        chosen.llm.add_request(request.prompt_token_ids, params, request_id=str(index), arrival_time=chosen.origin + request.arrival)
+    except ValueError as exc:
+        timing.error = str(exc)
+        return False
+    return True
+
+
+def _step(replica: Replica, timings: list[RequestTiming]) -> tuple[int, bool]:
+    """One step of `replica`: stamp the tokens it made; returns (requests finished, any output)."""
+    outputs = replica.llm.step()
+    now = replica.elapsed()
+    finished = 0
+    for out in outputs:
+        timing = timings[int(out.request_id)]
+        timing.add_tokens(len(out.outputs[0].token_ids) - timing.output_tokens, now)
+        if out.finished:
+            finished += 1
+            timing.finish = now
+            timing.preemptions = out.metrics.get("num_preemptions", 0)
+            timing.error = out.error
+    replica.record(now)
+    return finished, bool(outputs)
+
+
+def _prefix_hit_rate(replicas: list[Replica]) -> float | None:
+    queried = hit = 0
+    for replica in replicas:
+        stats = replica.llm.kv_cache_stats
+        queried += stats.prefix_queried_tokens - replica.prefix_at_start[0]
+        hit += stats.prefix_hit_tokens - replica.prefix_at_start[1]
+    return hit / queried if queried else None
