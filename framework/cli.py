@@ -76,9 +76,11 @@ def run(cfg, plugins) -> None:
     from framework.models.checkpoint import CheckpointError
     from framework.plugins.registry import UnknownNameError
 
-    modes = {"generate": _generate, "serve": _serve, "bench": _bench}
+    modes = {"generate": _generate, "serve": _serve, "bench": _bench, "profile": _profile}
     if cfg.mode not in modes:
         _fail(f"mode must be one of {', '.join(modes)}; got {cfg.mode!r}")
+    if cfg.mode == "serve" and cfg.engine.get("clock") == "auto":
+        cfg.engine.clock = "wall"  # a live server's simulated steps take their time
     started = time.perf_counter()
     try:
         llm = LLM(config=cfg, plugins=plugins)
@@ -134,6 +136,18 @@ def _bench(cfg, llm, started: float) -> None:
     llm.generate([[llm.tokenizer.eos_token_id or 0] * 4], SamplingParams(max_tokens=1), use_tqdm=False)
     cold_start = time.perf_counter() - started  # from LLM() to the first generated token
     print_rows(run_benchmark(cfg, llm, resolve_checkpoint(cfg.model.path), cold_start))
+
+
+def _profile(cfg, llm, started: float) -> None:
+    from framework.sim.profiler import profile_steps
+
+    profile = profile_steps(llm, cfg.profile, progress=lambda line: print(f"[profile] {line}", flush=True))
+    profile.save(cfg.profile.out)
+    error = profile.cost_model.relative_errors(profile.samples)
+    print(
+        f"[framework] {len(profile.samples)} steps timed on {profile.device} {profile.dtype}; fitted cost model "
+        f"within {error['mean']:.1%} on average (at most {error['max']:.1%}); wrote {cfg.profile.out}"
+    )
 
 
 def main() -> None:
