@@ -70,6 +70,14 @@ def default_model_name(cfg) -> str:
     return Path(cfg.model.path).name if cfg.model.path else "SmolLM2-135M-Instruct"
 
 
+def apply_mode_defaults(cfg) -> None:
+    """Settings whose `auto` depends on the mode: an engine's clock (the simulated engine's) is
+    the wall clock when serving, so its steps take their time for live clients, and virtual
+    otherwise."""
+    if cfg.engine.get("clock") == "auto":
+        cfg.engine.clock = "wall" if cfg.mode == "serve" else "virtual"
+
+
 def run(cfg, plugins) -> None:
     """Build the engine from the composed config, then do what `mode` says."""
     from framework.api.llm import LLM
@@ -79,8 +87,7 @@ def run(cfg, plugins) -> None:
     modes = {"generate": _generate, "serve": _serve, "bench": _bench, "profile": _profile}
     if cfg.mode not in modes:
         _fail(f"mode must be one of {', '.join(modes)}; got {cfg.mode!r}")
-    if cfg.mode == "serve" and cfg.engine.get("clock") == "auto":
-        cfg.engine.clock = "wall"  # a live server's simulated steps take their time
+    apply_mode_defaults(cfg)
     started = time.perf_counter()
     try:
         llm = LLM(config=cfg, plugins=plugins)

@@ -100,13 +100,10 @@ class SimModelEngine(ModelEngine):
         )
 
     def forward(self, scheduled, resource_manager):
-        self.clock.advance(self.cost_model.step_seconds(StepShape.of(scheduled)))
-        sampled, eos_rows, width, rows = [], [], self.narrow, 0
-        for request in scheduled:
-            drafts = request.num_computed_tokens + request.num_scheduled_tokens - request.num_tokens
-            if drafts < 0:  # a prompt chunk short of its last token: nothing to sample
-                continue
-            sampled.append(request)
+        sampled: list[tuple] = []  # (request, drafts it verifies)
+        self.clock.advance(self.cost_model.step_seconds(StepShape.of(scheduled, sampled)))
+        eos_rows, width, rows = [], self.narrow, 0
+        for request, drafts in sampled:
             params = request.sampling_params
             if not params.ignore_eos and request.eos_token_ids:
                 due = self.eos_after - 1 - len(request.output_token_ids)  # the row whose token is the eos_after-th
@@ -120,12 +117,12 @@ class SimModelEngine(ModelEngine):
         logits = self._row[:width].expand(rows, width).clone()
         for row, eos in eos_rows:
             logits[row, eos] = -LOW  # above the placeholder token, which still wins where a min_tokens mask hides EOS
-        return ForwardOutput(logits=logits, sampled=sampled, prompt_logits=self._prompt_logits(scheduled))
+        return ForwardOutput(logits=logits, sampled=[r for r, _ in sampled], prompt_logits=self._prompt_logits(scheduled))
 
     def _reads_vocabulary(self, request) -> bool:
         """Whether the decoder reads token ids of this request's row beyond the narrow width."""
         params = request.sampling_params
-        if params.has_penalties or params.logprobs is not None:
+        if params.logprobs is not None or params.has_penalties:
             return True
         if params.min_tokens > len(request.output_token_ids):  # the decoder masks these ids
             masked = [*params.stop_token_ids, *(() if params.ignore_eos else request.eos_token_ids)]

@@ -14,17 +14,21 @@ class StepShape:
     requests: int
 
     @classmethod
-    def of(cls, scheduled) -> StepShape:
-        tokens = sampled = attended = context = 0
+    def of(cls, scheduled, sampled: list | None = None) -> StepShape:
+        """The shape of a step computing `scheduled`; `sampled`, when given, receives (request,
+        drafts) for each request whose chunk reaches its last token, in order."""
+        tokens = rows = attended = context = 0
         for request in scheduled:
             start, n = request.num_computed_tokens, request.num_scheduled_tokens
             tokens += n
             attended += n * start + n * (n + 1) // 2
             context += start + n
-            missing = start + n - request.num_tokens  # past its last token: the drafts it verifies
-            if missing >= 0:
-                sampled += 1 + missing
-        return cls(tokens, sampled, attended, context, len(scheduled))
+            drafts = start + n - len(request.prompt_token_ids) - len(request.output_token_ids)  # past its last token
+            if drafts >= 0:
+                rows += 1 + drafts
+                if sampled is not None:
+                    sampled.append((request, drafts))
+        return cls(tokens, rows, attended, context, len(scheduled))
 
     def to_dict(self) -> dict:
         return asdict(self)
