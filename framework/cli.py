@@ -87,6 +87,8 @@ def run(cfg, plugins) -> None:
     modes = {"generate": _generate, "serve": _serve, "bench": _bench, "profile": _profile}
     if cfg.mode not in modes:
         _fail(f"mode must be one of {', '.join(modes)}; got {cfg.mode!r}")
+    if cfg.mode in ("bench", "profile") and cfg.engine.name == "sim":
+        _fail(f"mode={cfg.mode} times the real engine; engine=sim computes nothing to time (its steps come from a profile)")
     apply_mode_defaults(cfg)
     started = time.perf_counter()
     try:

@@ -44,8 +44,8 @@ class SimModelEngine(ModelEngine):
         model = ModelShape.of(hf_config)
         if config.profile:
             profile = StepProfile.load(config.profile)
-            if profile.model != model:
-                raise ValueError(f"the profile {config.profile} was measured on another model ({profile.model}); this checkpoint is {model}")
+            if profile.model_shape != model:
+                raise ValueError(f"the profile {config.profile} was measured on another model ({profile.model_shape}); this checkpoint is {model}")
             if model_config.dtype not in ("auto", profile.dtype):
                 raise ValueError(f"the profile {config.profile} was measured in {profile.dtype}; model.dtype={model_config.dtype}")
             dtype_name, memory_bytes, cost_model = profile.dtype, profile.memory_bytes, profile.cost_model
@@ -84,7 +84,7 @@ class SimModelEngine(ModelEngine):
             raise ValueError(f"engine.token_id must lie in [0, {model.vocab_size}); got {token_id}")
         if eos_after < 1:
             raise ValueError(f"engine.eos_after must be >= 1; got {eos_after}")
-        self.model, self.vocab_size, self.max_model_len = model, model.vocab_size, max_model_len
+        self.model_shape, self.vocab_size, self.max_model_len = model, model.vocab_size, max_model_len
         self.device, self.dtype, self.memory_bytes = torch.device("cpu"), dtype, memory_bytes
         self.cost_model, self.clock = cost_model, clock
         self.token_id, self.eos_after = token_id, eos_after
@@ -93,7 +93,7 @@ class SimModelEngine(ModelEngine):
         self._row[token_id] = 0.0
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        m = self.model
+        m = self.model_shape
         return KVCacheSpec(
             num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, dtype=self.dtype,
             device=torch.device("meta"), max_model_len=self.max_model_len, memory_bytes=self.memory_bytes,

@@ -44,5 +44,20 @@ class ModelShape:
         """K and V values one token keeps in the cache, over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
+    def layer_flops(self, tokens: int) -> int:
+        """The decoder layers' linear layers: a multiply and an add per weight and token."""
+        return 2 * self.layer_weights * tokens
+
+    def lm_head_flops(self, sampled: int) -> int:
+        return 2 * self.lm_head_weights * sampled
+
+    def attention_flops(self, attended: int) -> int:
+        """Scores (q.k) and the weighted sum of values: 2 x 2 FLOPs per (query, key) pair, head and dimension."""
+        return 4 * self.num_layers * self.num_heads * self.head_dim * attended
+
+    def flops(self, tokens: int, sampled: int, attended: int) -> int:
+        """A forward's arithmetic: `tokens` computed, `sampled` logits rows, `attended` (query, key) pairs."""
+        return self.layer_flops(tokens) + self.lm_head_flops(sampled) + self.attention_flops(attended)
+
     def to_dict(self) -> dict:
         return asdict(self)

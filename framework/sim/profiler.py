@@ -72,11 +72,11 @@ class StepProfiler:
         checkpoint = resolve_checkpoint(llm.config.model.path)
         self.checkpoint = checkpoint.name
         hf_config = load_hf_config(checkpoint)
-        self.model = ModelShape.of(hf_config)
+        self.model_shape = ModelShape.of(hf_config)
         self.real, self.timed = real, _Recording(real)
         self.first_token = first_plain_token(checkpoint, hf_config)
         self.setup = SimModelEngine.of(
-            model=self.model, max_model_len=real.max_model_len, dtype=real.dtype, memory_bytes=0,
+            model=self.model_shape, max_model_len=real.max_model_len, dtype=real.dtype, memory_bytes=0,
             cost_model=_NoTime(), clock=VirtualClock(), token_id=self.first_token,
         )
         self.kv = self.executor.kv_cache_manager
@@ -113,7 +113,7 @@ class StepProfiler:
             "repeats": s.repeats,
         }
         device, dtype = self.real.device, str(self.real.dtype).removeprefix("torch.")
-        return StepProfile(self.model, str(device), dtype, device_memory(device), self.samples, setup).fitted()
+        return StepProfile(self.model_shape, str(device), dtype, device_memory(device), self.samples, setup).fitted()
 
     def _point(self, label: str, needs: Needs, measure, *args) -> None:
         why_not = self._why_not(needs)
@@ -217,7 +217,7 @@ class StepProfiler:
         return LlmRequest(f"profile-{self._ids}", prompt, params)
 
     def _tokens(self, n: int) -> list[int]:
-        return [self.rng.randrange(self.first_token, self.model.vocab_size) for _ in range(n)]
+        return [self.rng.randrange(self.first_token, self.model_shape.vocab_size) for _ in range(n)]
 
 
 def profile_steps(llm, settings, progress: Callable[[str], None] = lambda line: None) -> StepProfile:

@@ -82,24 +82,23 @@ def hardware_files(search_paths: list[str] = ()) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class RooflineCostModel(CostModel):
-    model: ModelShape
+    model_shape: ModelShape
     hardware: Hardware
     bytes_per_value: int  # of weights and KV cache entries (2 for bfloat16)
     is_prediction = True
 
     def step_seconds(self, shape: StepShape) -> float:
-        m, b = self.model, self.bytes_per_value
+        m, b = self.model_shape, self.bytes_per_value
         flops_rate = self.hardware.peak_flops * self.hardware.flops_efficiency
         byte_rate = self.hardware.memory_bandwidth * self.hardware.bandwidth_efficiency
 
         def part(flops: float, bytes_moved: float) -> float:
             return max(flops / flops_rate, bytes_moved / byte_rate)
 
-        seconds = part(2 * m.layer_weights * shape.tokens, m.layer_weights * b)
+        seconds = part(m.layer_flops(shape.tokens), m.layer_weights * b)
         if shape.sampled:
-            seconds += part(2 * m.lm_head_weights * shape.sampled, m.lm_head_weights * b)
-        attention_flops = 4 * m.num_layers * m.num_heads * m.head_dim * shape.attended
-        seconds += part(attention_flops, m.kv_values_per_token * b * shape.context)
+            seconds += part(m.lm_head_flops(shape.sampled), m.lm_head_weights * b)
+        seconds += part(m.attention_flops(shape.attended), m.kv_values_per_token * b * shape.context)
         return seconds + self.hardware.step_overhead
 
     def describe(self) -> str:

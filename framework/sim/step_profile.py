@@ -15,7 +15,7 @@ FORMAT = "framework-step-profile/1"
 
 @dataclass
 class StepProfile:
-    model: ModelShape
+    model_shape: ModelShape
     device: str  # where the steps ran, e.g. "cpu", "cuda:0"
     dtype: str  # of weights and KV cache, e.g. "bfloat16"
     memory_bytes: int  # the device's memory (the KV cache is sized from a share of it)
@@ -30,7 +30,7 @@ class StepProfile:
     def save(self, path: str | Path) -> None:
         data = {
             "format": FORMAT,
-            "model": self.model.to_dict(),
+            "model": self.model_shape.to_dict(),
             "device": self.device,
             "dtype": self.dtype,
             "memory_bytes": self.memory_bytes,

@@ -54,7 +54,7 @@ def test_the_profile_file_round_trips(profiled):
     assert data["device"] == "cpu" and data["dtype"] == "float32" and data["model"]["vocab_size"] == 49152
     assert data["setup"]["scheduler"]["max_batch_size"] == 8 and data["fit_relative_error"]["mean"] >= 0
     loaded = StepProfile.load(path)
-    assert loaded.samples == profile.samples and loaded.model == profile.model
+    assert loaded.samples == profile.samples and loaded.model_shape == profile.model_shape
     for shape, _ in profile.samples:
         assert loaded.cost_model.step_seconds(shape) == pytest.approx(profile.cost_model.step_seconds(shape))
 
@@ -90,3 +90,5 @@ def test_python_m_framework_mode_profile(tiny_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "[profile] decode batch 2 at 16 tokens:" in done.stdout and f"wrote {out}" in done.stdout
     assert [shape.tokens for shape, _ in StepProfile.load(out).samples] == [8, 2]
+    refused = subprocess.run([sys.executable, "-m", "framework", *args, "engine=sim"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "engine=sim computes nothing to time" in refused.stderr

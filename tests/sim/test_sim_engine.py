@@ -66,11 +66,6 @@ def test_every_builtin_scheduler_and_kv_cache_runs_conforming_on_the_sim_engine(
     assert engine.clock.now() == pytest.approx(sum(predicted)) and sum(predicted) > 0
 
 
-def test_the_model_engine_conformance_check_passes():
-    for case in conformance.check_model_engine.cases.values():
-        case(SimModelEngine, SimEngineConfig())
-
-
 def poisson_run(seed: int = 0, n: int = 30) -> list[tuple]:
     """A replay-like loop on a virtual clock: arrivals at exponential gaps, stamped on the engine's
     clock; returns each request's (arrival, first token, finish) and the preemptions."""

@@ -65,4 +65,4 @@ def test_meta_tensors_hold_no_memory_and_keep_their_shapes():
     kv = tiny_kv_cache(1 << 20, spec=sim.kv_cache_spec())  # a million tokens of cache
     k, v = kv.get_kv_caches()[0]
     assert k.device.type == v.device.type == "meta"
-    assert k.shape == (sim.model.num_kv_heads, kv.get_max_resource_count(), kv.block_size, sim.model.head_dim)
+    assert k.shape == (sim.model_shape.num_kv_heads, kv.get_max_resource_count(), kv.block_size, sim.model_shape.head_dim)
