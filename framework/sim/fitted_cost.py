@@ -13,6 +13,7 @@ relative errors: a 2 ms decode step counts as much as a 200 ms prompt step.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,7 @@ class FittedCostModel(CostModel):
     def fit(cls, samples: list[tuple[StepShape, float]], max_knots: int = 12, source: str = "a fitted profile") -> FittedCostModel:
         if not samples:
             raise ValueError("no measured steps to fit a cost model to")
-        knots = choose_knots(sorted({shape.tokens for shape, _ in samples}), max_knots)
+        knots = choose_knots([shape.tokens for shape, _ in samples], max_knots)
         rows = np.array([list(token_basis(shape.tokens, knots)) + [getattr(shape, t) for t in TERMS] for shape, _ in samples], dtype=float)
         seconds = np.array([s for _, s in samples], dtype=float)
         if (seconds <= 0).any():
@@ -77,14 +78,29 @@ def token_basis(tokens: int, knots) -> np.ndarray:
     return basis
 
 
-def choose_knots(values: list[int], max_knots: int) -> list[int]:
-    """At most `max_knots` of the measured token counts, spread evenly on a log scale, the smallest
-    and the largest always among them (each knot has measurements at it)."""
+def choose_knots(tokens: list[int], max_knots: int) -> list[int]:
+    """Knots for f among the measured token counts: those measured at least twice (a count seen at
+    one shape only, such as a mixed step's, would let f bend to that one step and hide how the
+    other terms add up), and the smallest and largest; at most `max_knots`, spread evenly on a log
+    scale."""
+    seen = Counter(tokens)
+    values = sorted({t for t, n in seen.items() if n >= 2} | {min(seen), max(seen)})
     if len(values) <= max_knots:
-        return list(values)
+        return values
     targets = np.geomspace(values[0], values[-1], max_knots)
     logs = np.log(values)
     return sorted({values[int(np.argmin(np.abs(logs - np.log(t))))] for t in targets})
+
+
+def held_out_errors(samples: list[tuple[StepShape, float]], max_knots: int = 12) -> dict[str, float]:
+    """Relative errors of each sample predicted by a model fitted to all the others: how well the
+    fit predicts a shape it was not given."""
+    errors = []
+    for i, (shape, seconds) in enumerate(samples):
+        others = samples[:i] + samples[i + 1 :]
+        if others:
+            errors.append(abs(FittedCostModel.fit(others, max_knots).step_seconds(shape) - seconds) / seconds)
+    return {"mean": float(np.mean(errors)), "max": float(np.max(errors))} if errors else {}
 
 
 def nnls(a: np.ndarray, b: np.ndarray, max_iterations: int | None = None) -> np.ndarray:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from framework.sim.fitted_cost import FittedCostModel
+from framework.sim.fitted_cost import FittedCostModel, held_out_errors
 from framework.sim.model_shape import ModelShape
 from framework.sim.step_shape import StepShape
 
@@ -22,9 +22,11 @@ class StepProfile:
     samples: list[tuple[StepShape, float]]  # (shape, seconds) of every timed step
     setup: dict = field(default_factory=dict)  # backend, threads, scheduler budgets: for the record
     cost_model: FittedCostModel | None = None
+    errors: dict = field(default_factory=dict)  # the fit's relative errors: on the samples, and on each left out of it
 
     def fitted(self, max_knots: int = 12) -> StepProfile:
         self.cost_model = FittedCostModel.fit(self.samples, max_knots, source="a profile")
+        self.errors = {"fit": self.cost_model.relative_errors(self.samples), "held_out": held_out_errors(self.samples, max_knots)}
         return self
 
     def save(self, path: str | Path) -> None:
@@ -36,7 +38,7 @@ class StepProfile:
             "memory_bytes": self.memory_bytes,
             "setup": self.setup,
             "cost_model": self.cost_model.to_dict() if self.cost_model else None,
-            "fit_relative_error": self.cost_model.relative_errors(self.samples) if self.cost_model else None,
+            "relative_errors": self.errors,
             "samples": [{**shape.to_dict(), "seconds": seconds} for shape, seconds in self.samples],
         }
         Path(path).write_text(json.dumps(data, indent=1))
@@ -52,8 +54,8 @@ class StepProfile:
             raise ValueError(f"{path} is not a profile written by `python -m framework mode=profile` ({FORMAT})")
         samples = [(StepShape(**{k: v for k, v in s.items() if k != "seconds"}), s["seconds"]) for s in data["samples"]]
         profile = cls(ModelShape(**data["model"]), data["device"], data["dtype"], data["memory_bytes"], samples, data.get("setup", {}))
-        if data.get("cost_model"):
-            profile.cost_model = FittedCostModel.from_dict(data["cost_model"], source=f"the profile {path.name} ({data['device']}, {data['dtype']})")
-        else:
-            profile.fitted()
+        if not data.get("cost_model"):
+            return profile.fitted()
+        profile.cost_model = FittedCostModel.from_dict(data["cost_model"], source=f"the profile {path.name} ({data['device']}, {data['dtype']})")
+        profile.errors = data.get("relative_errors", {})
         return profile

@@ -8,7 +8,7 @@ import pytest
 
 from framework.request import LlmRequest
 from framework.sampling_params import SamplingParams
-from framework.sim.fitted_cost import FittedCostModel, choose_knots, nnls, token_basis
+from framework.sim.fitted_cost import FittedCostModel, choose_knots, held_out_errors, nnls, token_basis
 from framework.sim.model_shape import ModelShape
 from framework.sim.roofline import Hardware, RooflineCostModel, hardware_files
 from framework.sim.step_shape import StepShape
@@ -40,11 +40,20 @@ def test_token_basis_interpolates_between_knots_and_extends_the_end_segments():
     assert np.array([2.0]) @ token_basis(300, (7,)) == pytest.approx(2.0)  # one knot: a constant
 
 
-def test_choose_knots_keeps_the_ends_and_at_most_the_count():
-    values = list(range(1, 3000, 7))
-    knots = choose_knots(values, 8)
-    assert knots[0] == 1 and knots[-1] == values[-1] and len(knots) <= 8 and set(knots) <= set(values)
-    assert choose_knots([1, 4, 9], 8) == [1, 4, 9]
+def test_knots_sit_at_token_counts_measured_more_than_once():
+    tokens = [1, 1, 4, 4, 9, 16, 16, 68, 300]  # 9 and 68: one shape each (a mixed step, say)
+    assert choose_knots(tokens, 8) == [1, 4, 16, 300]  # the largest always
+    many = [t for t in range(1, 3000, 7) for _ in range(2)]
+    knots = choose_knots(many, 8)
+    assert knots[0] == 1 and knots[-1] == many[-1] and len(knots) <= 8 and set(knots) <= set(many)
+
+
+def test_held_out_errors_predict_each_sample_from_the_others():
+    truth = FittedCostModel((1, 64, 256), (0.004, 0.006, 0.02), (2e-9, 3e-7, 5e-5))
+    samples = [(s, truth.step_seconds(s)) for s in _shapes(np.random.default_rng(4), 60) if s.tokens <= 256]
+    assert held_out_errors(samples)["max"] < 1e-6
+    noisy = [(s, t * (1.3 if i == 0 else 1.0)) for i, (s, t) in enumerate(samples)]
+    assert held_out_errors(noisy)["max"] > 0.2  # the bad sample is far from what the others predict
 
 
 def _shapes(rng, count):

@@ -52,7 +52,7 @@ def test_the_profile_file_round_trips(profiled):
     profile, path, _, _ = profiled
     data = json.loads(path.read_text())
     assert data["device"] == "cpu" and data["dtype"] == "float32" and data["model"]["vocab_size"] == 49152
-    assert data["setup"]["scheduler"]["max_batch_size"] == 8 and data["fit_relative_error"]["mean"] >= 0
+    assert data["setup"]["scheduler"]["max_batch_size"] == 8 and data["relative_errors"]["held_out"]["mean"] >= 0
     loaded = StepProfile.load(path)
     assert loaded.samples == profile.samples and loaded.model_shape == profile.model_shape
     for shape, _ in profile.samples:
