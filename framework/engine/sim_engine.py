@@ -26,7 +26,8 @@ from framework.models.checkpoint import load_hf_config
 from framework.resources.base import KVCacheSpec
 from framework.sim.cost_model import CostModel
 from framework.sim.model_shape import ModelShape
-from framework.sim.roofline import Hardware, RooflineCostModel
+from framework.sim.hardware import Hardware
+from framework.sim.roofline import RooflineCostModel
 from framework.sim.step_profile import StepProfile
 from framework.sim.step_shape import StepShape
 

@@ -103,17 +103,20 @@ class StepProfiler:
                 self._point(f"decode batch {batch} at {context} tokens + a {n}-token chunk", needs, self._mixed, batch, context, n)
         if not self.samples:
             raise ValueError("no profile shape fits this engine's budgets and KV cache (see the skipped shapes above)")
-        setup = {
+        device, dtype = self.real.device, str(self.real.dtype).removeprefix("torch.")
+        return StepProfile(self.model_shape, str(device), dtype, device_memory(device), self.samples, self._setup_record()).fitted()
+
+    def _setup_record(self) -> dict:
+        """What the figures depend on besides the model, device and dtype, for the profile's reader."""
+        return {
             "checkpoint": self.checkpoint,
             "backend": self.real.backend_name,
             "threads": torch.get_num_threads(),
             "scheduler": {k: self.scheduler[k] for k in ("capacity", "micro_batch", "max_batch_size", "max_num_tokens")},
             "block_size": self.kv.block_size,
-            "warmup_steps": s.warmup_steps,
-            "repeats": s.repeats,
+            "warmup_steps": self.settings.warmup_steps,
+            "repeats": self.settings.repeats,
         }
-        device, dtype = self.real.device, str(self.real.dtype).removeprefix("torch.")
-        return StepProfile(self.model_shape, str(device), dtype, device_memory(device), self.samples, setup).fitted()
 
     def _point(self, label: str, needs: Needs, measure, *args) -> None:
         why_not = self._why_not(needs)

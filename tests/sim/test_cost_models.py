@@ -9,8 +9,9 @@ import pytest
 from framework.request import LlmRequest
 from framework.sampling_params import SamplingParams
 from framework.sim.fitted_cost import FittedCostModel, choose_knots, held_out_errors, nnls, token_basis
+from framework.sim.hardware import Hardware, hardware_files
 from framework.sim.model_shape import ModelShape
-from framework.sim.roofline import Hardware, RooflineCostModel, hardware_files
+from framework.sim.roofline import RooflineCostModel
 from framework.sim.step_shape import StepShape
 
 
