@@ -75,6 +75,9 @@ def test_the_sim_engine_runs_on_the_profile(profiled, tiny_dir):
     out = sim.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert out[0].outputs[0].token_ids == [engine.token_id] * 4
     assert engine.clock.now() > 0
+    sized = {"kv_cache.memory_fraction": 0.001}  # of the profiled machine's memory, as the real engine's pool
+    real_blocks = LLM(str(tiny_dir), dtype="float32", **sized).kv_cache_stats.num_blocks
+    assert LLM(str(tiny_dir), engine="sim", **{"engine.profile": str(path), **sized}).kv_cache_stats.num_blocks == real_blocks
     with pytest.raises(ValueError, match="measured in float32"):
         LLM(str(tiny_dir), engine="sim", dtype="bfloat16", **{"engine.profile": str(path)})
 
