@@ -104,20 +104,25 @@ def run(cfg, plugins) -> None:
 def _generate(cfg, llm, started: float) -> None:
     from framework.sampling_params import SamplingParams
 
+    from framework.engine.clock import WallClock
+
     loaded = time.perf_counter()
+    engine = llm.executor.model_engine
+    began = engine.clock.now()  # the engine's time: a simulated engine's may be virtual
     params = SamplingParams(max_tokens=cfg.run.max_tokens, temperature=cfg.run.temperature)
     prompts = list(cfg.run.prompts)
     inputs = [llm.chat_prompt([{"role": "user", "content": p}]) if cfg.run.chat else p for p in prompts]
     outputs = llm.generate(inputs, params, use_tqdm=False)
-    finished = time.perf_counter()
+    took = engine.clock.now() - began
     for prompt, out in zip(prompts, outputs):
         print(f"### {prompt}\n{out.outputs[0].text.strip()}\n")
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     stats = llm.kv_cache_stats
-    s, engine = cfg.scheduler, llm.executor.model_engine
+    s = cfg.scheduler
+    simulated = "" if isinstance(engine.clock, WallClock) else " simulated"
     print(
-        f"[framework] {len(outputs)} requests, {generated} tokens in {finished - loaded:.2f}s "
-        f"({generated / max(finished - loaded, 1e-9):.1f} tok/s); load {loaded - started:.2f}s; "
+        f"[framework] {len(outputs)} requests, {generated} tokens in {took:.2f}s{simulated} "
+        f"({generated / max(took, 1e-9):.1f} tok/s); load {loaded - started:.2f}s; "
         f"scheduler {s.capacity}+{s.micro_batch}, kv_cache {cfg.kv_cache.name} "
         f"({stats.num_blocks} blocks of {cfg.kv_cache.block_size}, prefix hit rate {stats.prefix_hit_rate:.0%}), "
         f"decoder {cfg.decoder.name}, engine {cfg.engine.name} (backend {engine.backend_name}) "
