@@ -58,9 +58,13 @@ def test_every_builtin_scheduler_and_kv_cache_runs_conforming_on_the_sim_engine(
     executor = sim_executor(engine, settings, capacity, micro_batch, kv, drafter=drafter)
     assert executor.kv_cache_manager.get_kv_caches()[0][0].device.type == "meta"
     predicted = []
-    before = lambda scheduled, rm: (predicted.append(engine.cost_model.step_seconds(StepShape.of(scheduled))), lambda out: None)[1]
+
+    def predict(scheduled, resource_manager):
+        predicted.append(engine.cost_model.step_seconds(StepShape.of(scheduled)))
+        return lambda output: None
+
     requests = conformance.workload(settings.seed, vocab=engine.vocab_size)
-    with watch(engine, "forward", before):
+    with watch(engine, "forward", predict):
         conformance.run_conforming(executor, settings, requests, greedy=False)
     assert all(t == engine.token_id for r in requests for t in r.output_token_ids)
     assert engine.clock.now() == pytest.approx(sum(predicted)) and sum(predicted) > 0
