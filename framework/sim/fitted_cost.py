@@ -13,6 +13,7 @@ relative errors: a 2 ms decode step counts as much as a 200 ms prompt step.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass
 
@@ -32,8 +33,10 @@ class FittedCostModel(CostModel):
     source: str = "a fitted profile"
 
     def step_seconds(self, shape: StepShape) -> float:
-        f = float(np.dot(self.at_knots, token_basis(shape.tokens, self.knots)))
-        return max(0.0, f + sum(rate * getattr(shape, term) for rate, term in zip(self.per_term, TERMS)))
+        i, w = segment(shape.tokens, self.knots)
+        f = self.at_knots[i] if w == 0.0 else (1.0 - w) * self.at_knots[i] + w * self.at_knots[i + 1]
+        a, c, s = self.per_term
+        return max(0.0, f + a * shape.attended + c * shape.context + s * shape.sampled)
 
     def describe(self) -> str:
         return f"step times fitted to {self.source} ({len(self.knots)} knots up to {self.knots[-1]} tokens)"
@@ -66,16 +69,22 @@ class FittedCostModel(CostModel):
 
 
 def token_basis(tokens: int, knots) -> np.ndarray:
-    """Hat functions over `knots` at `tokens`: f(tokens) = at_knots . basis. Outside the knots the
-    end segment goes on linearly."""
+    """Hat functions over `knots` at `tokens`: f(tokens) = at_knots . basis."""
     basis = np.zeros(len(knots))
-    if len(knots) == 1:
-        basis[0] = 1.0
-        return basis
-    i = min(max(int(np.searchsorted(knots, tokens, side="right")) - 1, 0), len(knots) - 2)
-    w = (tokens - knots[i]) / (knots[i + 1] - knots[i])
-    basis[i], basis[i + 1] = 1.0 - w, w
+    i, w = segment(tokens, knots)
+    basis[i] = 1.0 - w
+    if w:
+        basis[i + 1] = w
     return basis
+
+
+def segment(tokens: int, knots) -> tuple[int, float]:
+    """(i, w): `tokens` lies at the fraction w of the way from knots[i] to knots[i + 1]. Outside
+    the knots the end segment goes on (w < 0 or w > 1); with one knot, (0, 0.0)."""
+    if len(knots) == 1:
+        return 0, 0.0
+    i = min(max(bisect_right(knots, tokens) - 1, 0), len(knots) - 2)
+    return i, (tokens - knots[i]) / (knots[i + 1] - knots[i])
 
 
 def choose_knots(tokens: list[int], max_knots: int) -> list[int]:
