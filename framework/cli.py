@@ -66,16 +66,27 @@ def default_model_name(cfg) -> str:
     return Path(cfg.model.path).name if cfg.model.path else "SmolLM2-135M-Instruct"
 
 
+def apply_mode_defaults(cfg) -> None:
+    """Settings whose `auto` depends on the mode: an engine's clock (the simulated engine's) is
+    the wall clock when serving, so its steps take their time for live clients, and virtual
+    otherwise."""
+    if cfg.engine.get("clock") == "auto":
+        cfg.engine.clock = "wall" if cfg.mode == "serve" else "virtual"
+
+
 def run(cfg, plugins) -> None:
     """Build the engine from the composed config, then do what `mode` says."""
     from framework.api.llm import LLM
     from framework.models.checkpoint import CheckpointError
     from framework.plugins.registry import UnknownNameError
 
-    modes = {"generate": _generate, "serve": _serve, "bench": _bench}
+    modes = {"generate": _generate, "serve": _serve, "bench": _bench, "profile": _profile}
     own_engines = {"replay": _replay}  # modes that build their engines themselves (none, one or several)
     if cfg.mode not in modes | own_engines:
         _fail(f"mode must be one of {', '.join(modes | own_engines)}; got {cfg.mode!r}")
+    if cfg.mode in ("bench", "profile") and cfg.engine.name == "sim":
+        _fail(f"mode={cfg.mode} times the real engine; engine=sim computes nothing to time (its steps come from a profile)")
+    apply_mode_defaults(cfg)
     if cfg.mode in own_engines:
         try:
             own_engines[cfg.mode](cfg, plugins)
@@ -96,20 +107,25 @@ def run(cfg, plugins) -> None:
 def _generate(cfg, llm, started: float) -> None:
     from framework.sampling_params import SamplingParams
 
+    from framework.engine.clock import WallClock
+
     loaded = time.perf_counter()
+    engine = llm.executor.model_engine
+    began = engine.clock.now()  # the engine's time: a simulated engine's may be virtual
     params = SamplingParams(max_tokens=cfg.run.max_tokens, temperature=cfg.run.temperature)
     prompts = list(cfg.run.prompts)
     inputs = [llm.chat_prompt([{"role": "user", "content": p}]) if cfg.run.chat else p for p in prompts]
     outputs = llm.generate(inputs, params, use_tqdm=False)
-    finished = time.perf_counter()
+    took = engine.clock.now() - began
     for prompt, out in zip(prompts, outputs):
         print(f"### {prompt}\n{out.outputs[0].text.strip()}\n")
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     stats = llm.kv_cache_stats
-    s, engine = cfg.scheduler, llm.executor.model_engine
+    s = cfg.scheduler
+    simulated = "" if isinstance(engine.clock, WallClock) else " simulated"
     print(
-        f"[framework] {len(outputs)} requests, {generated} tokens in {finished - loaded:.2f}s "
-        f"({generated / max(finished - loaded, 1e-9):.1f} tok/s); load {loaded - started:.2f}s; "
+        f"[framework] {len(outputs)} requests, {generated} tokens in {took:.2f}s{simulated} "
+        f"({generated / max(took, 1e-9):.1f} tok/s); load {loaded - started:.2f}s; "
         f"scheduler {s.capacity}+{s.micro_batch}, kv_cache {cfg.kv_cache.name} "
         f"({stats.num_blocks} blocks of {cfg.kv_cache.block_size}, prefix hit rate {stats.prefix_hit_rate:.0%}), "
         f"decoder {cfg.decoder.name}, engine {cfg.engine.name} (backend {engine.backend_name}) "
@@ -152,6 +168,19 @@ def _replay(cfg, plugins) -> None:
     if cfg.replay.out and hydra and hydra.mode == RunMode.MULTIRUN:
         out_dir /= str(hydra.job.num)  # each job of a sweep its own folder
     run_replay(cfg, plugins, out_dir, list(hydra.overrides.task) if hydra else [])
+
+
+def _profile(cfg, llm, started: float) -> None:
+    from framework.sim.profiler import profile_steps
+
+    profile = profile_steps(llm, cfg.profile, progress=lambda line: print(f"[profile] {line}", flush=True))
+    profile.save(cfg.profile.out)
+    fit, held_out = profile.errors["fit"], profile.errors["held_out"]
+    print(
+        f"[framework] {len(profile.samples)} steps timed on {profile.device} {profile.dtype}; the fitted cost model is "
+        f"off by {fit['mean']:.1%} on average (at most {fit['max']:.1%}), by {held_out.get('mean', 0):.1%} "
+        f"(at most {held_out.get('max', 0):.1%}) on each step left out of the fit; wrote {cfg.profile.out}"
+    )
 
 
 def main() -> None:

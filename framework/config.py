@@ -151,6 +151,23 @@ class ReplayConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """`mode=profile`: time the engine's steps over a grid of shapes and fit the simulated
+    engine's cost model to them (docs/simulator.md)."""
+
+    out: str = "profile.json"
+    prefill_tokens: list[int] = field(default_factory=lambda: [16, 64, 256, 1024, 2048])  # a prompt chunk's tokens
+    prefill_context: list[int] = field(default_factory=lambda: [0, 512, 1536])  # cached tokens before the chunk
+    decode_batch: list[int] = field(default_factory=lambda: [1, 4, 16, 32, 64])
+    decode_context: list[int] = field(default_factory=lambda: [64, 256, 512])  # each decoding request's tokens
+    mixed_batch: list[int] = field(default_factory=lambda: [4, 32])  # decoding requests beside a prompt chunk
+    mixed_tokens: list[int] = field(default_factory=lambda: [64, 512])  # that chunk's tokens
+    warmup_steps: int = 2  # untimed steps before each shape's timed ones (graph recording, caches)
+    repeats: int = 3  # timed steps per shape
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     """What `python -m framework` does with the engine."""
 
@@ -179,7 +196,7 @@ GROUPS: dict[str, tuple[type, dict[str, str]]] = {
 
 @dataclass
 class FrameworkConfig:
-    mode: str = "generate"  # generate | serve | bench | replay
+    mode: str = "generate"  # generate | serve | bench | replay | profile
     model: ModelConfig = field(default_factory=ModelConfig)
     # typed by the selected option's own dataclass (see register_configs)
     scheduler: Any = None
@@ -192,6 +209,7 @@ class FrameworkConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 def selected_config_fields(group: str, base: type, plugins) -> type:

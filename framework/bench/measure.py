@@ -33,12 +33,6 @@ def _sync(device: torch.device) -> None:
 def model_flops(model, counters) -> float:
     """2 x non-embedding linear params per forwarded token, 2 x hidden x vocab per sampled token,
     and attention (QK^T and PV: 4 x layers x heads x head_dim per attended position)."""
-    linear = sum(p.numel() for name, p in model.named_parameters() if name.endswith("proj.weight"))
-    config = model.config
-    layers, heads = config.num_hidden_layers, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return (
-        2 * linear * counters.tokens_forwarded
-        + 2 * config.hidden_size * config.vocab_size * counters.tokens_sampled
-        + 4 * layers * heads * head_dim * counters.attended_positions
-    )
+    from framework.sim.model_shape import ModelShape
+
+    return ModelShape.of(model.config).flops(counters.tokens_forwarded, counters.tokens_sampled, counters.attended_positions)

@@ -13,8 +13,10 @@ from framework.resources.base import KVCacheSpec, ResourceManager
 
 @dataclass(frozen=True)
 class ForwardOutput:
-    # float32 [rows, vocab]: per sampled request, in order, the row of its last token and then one
-    # row per draft token it verifies (1 + len(draft_token_ids) rows)
+    # float32 [rows, width]: per sampled request, in order, the row of its last token and then one
+    # row per draft token it verifies (1 + len(draft_token_ids) rows). `width` is the vocabulary
+    # size, or less where the engine knows every id from `width` on has logit -inf and no request
+    # of the step reads those ids (penalties, logprobs, a min_tokens mask): the simulated engine
     logits: Any
     sampled: list[LlmRequest]  # requests whose scheduled chunk reached their last token
     # for requests asking for prompt logprobs: (request, first position, logits of every position

@@ -409,7 +409,10 @@ def _last_logits(engine, chunks, prompt, neighbour=None):
         for r in batch:
             r.num_computed_tokens += r.num_scheduled_tokens
         others = []
-    assert out.sampled[-1] is request and tuple(out.logits.shape) == (len(out.sampled), engine.vocab_size)
+    rows, width = out.logits.shape
+    assert out.sampled[-1] is request and rows == len(out.sampled) and 1 <= width <= engine.vocab_size, (
+        f"forward() returned logits of shape {tuple(out.logits.shape)} for {len(out.sampled)} sampled requests and a vocabulary of {engine.vocab_size}"
+    )
     return out.logits[-1]
 
 

@@ -61,7 +61,10 @@ class BaseResourceManager(ABC):
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """What the model needs from a KV cache; given to the KV cache manager by the model engine."""
+    """What the model needs from a KV cache; given to the KV cache manager by the model engine.
+    On the `meta` device the cache tensors hold no memory: the manager keeps its block accounting
+    (tables, prefix reuse, eviction) exactly as with real tensors, for an engine that reads none
+    (the simulated one)."""
 
     num_layers: int
     num_kv_heads: int
@@ -72,6 +75,7 @@ class KVCacheSpec:
     # allocate(shape) -> a zero-filled K or V tensor of one layer (the backend's `kv_cache_tensor`,
     # which places it: 2 MB pages for the CPU kernels); None: torch.zeros on `device`
     allocate: Any = None
+    memory_bytes: int | None = None  # what `kv_cache.memory_fraction` is a share of; None: the device's total
 
     @property
     def bytes_per_token(self) -> int:

@@ -12,7 +12,7 @@ from framework.resources.block_pool import BlockPool
 from framework.resources.eviction import LRUEviction
 
 
-def _device_memory(device: torch.device) -> int:
+def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -46,7 +46,7 @@ class PagedKVCacheManager(KVCacheManager):
         if kv_config.max_tokens is not None:
             num_blocks = _ceil_div(kv_config.max_tokens, self.block_size)
         else:
-            budget = kv_config.memory_fraction * _device_memory(spec.device)
+            budget = kv_config.memory_fraction * (spec.memory_bytes or device_memory(spec.device))
             num_blocks = int(budget // (spec.bytes_per_token * self.block_size))
         self.pool = BlockPool(num_blocks, self.eviction())
         shape = (spec.num_kv_heads, num_blocks, self.block_size, spec.head_dim)

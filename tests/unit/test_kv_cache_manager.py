@@ -38,7 +38,7 @@ def test_pool_size_from_max_tokens_rounds_up_to_whole_blocks(h):
 def test_pool_size_from_memory_fraction(h, monkeypatch):
     import framework.resources.paged_kv_cache as paged
 
-    monkeypatch.setattr(paged, "_device_memory", lambda device: 6400)
+    monkeypatch.setattr(paged, "device_memory", lambda device: 6400)
     # 2 (K and V) * 1 layer * 1 head * 2 dims * 4 bytes = 16 bytes per token, 64 per block
     kv = PagedKVCacheManager(h.kv_config(max_tokens=None, memory_fraction=0.5), None, h.kv_spec())
     assert kv.pool.num_blocks == 50

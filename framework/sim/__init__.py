@@ -1,0 +1,3 @@
+"""The simulated model engine's cost models: what a step of a given shape costs, measured on this
+machine (`mode=profile`, a fitted model) or predicted for other hardware (a roofline). See
+docs/simulator.md."""
