@@ -31,6 +31,7 @@ class ModelEngine(ABC):
     dtype: Any  # torch.dtype of weights and KV cache
     backend: Any = None  # the Backend whose ops the model runs on; None: an engine without one
     clock: Clock = WallClock()  # the time request stamps are taken in; a simulated engine may keep its own
+    simulated: str | None = None  # a simulated engine: where its step times come from, for reports
 
     @property
     def backend_name(self) -> str | None:

@@ -88,6 +88,7 @@ class SimModelEngine(ModelEngine):
         self.model_shape, self.vocab_size, self.max_model_len = model, model.vocab_size, max_model_len
         self.device, self.dtype, self.memory_bytes = torch.device("cpu"), dtype, memory_bytes
         self.cost_model, self.clock = cost_model, clock
+        self.simulated = cost_model.describe()
         self.token_id, self.eos_after = token_id, eos_after
         self.narrow = model.vocab_size if full_vocab_logits else token_id + 1
         self._row = torch.full((model.vocab_size,), LOW)

@@ -74,6 +74,7 @@ def format_table(document: dict) -> str:
     slo = s["slo"]
     bounds = ", ".join(f"{k.replace('_ms', '')} <= {v} ms" for k, v in slo.items() if k != "met" and v is not None) or "none set"
     lines = [
+        *([f"SIMULATED: {document['setup']['simulated']}"] if document.get("setup", {}).get("simulated") else []),
         f"requests: {s['completed']} completed, {s['failed']} failed, in {s['duration_s']:.2f} s",
         f"throughput: {rate(s['request_throughput'], 'req/s')}, {rate(s['output_throughput'], 'output tok/s')}",
         f"goodput: {rate(s['goodput'], 'req/s')} ({slo['met']} requests met the SLO: {bounds})",

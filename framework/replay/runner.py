@@ -89,6 +89,7 @@ def engine_setup(cfg, llm) -> dict:
         "replicas": rc.replicas,
         "router": rc.router if rc.replicas > 1 else None,
         "clock": type(llm.clock).__name__,
+        "simulated": llm.executor.model_engine.simulated,
     }
 
 
@@ -96,4 +97,5 @@ def figure_title(document: dict) -> str:
     setup = document["setup"]
     what = " ".join(setup.get("overrides", [])) or setup["target"]
     rate = document["workload"].get("rate")
-    return f"{what}\n{describe_workload([document])}" + (f"; rate {rate} req/s" if rate else "")
+    title = f"{what}\n{describe_workload([document])}" + (f"; rate {rate} req/s" if rate else "")
+    return f"SIMULATED: {setup['simulated']}\n{title}" if setup.get("simulated") else title

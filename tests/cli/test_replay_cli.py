@@ -39,3 +39,14 @@ def test_wall_clock_replicas_and_bad_traces_are_clear_errors(tiny_dir, tmp_path)
     assert f"{trace}:2: missing input_length, output_length" in result.stderr
     result = run_cli([*replay_args(tiny_dir), "replay.router=nearest"], tmp_path, env=THIS_CHECKOUT)
     assert result.returncode == 2 and "unknown router 'nearest'; available: round_robin (framework)" in result.stderr
+
+
+def test_a_simulated_cluster_says_its_figures_are_predicted(tmp_path):
+    args = ["mode=replay", "engine=sim", "replay.replicas=2", "replay.router=least_loaded", "replay.num_requests=20",
+            "replay.rate=50", "replay.progress=false"]
+    result = run_cli(args, tmp_path, env=THIS_CHECKOUT)
+    assert result.returncode == 0, result.stderr
+    assert "SIMULATED: PREDICTED step times: a roofline of h100" in result.stdout
+    document = json.loads((tmp_path / "replay.json").read_text())
+    assert document["setup"]["simulated"].startswith("PREDICTED") and document["setup"]["clock"] == "VirtualClock"
+    assert document["statistics"]["completed"] == 20
