@@ -44,6 +44,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one always included)
     prompt_logprobs: int | None = None  # top-k logprobs per prompt token (from its second token on)
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, no output text (a benchmark's requests); no stop strings then
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -78,6 +79,9 @@ class SamplingParams:
         _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS, allow_none=True)
         _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS, allow_none=True)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
+        _check_bool("detokenize", self.detokenize)
+        if not self.detokenize and self.stop:
+            raise ValueError("stop strings are matched in the output text: they need detokenize=True")
 
     @property
     def greedy(self) -> bool:

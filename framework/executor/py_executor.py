@@ -379,7 +379,7 @@ class PyExecutor(FaultIsolation):
         request.state = RequestState.GENERATION
         params = request.sampling_params
         may_stop = len(request.output_token_ids) >= params.min_tokens
-        stop_string = self.detokenizer.update(request, token, may_stop) if self.detokenizer is not None else None
+        stop_string = self.detokenizer.update(request, token, may_stop) if self.detokenizer is not None and params.detokenize else None
         if may_stop and not params.ignore_eos and token in request.eos_token_ids:
             self._finish(request, FinishReason.STOP, stop_reason=token)
         elif may_stop and token in params.stop_token_ids:

@@ -127,7 +127,7 @@ def _submit(replicas: list[Replica], router: Router, index: int, request: Replay
     """Hand `request` to the replica the router picks; False when the engine refused it."""
     chosen = replicas[router.route(request.prompt_token_ids, [r.load() for r in replicas])]
     chosen.llm.clock.sleep_until(chosen.origin + request.arrival)
-    params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
     try:
         chosen.llm.add_request(request.prompt_token_ids, params, request_id=str(index), arrival_time=chosen.origin + request.arrival)
     except ValueError as exc:

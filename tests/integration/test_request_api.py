@@ -100,6 +100,15 @@ def test_stop_strings_cut_the_text(llm):
     assert kept.token_ids == cut.token_ids and len(cut.token_ids) < len(base.token_ids)
 
 
+def test_detokenize_false_gives_the_same_tokens_and_no_text(llm):
+    prompt = prompts([6], seed=5)[0]
+    base = llm.generate(prompt, SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)[0].outputs[0]
+    bare = llm.generate(prompt, SamplingParams(max_tokens=12, detokenize=False, **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert bare.token_ids == base.token_ids and base.text and bare.text == ""
+    with pytest.raises(ValueError, match="need detokenize=True"):
+        SamplingParams(stop=["x"], detokenize=False).validate()
+
+
 def test_min_tokens_masks_stop_tokens(llm):
     prompt = prompts([6], seed=6)[0]
     base = llm.generate(prompt, SamplingParams(max_tokens=10, **GREEDY), use_tqdm=False)[0].outputs[0]

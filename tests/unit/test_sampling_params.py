@@ -19,7 +19,7 @@ from framework.sampling_params import (
 )
 
 FLOAT_FIELDS = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
-BOOL_FIELDS = ["include_stop_str_in_output", "ignore_eos", "skip_special_tokens"]
+BOOL_FIELDS = ["include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "detokenize"]
 
 # (field, invalid value); each must raise ValueError whose message starts with the field's name
 INVALID = [
