@@ -186,7 +186,7 @@ class PyExecutor(FaultIsolation):
             finally:
                 for request in self.active:
                     request.num_scheduled_tokens = 0
-                    request.draft_token_ids = []
+                    request.clear_drafts()
             return list(dict.fromkeys(updated + self._release_finished()))
 
     def _schedule(self) -> list[LlmRequest]:
@@ -234,7 +234,7 @@ class PyExecutor(FaultIsolation):
         except Exception:
             logger.exception("%s raised; this step verifies no drafts", self.describe("drafter"))
             for request in requests:
-                request.draft_token_ids = []
+                request.clear_drafts()
         for request in requests:
             room = min(request.sampling_params.max_tokens - len(request.output_token_ids), self.model_engine.max_model_len - request.num_tokens) - 1
             del request.draft_token_ids[max(0, room) :]
@@ -302,7 +302,7 @@ class PyExecutor(FaultIsolation):
                     break
         proposed = len(request.draft_token_ids)
         request.num_computed_tokens -= proposed + 1 - len(tokens)
-        request.draft_token_ids = []
+        request.clear_drafts()
         if proposed:
             self._observe_drafts(request, proposed, len(tokens) - 1)
 

@@ -312,7 +312,7 @@ def processed_logits(decoder, requests, logits):
 
 
 def _decoder_judge(decoder):
-    def judge(requests, logits):
+    def judge(requests, logits, drafts=None):
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.temperature == 0]
         expected = processed_logits(decoder, requests, logits)[greedy].argmax(-1).tolist() if greedy else []
         return lambda out: _decoder_problem(out, requests, logits.shape[-1], greedy, expected)
@@ -337,7 +337,7 @@ def _decoder_problem(out, requests, vocab, greedy, expected) -> str | None:
 def _run_decoder(factory, config, scenario: Scenario) -> list[LlmRequest]:
     decoder = _decoder(factory, config)
     requests = workload(scenario.seed, sampled=scenario.sampled)
-    judges = [(decoder, "decode", "decoder", _decoder_judge(decoder))]
+    judges = [(decoder, method, "decoder", _decoder_judge(decoder)) for method in ("decode", "verify")]
     run_conforming(_executor(scenario, decoder=decoder), scenario, requests, greedy=False, judges=judges)
     return requests
 
