@@ -94,7 +94,7 @@ class PyExecutor(FaultIsolation):
     def reset_prefix_cache(self) -> int:
         """Forget the cached prefixes no request holds (between steps); returns how many blocks."""
         with self._lock:
-            return self.kv_cache_manager.reset_prefix_cache()
+            return self.resource_manager.reset_prefix_cache()
 
     def fail_all(self, error: str) -> list[LlmRequest]:
         """Finish every request held or handed in with `error`, releasing what each holds (once
