@@ -178,3 +178,19 @@ def test_a_draft_of_another_vocabulary_is_refused(tiny_dir, tmp_path, tokenizer_
 def test_draft_model_needs_a_path(tiny_dir):
     with pytest.raises(ValueError, match="speculative.model.path"):
         LLM(str(tiny_dir), speculative="draft_model", **OPTIONS)
+
+
+def test_smollm2_as_its_own_draft_accepts_every_greedy_draft(smol_dir):
+    from framework.bench.grounded import w5_prompt
+
+    options = dict(dtype="float32", max_num_tokens=256, **{"kv_cache.max_tokens": 2048})
+    plain = LLM(**options)
+    batch = [w5_prompt(plain.tokenizer), plain.chat_prompt([{"role": "user", "content": "Name three rivers."}])]
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    expected = [o.outputs[0].token_ids for o in plain.generate(batch, params, use_tqdm=False)]
+    del plain
+    itself = LLM(speculative="draft_model", **{"speculative.model.path": str(smol_dir)}, **options)
+    assert [o.outputs[0].token_ids for o in itself.generate(batch, params, use_tqdm=False)] == expected
+    stats = itself.speculation_stats
+    assert stats.draft_tokens > 0 and stats.accepted_tokens == stats.draft_tokens
+    assert_all_freed(itself)
