@@ -472,11 +472,12 @@ def _drafter_judge(requests):
     return problem
 
 
-def _drafter_case(scenario: Scenario):
+def _drafter_case(scenario: Scenario, capacity: str | None = None):
     def case(factory, config):
         engine = FakeEngine(vocab_size=1024)
         drafter = make_drafter(factory, config, target=engine, max_batch_size=scenario.max_batch_size)
-        executor = make_executor(engine=engine, drafter=drafter, **scenario.budgets)
+        scheduler = make_scheduler(capacity, **scenario.budgets) if capacity else None
+        executor = make_executor(engine=engine, drafter=drafter, capacity=scheduler, **scenario.budgets)
         judges = [(drafter, "propose", "drafter", _drafter_judge)]
         run_conforming(executor, scenario, workload(scenario.seed, sampled=scenario.sampled), greedy=not scenario.sampled, judges=judges)
         if drafter.request_states is not None:
@@ -492,4 +493,5 @@ check_drafter = Check({
     "tight_budgets": _drafter_case(TIGHT),
     "roomy_budgets": _drafter_case(SCENARIOS["roomy_budgets"]),
     "sampled_requests": _drafter_case(replace(TIGHT, seed=4, sampled=True)),
+    "preemption": _drafter_case(TIGHT, "framework.scheduler.capacity:MaxUtilizationScheduler"),
 })
