@@ -3,7 +3,9 @@
 Order of operations per row (as documented on SamplingParams): repetition, presence and frequency
 penalties; `min_tokens` (EOS and stop token ids masked while too few tokens exist); temperature;
 top-k; top-p; min-p; then a draw (or the argmax for temperature 0). Each seeded request draws from
-its own generator, so its tokens do not depend on what else is in the batch.
+its own generator, so its tokens do not depend on what else is in the batch. A verify step's
+drafts that come with the drafter's distribution q go through the accept/resample rule
+(`_accept_or_resample`); the others are compared with the draw from p.
 """
 
 from __future__ import annotations
