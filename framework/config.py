@@ -63,7 +63,7 @@ class EngineConfig:
 class SpeculativeConfig:
     """Speculative decoding: a drafter proposes tokens that each step verifies."""
 
-    name: str = "none"  # none | ngram | a plugin's drafter
+    name: str = "none"  # none | ngram | draft_model | a plugin's drafter
     num_tokens: int = 4  # k: draft tokens per request and step, at most
     max_batch_size: int = 4  # propose only while a step decodes at most this many requests
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from framework.sampling_params import SamplingParams
 
@@ -44,6 +45,9 @@ class LlmRequest:
     eos_token_ids: tuple[int, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
     draft_token_ids: list[int] = field(default_factory=list)  # proposed continuation this step verifies
+    # the drafter's probability distribution each draft was drawn from (a [>= len(draft_token_ids),
+    # vocab] float tensor); None: each draft proposed with certainty (a point mass, e.g. prompt lookup)
+    draft_probs: Any = None
     num_computed_tokens: int = 0
     num_scheduled_tokens: int = 0  # set by the micro-batch scheduler for the current step
     state: RequestState = RequestState.QUEUED
@@ -94,9 +98,13 @@ class LlmRequest:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
+    def clear_drafts(self) -> None:
+        self.draft_token_ids = []
+        self.draft_probs = None
+
     def reset_for_recompute(self) -> None:
         """Preempted: drop the cache cursor; prompt and outputs so far are recomputed later."""
         self.num_computed_tokens = 0
-        self.draft_token_ids = []
+        self.clear_drafts()
         self.state = RequestState.QUEUED
         self.num_preemptions += 1

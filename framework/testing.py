@@ -125,9 +125,9 @@ def make_engine(factory, config=None, checkpoint_dir=None, plugins=None):
 
 
 @functools.cache
-def tiny_checkpoint():
-    """A random two-layer Llama (vocabulary 512) saved as a Hugging Face folder without a tokenizer,
-    made once per process in a temporary folder (removed at exit)."""
+def tiny_checkpoint(vocab_size: int = 512):
+    """A random two-layer Llama saved as a Hugging Face folder without a tokenizer, made once per
+    process and vocabulary size in a temporary folder (removed at exit)."""
     import atexit
     import shutil
     import tempfile
@@ -139,7 +139,7 @@ def tiny_checkpoint():
     path = Path(tempfile.mkdtemp(prefix="framework-tiny-llama-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
     )
     torch.manual_seed(0)

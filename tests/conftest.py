@@ -43,7 +43,7 @@ def make_tiny_checkpoint(path, tokenizer_dir, *, seed=0, tie=False, rope_paramet
     """A random Llama saved as a Hugging Face folder, with SmolLM2's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=TINY_VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -55,8 +55,8 @@ def make_tiny_checkpoint(path, tokenizer_dir, *, seed=0, tie=False, rope_paramet
         bos_token_id=1,
         eos_token_id=2,
         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-        **overrides,
     )
+    config = LlamaConfig(**{**settings, **overrides})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     # Larger weights than the default init give peaked, decisive logits (fewer near-ties).

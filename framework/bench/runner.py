@@ -175,12 +175,12 @@ def _summarise(cfg, name, workload, ours, peers, peak, llm, cold_start_s) -> dic
 
 
 def print_rows(rows: list[dict]) -> None:
-    header = f"{'workload':8} {'spec':>6} {'out tok/s':>10} {'wall s':>8} {'GFLOP/s':>8} {'peak %':>7} {'step ms':>8} {'host %':>7} {'hit %':>6} {'vs gen':>7} {'vs cb':>7} {'vs plain':>8} {'acc/vstep':>9}"
+    header = f"{'workload':8} {'spec':>11} {'out tok/s':>10} {'wall s':>8} {'GFLOP/s':>8} {'peak %':>7} {'step ms':>8} {'host %':>7} {'hit %':>6} {'vs gen':>7} {'vs cb':>7} {'vs plain':>8} {'acc/vstep':>9}"
     print(header)
     for r in rows:
         vs = lambda k: f"{r[k]:.2f}x" if r.get(k) else "-"  # noqa: E731
         print(
-            f"{r['workload']:8} {r['speculative']:>6} {r['output_tok_s']:10.1f} {r['wall_s']:8.2f} {r['gflops']:8.1f} {100 * r['peak_share']:6.1f}% "
+            f"{r['workload']:8} {r['speculative']:>11} {r['output_tok_s']:10.1f} {r['wall_s']:8.2f} {r['gflops']:8.1f} {100 * r['peak_share']:6.1f}% "
             f"{r['mean_step_ms']:8.1f} {100 * r['host_overhead']:6.1f}% {100 * r['prefix_hit_rate']:5.0f}% "
             f"{vs('speedup_vs_static'):>7} {vs('speedup_vs_continuous'):>7} {vs('speedup_vs_plain'):>8} {r['accepted_per_verify_step']:9.2f}"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from framework.request import LlmRequest
 
@@ -13,6 +14,15 @@ class DecoderOutput:
     token_ids: list[int]  # one new token per request
     # per request: {token_id: (logprob, rank)} when its SamplingParams ask for logprobs, else None
     logprobs: list[dict[int, tuple[float, int]] | None] | None = None
+
+
+@dataclass(frozen=True)
+class DraftRows:
+    """The drafts one position of a verify step checks, one entry per row of the logits."""
+
+    token_ids: list[int | None]  # the row's draft token; None: no draft (the bonus token after the last)
+    # the distribution the drafter drew each draft from (a [vocab] tensor); None: proposed with certainty
+    probs: list[Any | None]
 
 
 class Decoder(ABC):
@@ -33,6 +43,17 @@ class Decoder(ABC):
     @abstractmethod
     def decode(self, requests: list[LlmRequest], logits) -> DecoderOutput:
         """`logits` is `[len(requests), vocab]` float32, one row per request, in order."""
+
+    def verify(self, requests: list[LlmRequest], logits, drafts: DraftRows) -> DecoderOutput:
+        """One position of a verify step: a token per row that equals the row's draft exactly when
+        the draft is accepted, drawn so that the tokens follow the target's distribution p (the
+        processed, filtered one `decode` draws from). A draft d drawn from q is accepted with
+        probability min(1, p(d) / q(d)); on rejection the token comes from max(p - q, 0)
+        renormalised (never d). A draft proposed with certainty (q a point mass) is therefore
+        accepted with probability p(d), which is what `decode` and a comparison give: the default
+        here, exact for such drafts and for greedy rows. A sampling decoder overrides it to honour
+        `drafts.probs`."""
+        return self.decode(requests, logits)
 
     def processed_logits(self, requests: list[LlmRequest], logits):
         """The logits after this decoder's own transform (penalties, a bias, a grammar mask), the

@@ -3,7 +3,9 @@
 Order of operations per row (as documented on SamplingParams): repetition, presence and frequency
 penalties; `min_tokens` (EOS and stop token ids masked while too few tokens exist); temperature;
 top-k; top-p; min-p; then a draw (or the argmax for temperature 0). Each seeded request draws from
-its own generator, so its tokens do not depend on what else is in the batch.
+its own generator, so its tokens do not depend on what else is in the batch. A verify step's
+drafts that come with the drafter's distribution q go through the accept/resample rule
+(`_accept_or_resample`); the others are compared with the draw from p.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.decoder.base import Decoder, DecoderOutput
+from framework.decoder.base import Decoder, DecoderOutput, DraftRows
 from framework.decoder.logprobs import top_logprobs
 from framework.request import LlmRequest
 from framework.resources.request_states import RequestStates
@@ -53,6 +55,12 @@ class SamplingDecoder(Decoder):
         return state.generator
 
     def decode(self, requests, logits):
+        return self._choose(requests, logits, None)
+
+    def verify(self, requests, logits, drafts):
+        return self._choose(requests, logits, drafts)
+
+    def _choose(self, requests, logits, drafts: DraftRows | None) -> DecoderOutput:
         if not requests:
             return DecoderOutput([])
         params = [r.sampling_params for r in requests]
@@ -62,9 +70,11 @@ class SamplingDecoder(Decoder):
         greedy = temperatures == 0
         tokens = self.argmax(logits)
         if not bool(greedy.all()):
-            probs = self._filtered_probs(params, logits, temperatures)
-            noise = self._exponential_noise(requests, probs)
+            probs = filtered_probs(params, logits, temperatures)
+            noise = exponential_noise(requests, probs, self._shared_generator, self._request_generator)
             sampled = self.argmax(probs / noise)  # argmax(p / E), E ~ Exp(1), draws from p
+            if drafts is not None and any(q is not None for q in drafts.probs):
+                self._accept_or_resample(requests, probs, noise, sampled, drafts)
             tokens = torch.where(greedy, tokens, sampled)
         logprobs = None
         if any(p.logprobs is not None for p in params):
@@ -76,6 +86,28 @@ class SamplingDecoder(Decoder):
             ]
         self._record(requests, tokens)
         return DecoderOutput(tokens.tolist(), logprobs)
+
+    def _accept_or_resample(self, requests, probs, noise, sampled, drafts: DraftRows) -> None:
+        """In `sampled`, for each sampled row whose draft d came with its distribution q: d if a
+        uniform u satisfies u * q(d) < p(d) (probability min(1, p(d) / q(d))), else a draw from
+        max(p - q, 0) with the row's own noise. Rows without q keep their draw from p: it equals a
+        point-mass draft with probability p(d) and is otherwise a draw from p without d."""
+        rows = [
+            i for i, (r, d, q) in enumerate(zip(requests, drafts.token_ids, drafts.probs))
+            if q is not None and d is not None and r.sampling_params.temperature > 0
+        ]
+        if not rows:
+            return
+        index = torch.tensor(rows, device=probs.device)
+        p = probs[index]
+        q = torch.stack([drafts.probs[i] for i in rows]).to(p)
+        d = torch.tensor([drafts.token_ids[i] for i in rows], device=p.device)[:, None]
+        u = uniforms([requests[i] for i in rows], p.device, self._shared_generator, self._request_generator)
+        accepted = u * q.gather(1, d).squeeze(1) < p.gather(1, d).squeeze(1)
+        residual = (p - q).clamp_(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q up to rounding: never rejected
+        resampled = self.argmax(residual / noise[index])
+        sampled[index] = torch.where(accepted, d.squeeze(1), resampled)
 
     # ---- penalties and masks -----------------------------------------------------------------
     def processed_logits(self, requests, logits):
@@ -128,35 +160,6 @@ class SamplingDecoder(Decoder):
                 if blocked:
                     logits[i, blocked] = NEG_INF
 
-    @staticmethod
-    def _filtered_probs(params, logits, temperatures) -> torch.Tensor:
-        scaled = logits / torch.where(temperatures > 0, temperatures, 1.0)[:, None]
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        if any(k > 0 for k in top_k) or any(tp < 1.0 for tp in top_p):
-            sorted_logits, order = scaled.sort(dim=-1, descending=True)
-            ranks = torch.arange(scaled.shape[1], device=scaled.device)[None, :]
-            k = torch.tensor([k if k > 0 else scaled.shape[1] for k in top_k], device=scaled.device)[:, None]
-            drop = ranks >= k
-            sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, NEG_INF), dim=-1)
-            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ranked above
-            tp = torch.tensor(top_p, device=scaled.device, dtype=scaled.dtype)[:, None]
-            drop |= before >= tp  # keeps the smallest prefix whose mass reaches top_p (at least one)
-            scaled = scaled.scatter(1, order, sorted_logits.masked_fill(drop, NEG_INF))
-        probs = torch.softmax(scaled, dim=-1)
-        min_p = [p.min_p for p in params]
-        if any(m > 0 for m in min_p):
-            threshold = torch.tensor(min_p, device=probs.device, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        return probs
-
-    def _exponential_noise(self, requests, probs) -> torch.Tensor:
-        noise = torch.empty_like(probs).exponential_(generator=self._shared_generator(probs.device))
-        for i, request in enumerate(requests):
-            if request.sampling_params.seed is not None and request.sampling_params.temperature > 0:
-                noise[i].exponential_(generator=self._request_generator(request, probs.device))
-        return noise
-
     def _record(self, requests, tokens) -> None:
         """Count each penalised request's new token now, so the next step need not."""
         for request, token in zip(requests, tokens.tolist()):
@@ -164,3 +167,46 @@ class SamplingDecoder(Decoder):
             if holder is not None and holder.penalties is not None:
                 holder.penalties.counts[token] += 1
                 holder.penalties.seen_outputs += 1
+
+
+def filtered_probs(params, logits, temperatures) -> torch.Tensor:
+    """Per row: temperature, then top-k, top-p and min-p, as probabilities (temperature-0 rows are
+    left at temperature 1; their callers take the argmax)."""
+    scaled = logits / torch.where(temperatures > 0, temperatures, 1.0)[:, None]
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k > 0 for k in top_k) or any(tp < 1.0 for tp in top_p):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(scaled.shape[1], device=scaled.device)[None, :]
+        k = torch.tensor([k if k > 0 else scaled.shape[1] for k in top_k], device=scaled.device)[:, None]
+        drop = ranks >= k
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, NEG_INF), dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass ranked above
+        tp = torch.tensor(top_p, device=scaled.device, dtype=scaled.dtype)[:, None]
+        drop |= before >= tp  # keeps the smallest prefix whose mass reaches top_p (at least one)
+        scaled = scaled.scatter(1, order, sorted_logits.masked_fill(drop, NEG_INF))
+    probs = torch.softmax(scaled, dim=-1)
+    min_p = [p.min_p for p in params]
+    if any(m > 0 for m in min_p):
+        threshold = torch.tensor(min_p, device=probs.device, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def exponential_noise(requests, probs, shared_generator, own_generator) -> torch.Tensor:
+    """Exp(1) noise shaped like `probs`: a seeded sampled request's row from its own generator
+    (`own_generator(request, device)`), the others' from `shared_generator(device)`."""
+    noise = torch.empty_like(probs).exponential_(generator=shared_generator(probs.device))
+    for i, request in enumerate(requests):
+        if request.sampling_params.seed is not None and request.sampling_params.temperature > 0:
+            noise[i].exponential_(generator=own_generator(request, probs.device))
+    return noise
+
+
+def uniforms(requests, device, shared_generator, own_generator) -> torch.Tensor:
+    """U[0, 1) per request, drawn as `exponential_noise` draws its rows."""
+    u = torch.rand(len(requests), generator=shared_generator(device), device=device)
+    for i, request in enumerate(requests):
+        if request.sampling_params.seed is not None:
+            u[i] = torch.rand((), generator=own_generator(request, device), device=device)
+    return u

@@ -2,22 +2,37 @@
 
 Each step the executor hands the drafter the requests that are decoding (their last token and
 nothing else left to compute); the drafter sets `request.draft_token_ids` on those it has a
-guess for. The step then computes and verifies them (framework/executor/verify.py): output is
-exactly what decoding one token at a time gives, only in fewer steps when the guesses are right.
+guess for, and `request.draft_probs` where it drew them from a distribution. The step then
+computes and verifies them (framework/executor/verify.py): output follows exactly what decoding
+one token at a time gives, only in fewer steps when the guesses are right.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from framework.request import LlmRequest
 
 
-class Drafter(ABC):
-    request_states = None  # per-request state, as a resource manager freed with the request (or None)
+@dataclass(frozen=True)
+class DraftContext:
+    """What the builder gives a drafter beside its settings (a drafter that runs no model of its
+    own needs none of it)."""
 
-    def __init__(self, speculative_config, config=None):
+    target: Any  # the target's ModelEngine: vocab_size, max_model_len, kv_cache_spec()
+    kv_cache: Any  # the `kv_cache` config group: a drafter's own cache gets its block size and as many tokens
+    load_engine: Callable[[str], Any]  # a ModelEngine on another checkpoint (a folder or .gguf), built as the target's
+    seed: int = 0  # `model.seed`, for a drafter's shared sampling generator
+
+
+class Drafter(ABC):
+    # per-request state (a draft model's KV cache included) as a resource manager the builder puts
+    # in the container, so it is admitted, grown, rolled back and freed with the request; or None
+    request_states = None
+
+    def __init__(self, speculative_config, config=None, context: DraftContext | None = None):
         self.num_tokens = speculative_config.num_tokens  # k: at most this many drafts per request
         self.max_batch_size = speculative_config.max_batch_size  # propose only for batches up to this
         self.config = config
@@ -26,7 +41,10 @@ class Drafter(ABC):
 
     @abstractmethod
     def propose(self, requests: list[LlmRequest]) -> None:
-        """Set `draft_token_ids` (at most `num_tokens`) on any of these decoding requests."""
+        """Set `draft_token_ids` (at most `num_tokens`) on any of these decoding requests. Where
+        the drafts were drawn from a distribution q, also set `draft_probs` (a row of q per draft),
+        so that sampled requests are verified by the accept/resample rule; without it each draft
+        counts as proposed with certainty."""
 
     def observe(self, request: LlmRequest, proposed: int, accepted: int) -> None:
         """A step verified `proposed` of the request's drafts and accepted `accepted` of them."""

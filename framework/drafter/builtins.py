@@ -1,6 +1,6 @@
 """Registers the built-in drafters through the same hook a plugin uses."""
 
-from framework.drafter.ngram import NgramConfig
+from framework.drafter.config import DraftModelConfig, NgramConfig  # plain dataclasses, no torch
 from framework.plugins.hookspecs import hookimpl
 
 
@@ -8,3 +8,4 @@ from framework.plugins.hookspecs import hookimpl
 def register_drafters(register):
     register("none", "framework.drafter.base:NoDrafter")
     register("ngram", "framework.drafter.ngram:NgramDrafter", config=NgramConfig)
+    register("draft_model", "framework.drafter.draft_model:DraftModelDrafter", config=DraftModelConfig)

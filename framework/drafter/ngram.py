@@ -5,16 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from framework.drafter.base import Drafter
+from framework.drafter.config import NgramConfig
 from framework.request import LlmRequest
 from framework.resources.request_states import RequestStates
-
-
-@dataclass
-class NgramConfig:
-    ngram_min: int = 1  # shortest suffix that may match
-    ngram_max: int = 4  # longest suffix tried (the longest match wins)
-    min_acceptance: float = 0.2  # below this recent share of accepted drafts a request pauses drafting
-    pause_steps: int = 8  # decode steps a paused request goes without drafts
 
 
 class NgramDrafter(Drafter):
@@ -25,8 +18,8 @@ class NgramDrafter(Drafter):
     A request whose recent drafts were mostly rejected pauses for `pause_steps` steps, so text
     with nothing to look up costs almost nothing."""
 
-    def __init__(self, speculative_config, config: NgramConfig | None = None):
-        super().__init__(speculative_config, config or NgramConfig())
+    def __init__(self, speculative_config, config: NgramConfig | None = None, context=None):
+        super().__init__(speculative_config, config or NgramConfig(), context)
         if not 1 <= self.config.ngram_min <= self.config.ngram_max:
             raise ValueError("speculative.ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max")
         self.request_states = RequestStates()  # request -> _Pace

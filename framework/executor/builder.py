@@ -5,6 +5,7 @@ table in `framework.plugins.kinds`)."""
 from __future__ import annotations
 
 from framework.config import component_config
+from framework.drafter.base import DraftContext
 from framework.executor.py_executor import PyExecutor
 from framework.plugins.kinds import KINDS
 from framework.resources.base import ResourceManager
@@ -23,6 +24,16 @@ class Builder:
         self.names[key or kind_name] = f"{kind.label} {entry.name!r} ({entry.provider})"
         return obj
 
+    def draft_engine(self, path: str):
+        """A model engine on another checkpoint, with the target's engine and model settings (its
+        own length limit): a draft model's."""
+        from omegaconf import OmegaConf
+
+        from framework.models.checkpoint import resolve_checkpoint
+
+        model = OmegaConf.merge(self.cfg.model, {"path": path, "max_model_len": None})
+        return self.make("model_engine", model, resolve_checkpoint(path), self.plugins, key="draft model engine")
+
     def resource_manager(self, spec, **owned) -> ResourceManager:
         """`resources.extra` in order, then the per-request states other components keep (`owned`,
         by key), then the KV cache manager (under the key "kv_cache")."""
@@ -40,7 +51,7 @@ def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor
     build = Builder(cfg, plugins)
     engine = build.make("model_engine", cfg.model, checkpoint_dir, plugins)
     decoder = build.make("decoder", seed=cfg.model.seed, backend=engine.backend)
-    drafter = build.make("drafter")
+    drafter = build.make("drafter", DraftContext(engine, cfg.kv_cache, build.draft_engine, cfg.model.seed))
     resources = build.resource_manager(
         engine.kv_cache_spec(),
         decoder=decoder.request_states,

@@ -97,7 +97,7 @@ class PyExecutor(FaultIsolation):
     def reset_prefix_cache(self) -> int:
         """Forget the cached prefixes no request holds (between steps); returns how many blocks."""
         with self._lock:
-            return self.kv_cache_manager.reset_prefix_cache()
+            return self.resource_manager.reset_prefix_cache()
 
     def fail_all(self, error: str) -> list[LlmRequest]:
         """Finish every request held or handed in with `error`, releasing what each holds (once
@@ -189,7 +189,7 @@ class PyExecutor(FaultIsolation):
             finally:
                 for request in self.active:
                     request.num_scheduled_tokens = 0
-                    request.draft_token_ids = []
+                    request.clear_drafts()
             return list(dict.fromkeys(updated + self._release_finished()))
 
     def _schedule(self) -> list[LlmRequest]:
@@ -250,7 +250,7 @@ class PyExecutor(FaultIsolation):
         except Exception:
             logger.exception("%s raised; this step verifies no drafts", self.describe("drafter"))
             for request in requests:
-                request.draft_token_ids = []
+                request.clear_drafts()
         for request in requests:
             room = min(request.sampling_params.max_tokens - len(request.output_token_ids), self.model_engine.max_model_len - request.num_tokens) - 1
             del request.draft_token_ids[max(0, room) :]
@@ -318,7 +318,7 @@ class PyExecutor(FaultIsolation):
                     break
         proposed = len(request.draft_token_ids)
         request.num_computed_tokens -= proposed + 1 - len(tokens)
-        request.draft_token_ids = []
+        request.clear_drafts()
         if proposed:
             self._observe_drafts(request, proposed, len(tokens) - 1)
 

@@ -4,15 +4,17 @@ A request scheduled with k draft tokens has 1 + k logits rows: row j predicts th
 j-th draft. Its rows are decoded in order, one position at a time across the batch: while the
 decoded token equals the next draft, that draft is accepted and the next position is decoded;
 the first token that differs (or the bonus token after the last draft) ends the run. So a run is
-0..k accepted drafts plus one token of the target's own, exactly what decoding one token per step
-would have given: greedy takes the same argmax, and a sampled token equals a draft with the
-probability the target gives it (the accept rule for a draft proposed with certainty).
+0..k accepted drafts plus one token of the target's own. The decoder's `verify` draws each
+position's token (greedy: the argmax; sampled: the accept/resample rule with the drafter's
+distribution, `request.draft_probs`), so the tokens follow exactly the distribution that decoding
+one token per step gives.
 """
 
 from __future__ import annotations
 
 from itertools import accumulate
 
+from framework.decoder.base import DraftRows
 from framework.request import LlmRequest
 
 
@@ -29,7 +31,7 @@ def decode_runs(decoder, sampled: list[LlmRequest], logits) -> list[tuple[LlmReq
     try:
         for position in range(max(rows)):
             requests = [sampled[i] for i in live]
-            decoded = decoder.decode(requests, logits[[first_row[i] + position for i in live]])
+            decoded = decoder.verify(requests, logits[[first_row[i] + position for i in live]], _drafts_at(position, requests))
             logprobs = decoded.logprobs or [None] * len(live)
             still = []
             for i, token, lp in zip(live, decoded.token_ids, logprobs):
@@ -44,3 +46,12 @@ def decode_runs(decoder, sampled: list[LlmRequest], logits) -> list[tuple[LlmReq
             if len(tokens) > 1:
                 del request.output_token_ids[-(len(tokens) - 1) :]
     return [(r, tokens, logprobs) for r, (tokens, logprobs) in zip(sampled, runs)]
+
+
+def _drafts_at(position: int, requests: list[LlmRequest]) -> DraftRows:
+    """Each request's draft at `position` and the distribution it was drawn from (None past its last)."""
+    drafted = [position < len(r.draft_token_ids) for r in requests]
+    return DraftRows(
+        [r.draft_token_ids[position] if has else None for r, has in zip(requests, drafted)],
+        [r.draft_probs[position] if has and r.draft_probs is not None else None for r, has in zip(requests, drafted)],
+    )

@@ -317,7 +317,7 @@ def processed_logits(decoder, requests, logits):
 
 
 def _decoder_judge(decoder):
-    def judge(requests, logits):
+    def judge(requests, logits, drafts=None):
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.temperature == 0]
         expected = processed_logits(decoder, requests, logits)[greedy].argmax(-1).tolist() if greedy else []
         return lambda out: _decoder_problem(out, requests, logits.shape[-1], greedy, expected)
@@ -342,7 +342,7 @@ def _decoder_problem(out, requests, vocab, greedy, expected) -> str | None:
 def _run_decoder(factory, config, scenario: Scenario) -> list[LlmRequest]:
     decoder = _decoder(factory, config)
     requests = workload(scenario.seed, sampled=scenario.sampled)
-    judges = [(decoder, "decode", "decoder", _decoder_judge(decoder))]
+    judges = [(decoder, method, "decoder", _decoder_judge(decoder)) for method in ("decode", "verify")]
     run_conforming(_executor(scenario, decoder=decoder), scenario, requests, greedy=False, judges=judges)
     return requests
 
@@ -440,16 +440,26 @@ check_model_engine = Check({"chunks_and_neighbours": _engine_chunks_and_neighbou
 
 
 # ---- drafters ----------------------------------------------------------------------------------
-def make_drafter(factory, config=None, *, num_tokens: int = 3, max_batch_size: int = 8):
-    """A drafter built as the builder builds one, from the `speculative` group's settings."""
-    from framework.config import SpeculativeConfig
-    from framework.drafter.base import Drafter
+def make_drafter(factory, config=None, *, target=None, num_tokens: int = 3, max_batch_size: int = 8):
+    """A drafter built as the builder builds one, from the `speculative` group's settings, for the
+    `target` engine (a FakeEngine by default) and a KV cache of `tiny_kv_cache()`'s size; a draft
+    model it loads runs in float32 on the CPU."""
+    from framework.config import KVCacheConfig, SpeculativeConfig
+    from framework.drafter.base import DraftContext, Drafter
     from framework.testing import _group_config, _resolve
 
     group = _group_config(SpeculativeConfig(num_tokens=num_tokens, max_batch_size=max_batch_size), config)
-    drafter = _resolve(factory)(group, config)
+    kv_cache = KVCacheConfig(block_size=4, max_tokens=64)
+    context = DraftContext(target or FakeEngine(), kv_cache, _load_draft_engine)
+    drafter = _resolve(factory)(group, config, context)
     assert isinstance(drafter, Drafter), f"{type(drafter).__name__} is not a Drafter"
     return drafter
+
+
+def _load_draft_engine(path: str):
+    from framework.models.checkpoint import resolve_checkpoint
+
+    return make_engine("framework.engine.pytorch_model_engine:PyTorchModelEngine", checkpoint_dir=resolve_checkpoint(path))
 
 
 def _drafter_judge(requests):
@@ -470,14 +480,19 @@ def _drafter_judge(requests):
     return problem
 
 
-def _drafter_case(scenario: Scenario):
+def _drafter_case(scenario: Scenario, capacity: str | None = None):
     def case(factory, config):
-        drafter = make_drafter(factory, config, max_batch_size=scenario.max_batch_size)
-        executor = make_executor(engine=FakeEngine(vocab_size=1024), drafter=drafter, **scenario.budgets)
+        engine = FakeEngine(vocab_size=1024)
+        drafter = make_drafter(factory, config, target=engine, max_batch_size=scenario.max_batch_size)
+        scheduler = make_scheduler(capacity, **scenario.budgets) if capacity else None
+        executor = make_executor(engine=engine, drafter=drafter, capacity=scheduler, **scenario.budgets)
         judges = [(drafter, "propose", "drafter", _drafter_judge)]
         run_conforming(executor, scenario, workload(scenario.seed, sampled=scenario.sampled), greedy=not scenario.sampled, judges=judges)
         if drafter.request_states is not None:
             assert len(drafter.request_states) == 0, "the drafter kept state for requests that finished"
+            own_cache = getattr(drafter.request_states, "kv_cache", None)  # a draft model's
+            if own_cache is not None:
+                _assert_pool_full(own_cache)
 
     return case
 
@@ -486,6 +501,7 @@ check_drafter = Check({
     "tight_budgets": _drafter_case(TIGHT),
     "roomy_budgets": _drafter_case(SCENARIOS["roomy_budgets"]),
     "sampled_requests": _drafter_case(replace(TIGHT, seed=4, sampled=True)),
+    "preemption": _drafter_case(TIGHT, "framework.scheduler.capacity:MaxUtilizationScheduler"),
 })
 
 

@@ -51,6 +51,11 @@ class BaseResourceManager(ABC):
         resource holds), or None. Asked once, before a request is queued."""
         return None
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix no request holds (say, between benchmark runs); returns how
+        many blocks were forgotten. Default: a manager without a prefix cache forgets nothing."""
+        return 0
+
     def defer(self, plan: list[Chunk]) -> list[LlmRequest]:
         """Requests of this step's plan (the micro-batch scheduler's chunks, in batch order) that
         better run next step (the KV cache: prompt chunks that would compute a block an earlier
@@ -120,11 +125,6 @@ class KVCacheManager(BaseResourceManager):
     @abstractmethod
     def num_exclusive_blocks(self, request: LlmRequest) -> int: ...
 
-    def reset_prefix_cache(self) -> int:
-        """Forget every cached prefix no request holds (say, between benchmark runs); returns how
-        many blocks were forgotten. Default: a manager without a prefix cache forgets nothing."""
-        return 0
-
     # the engine's view
     @abstractmethod
     def get_block_table(self, request: LlmRequest) -> list[int]: ...
@@ -158,11 +158,11 @@ class ResourceManager:
     def kv_cache_manager(self) -> KVCacheManager:
         return next(m for m in reversed(self.managers.values()) if isinstance(m, KVCacheManager))
 
-    def _answers(self, method: str, arg):
-        """Each manager's answer to `method(arg)`, in order; a raise is named (ResourceManagerError)."""
+    def _answers(self, method: str, *args):
+        """Each manager's answer to `method(*args)`, in order; a raise is named (ResourceManagerError)."""
         for name, manager in self.managers.items():
             try:
-                yield getattr(manager, method)(arg)
+                yield getattr(manager, method)(*args)
             except Exception as exc:
                 raise ResourceManagerError(name, exc) from exc
 
@@ -182,6 +182,10 @@ class ResourceManager:
 
     def admit(self, request: LlmRequest) -> None:
         self._each("admit", request)
+
+    def reset_prefix_cache(self) -> int:
+        """Blocks forgotten by every manager's prefix cache (the KV cache's, a draft model's)."""
+        return sum(self._answers("reset_prefix_cache"))
 
     def prepare_resources(self, scheduled: list[LlmRequest]) -> None:
         self._each("prepare_resources", scheduled)

@@ -43,11 +43,7 @@ class PagedKVCacheManager(KVCacheManager):
             raise ValueError(f"kv_cache.block_size must be >= 1, got {self.block_size}")
         self.enable_prefix_caching = kv_config.enable_prefix_caching
         self.spec = spec
-        if kv_config.max_tokens is not None:
-            num_blocks = _ceil_div(kv_config.max_tokens, self.block_size)
-        else:
-            budget = kv_config.memory_fraction * (spec.memory_bytes or device_memory(spec.device))
-            num_blocks = int(budget // (spec.bytes_per_token * self.block_size))
+        num_blocks = self.pool_blocks(kv_config, spec)
         self.pool = BlockPool(num_blocks, self.eviction())
         shape = (spec.num_kv_heads, num_blocks, self.block_size, spec.head_dim)
         self.kv_caches = [(_zeros(shape, spec), _zeros(shape, spec)) for _ in range(spec.num_layers)]
@@ -55,6 +51,15 @@ class PagedKVCacheManager(KVCacheManager):
         self.block_hashes: dict[str, list[tuple]] = {}  # keys of each request's full blocks, in order
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+
+    @staticmethod
+    def pool_blocks(kv_config, spec: KVCacheSpec) -> int:
+        """Blocks of the pool `kv_config` asks for: `max_tokens`, else `memory_fraction` of the
+        device's memory at the spec's bytes per token."""
+        if kv_config.max_tokens is not None:
+            return _ceil_div(kv_config.max_tokens, kv_config.block_size)
+        budget = kv_config.memory_fraction * (spec.memory_bytes or device_memory(spec.device))
+        return int(budget // (spec.bytes_per_token * kv_config.block_size))
 
     # ---- capacity queries --------------------------------------------------------------------
     @property

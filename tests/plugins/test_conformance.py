@@ -24,10 +24,21 @@ CHECKS = {kind.name: load(kind.conformance) for kind in KINDS.values() if kind.c
 CASES = [(kind, entry.name, case) for kind, check in CHECKS.items() for entry in PLUGINS[kind] for case in check.cases]
 
 
+def builtin_config(kind, entry):
+    """A built-in's default settings; the draft model's name a tiny checkpoint of the fake engine's
+    vocabulary (it has no default)."""
+    if (kind, entry.name) == ("drafter", "draft_model"):
+        from framework.drafter.config import DraftCheckpoint, DraftModelConfig
+        from framework.testing import tiny_checkpoint
+
+        return DraftModelConfig(DraftCheckpoint(str(tiny_checkpoint(vocab_size=1024))))
+    return entry.config() if entry.config else None
+
+
 @pytest.mark.parametrize("kind, name, case", CASES)
 def test_builtin_conforms(kind, name, case):
     entry = PLUGINS[kind].get(name)
-    CHECKS[kind].cases[case](entry.load(), entry.config() if entry.config else None)
+    CHECKS[kind].cases[case](entry.load(), builtin_config(kind, entry))
 
 
 def test_the_testing_module_imports_neither_torch_nor_the_executor():
@@ -205,7 +216,8 @@ OPTIONS = [(group, kind, e.name) for group, (_, fields) in GROUPS.items() for ki
 
 @pytest.mark.parametrize("group, kind, name", OPTIONS)
 def test_every_builtin_option_composes_and_builds(tiny_dir, group, kind, name):
-    llm = LLM(str(tiny_dir), plugins=PLUGINS, **{group: name, "kv_cache.max_tokens": 128})
+    draft = {"speculative.model.path": str(tiny_dir)} if name == "draft_model" else {}  # the model as its own draft
+    llm = LLM(str(tiny_dir), plugins=PLUGINS, **{group: name, "kv_cache.max_tokens": 128}, **draft)
     for built_kind in {kind for _, fields in GROUPS.values() for kind in fields}:
         assert isinstance(getattr(llm.executor, built_kind), KINDS[built_kind].base_class()), built_kind
     assert type(getattr(llm.executor, kind)) is PLUGINS[kind].get(name).load()
