@@ -14,6 +14,7 @@ from framework.backend.choice import choose_backend
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.layers.linear import Linear
 from framework.models.checkpoint import head_dim_of, iter_weights, load_hf_config
+from framework.plugins.kinds import check_built
 from framework.resources.base import KVCacheSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,11 +65,15 @@ class PyTorchModelEngine(ModelEngine):
             keep_freed_cpu_memory()
             keep_onednn_primitives()
         self.hf_config = load_hf_config(checkpoint_dir)
-        self.backend = choose_backend(engine_config, plugins["backend"], self.device, self.dtype, head_dim_of(self.hf_config))
         architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
-        model_cls = plugins["model"].get(architectures[0]).load()
+        entry = plugins["model"].get(architectures[0])
+        model_cls = entry.load()
+        self.backend = choose_backend(
+            engine_config, plugins["backend"], self.device, self.dtype, head_dim_of(self.hf_config),
+            getattr(model_cls, "attention_variants", lambda config: frozenset())(self.hf_config),  # (not a CausalLM: refused below)
+        )
         with torch.device("meta"):
-            model = model_cls(self.hf_config, self.backend)
+            model = check_built("model", model_cls(self.hf_config, self.backend), entry)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(iter_weights(checkpoint_dir))
         self.model = model.eval()
@@ -82,7 +87,7 @@ class PyTorchModelEngine(ModelEngine):
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(
-            num_layers=len(self.model.layers),
+            num_layers=self.model.num_layers,
             num_kv_heads=self.model.num_kv_heads,
             head_dim=self.model.head_dim,
             dtype=self.dtype,

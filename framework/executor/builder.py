@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from framework.config import component_config
 from framework.executor.py_executor import PyExecutor
-from framework.plugins.kinds import KINDS
+from framework.plugins.kinds import KINDS, check_built
 from framework.resources.base import ResourceManager
 
 
@@ -19,10 +19,7 @@ class Builder:
         kind = KINDS[kind_name]
         group_cfg = self.cfg[kind.group]
         entry = self.plugins[kind_name].get(name or group_cfg[kind.field])
-        obj = entry.load()(group_cfg, component_config(group_cfg, entry.config), *context, **kw)
-        abc = kind.base_class()
-        if abc is not None and not isinstance(obj, abc):
-            raise TypeError(f"{kind.label} {entry.name!r} from {entry.provider} is not a {abc.__name__}")
+        obj = check_built(kind_name, entry.load()(group_cfg, component_config(group_cfg, entry.config), *context, **kw), entry)
         self.names[key or kind_name] = f"{kind.label} {entry.name!r} ({entry.provider})"
         return obj
 

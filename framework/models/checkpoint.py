@@ -113,3 +113,25 @@ def load_hf_config(folder: Path):
 def head_dim_of(hf_config) -> int:
     """The attention head size a Llama-family config declares (or implies)."""
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def layer_types(config) -> list[str]:
+    """Each layer's attention kind, as Hugging Face names it: "full_attention" or "sliding_attention"."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * config.num_hidden_layers  # Mistral: one window for every layer, when it sets one
+
+
+def layer_attention(config, index: int) -> dict:
+    """How layer `index` attends besides plain causal: its `sliding_window` and the scores'
+    `soft_cap`, each only where the config sets it (the `SelfAttention` keywords)."""
+    found = {}
+    window = getattr(config, "sliding_window", None)
+    # a window as long as the model's context never hides a key
+    if layer_types(config)[index] == "sliding_attention" and window and window < config.max_position_embeddings:
+        found["sliding_window"] = window
+    if getattr(config, "attn_logit_softcapping", None):
+        found["soft_cap"] = config.attn_logit_softcapping
+    return found

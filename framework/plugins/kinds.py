@@ -97,13 +97,22 @@ KINDS: dict[str, Kind] = {
             "decoding). Selected with `speculative=<name>`; `none` proposes nothing.",
         ),
         Kind(
-            "model", "register_models", None, "framework.models.builtins",
+            "model", "register_models", "framework.models.base:CausalLM", "framework.models.builtins",
             doc="model architectures under a checkpoint `architectures` name, e.g. \"LlamaForCausalLM\". The "
             "factory is called as factory(hf_config, backend): the Hugging Face config object and the engine's "
             "backend, whose ops the model's layers call.",
         ),
     )
 }
+
+
+def check_built(kind_name: str, obj, entry):
+    """`obj`, built from the registry `entry`, after checking it is an instance of its kind's ABC."""
+    kind = KINDS[kind_name]
+    abc = kind.base_class()
+    if abc is not None and not isinstance(obj, abc):
+        raise TypeError(f"{kind.label} {entry.name!r} from {entry.provider} is not a {abc.__name__}")
+    return obj
 
 
 def kinds_of_group(group: str) -> list[Kind]:
