@@ -1,64 +1,20 @@
-"""Gemma 3 (text): sliding-window layers between global ones, each kind with its own RoPE base;
-norms of the form `(1 + w) * rmsnorm(x)`, four per layer (before and after attention and MLP) and
-on each query and key head; a GELU-tanh gated MLP; the embedding scaled by sqrt(hidden); scores and
-logits soft-capped where the config says so."""
+"""Gemma 3 (text): Gemma 2 with each query and key head normalised before RoPE, and its sliding and
+global layers rotating with RoPE bases of their own (the config's per-layer-type `rope_parameters`)."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from framework.layers.gated_mlp import GatedMLP
 from framework.layers.norm import UnitOffsetRMSNorm
-from framework.layers.self_attention import SelfAttention
-from framework.models.checkpoint import head_dim_of, layer_attention, layer_types
-from framework.models.llama import LlamaForCausalLM
+from framework.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausalLM
 
 
-class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config, backend, index: int):
-        super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.rope = layer_types(config)[index]
-        self.self_attn = SelfAttention(
-            hidden, config.num_attention_heads, config.num_key_value_heads, head_dim_of(config), backend,
-            qkv_bias=config.attention_bias, out_bias=config.attention_bias, qk_norm=UnitOffsetRMSNorm, norm_eps=eps,
-            scale=config.query_pre_attn_scalar**-0.5, **layer_attention(config, index),
-        )
-        self.mlp = GatedMLP(hidden, config.intermediate_size, config.hidden_activation, False, backend)
-        self.input_layernorm = UnitOffsetRMSNorm(hidden, eps, backend)
-        self.post_attention_layernorm = UnitOffsetRMSNorm(hidden, eps, backend)
-        self.pre_feedforward_layernorm = UnitOffsetRMSNorm(hidden, eps, backend)
-        self.post_feedforward_layernorm = UnitOffsetRMSNorm(hidden, eps, backend)
+class Gemma3DecoderLayer(Gemma2DecoderLayer):
+    qk_norm = UnitOffsetRMSNorm
 
-    def forward(self, x, residual, cos_sin, meta, kv_cache):
-        if residual is None:
-            residual, hidden = x, self.input_layernorm(x)
-        else:
-            hidden, residual = self.input_layernorm(x, residual)
-        hidden = self.post_attention_layernorm(self.self_attn(hidden, cos_sin, meta, kv_cache))
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+    @staticmethod
+    def attention_variant(config, index: int) -> dict:
+        # transformers' Gemma 3 leaves `attn_logit_softcapping` unused (no Gemma 3 checkpoint sets it)
+        return {k: v for k, v in Gemma2DecoderLayer.attention_variant(config, index).items() if k != "soft_cap"}
 
 
-class Gemma3ForCausalLM(LlamaForCausalLM):
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
     layer_class = Gemma3DecoderLayer
-    norm_class = UnitOffsetRMSNorm
-
-    def __init__(self, config, backend):
-        super().__init__(config, backend)
-        # sqrt(hidden) as the activations' dtype holds it (transformers rounds it so before multiplying)
-        scale = config.hidden_size**0.5
-        as_float32 = torch.tensor(scale, dtype=torch.float32, device="cpu")
-        self.embed_scale = {dtype: as_float32.to(dtype).item() for dtype in (torch.float32, torch.bfloat16, torch.float16)}
-        self.final_soft_cap = getattr(config, "final_logit_softcapping", None)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        return x * self.embed_scale[x.dtype]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        if self.final_soft_cap:
-            logits = torch.tanh(logits / self.final_soft_cap) * self.final_soft_cap
-        return logits

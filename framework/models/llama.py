@@ -24,6 +24,11 @@ class LlamaDecoderLayer(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         return bias, bias
 
+    @staticmethod
+    def attention_variant(config, index: int) -> dict:
+        """How layer `index` attends besides plain causal (`SelfAttention`'s `sliding_window`, `soft_cap`)."""
+        return layer_attention(config, index)
+
     def __init__(self, config, backend, index: int):
         super().__init__()
         hidden = config.hidden_size
@@ -32,7 +37,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = SelfAttention(
             hidden, config.num_attention_heads, config.num_key_value_heads, head_dim_of(config), backend,
             qkv_bias=qkv_bias, out_bias=out_bias, qk_norm=self.qk_norm, norm_eps=config.rms_norm_eps,
-            **layer_attention(config, index),
+            **self.attention_variant(config, index),
         )
         self.mlp = GatedMLP(hidden, config.intermediate_size, config.hidden_act, getattr(config, "mlp_bias", False), backend)
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, backend)
@@ -77,7 +82,7 @@ class LlamaForCausalLM(CausalLM):
 
     @classmethod
     def attention_variants(cls, config) -> frozenset[str]:
-        return frozenset(v for i in range(config.num_hidden_layers) for v in layer_attention(config, i))
+        return frozenset(v for i in range(config.num_hidden_layers) for v in cls.layer_class.attention_variant(config, i))
 
     @property
     def num_layers(self) -> int:
