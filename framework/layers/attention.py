@@ -31,7 +31,7 @@ class AttentionGroup:
     shared_blocks: int = 0  # leading block-table columns that every row has in common
     own_rows: torch.Tensor | None = None  # cache rows (see `gather`) of the blocks after the shared ones
     shared_rows: torch.Tensor | None = None  # cache rows of the shared blocks
-    query_positions: torch.Tensor | None = None  # [b, max_query_len] absolute position of each query row
+    query_positions: torch.Tensor | None = None  # [b, max_query_len] absolute position of each query row (any device)
     window: int | None = None  # the sliding window the masks apply (None: plain causal)
 
     @property
@@ -117,7 +117,7 @@ def _group(members, starts, lengths, first_token, tables, cache_shape, dtype, de
         shared_blocks=shared,
         own_rows=cache_rows(block_tables[:, shared:], *cache_shape[:2]).to(device),
         shared_rows=cache_rows(block_tables[:1, :shared], *cache_shape[:2]).to(device) if shared else None,
-        query_positions=query_positions.to(device),
+        query_positions=query_positions,  # (moved to the device only by the layers that need it)
     )
 
 
@@ -133,12 +133,17 @@ def paged_attention(
 ) -> torch.Tensor:
     """q `[T, heads, head_dim]` over the caches `[kv_heads, blocks, block_size, head_dim]`, which
     already hold the step's own keys and values (`write_kv_cache`)."""
-    groups = [g for g in (meta.decode, meta.prefill) if g is not None]
+    return _each_group(_attend, q, k_cache, v_cache, [meta.decode, meta.prefill], scale)
+
+
+def _each_group(attend, q, k_cache, v_cache, groups, scale: float) -> torch.Tensor:
+    """`attend` over each group's queries, back in packed order."""
+    groups = [g for g in groups if g is not None]
     if len(groups) == 1:  # the whole batch is one kind: no scatter needed
-        return _attend(q, k_cache, v_cache, groups[0], scale)
+        return attend(q, k_cache, v_cache, groups[0], scale)
     out = torch.empty_like(q)
     for group in groups:
-        out[group.token_index] = _attend(q[group.token_index], k_cache, v_cache, group, scale)
+        out[group.token_index] = attend(q[group.token_index], k_cache, v_cache, group, scale)
     return out
 
 
@@ -262,21 +267,17 @@ def variant_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     if sliding_window is not None:
         groups = [_windowed(meta, g, sliding_window) for g in groups]
     attend = _attend if soft_cap is None else lambda *args: _capped_attention(*args, soft_cap)
-    if len(groups) == 1:
-        return attend(q, k_cache, v_cache, groups[0], scale)
-    out = torch.empty_like(q)
-    for group in groups:
-        out[group.token_index] = attend(q[group.token_index], k_cache, v_cache, group, scale)
-    return out
+    return _each_group(attend, q, k_cache, v_cache, groups, scale)
 
 
 def _windowed(meta: AttentionMetadata, group: AttentionGroup, window: int) -> AttentionGroup:
     """`group` with its mask narrowed to keys at most `window - 1` positions behind each query."""
     key = (id(group), window)
     if key not in meta.windowed:
-        context = (group.attn_bias if group.attn_bias is not None else group.attn_mask).shape[-1]
-        key_positions = torch.arange(context, device=group.query_positions.device)
-        near = key_positions[None, None, :] > group.query_positions[:, :, None] - window  # [b, q, context]
+        mask = group.attn_bias if group.attn_bias is not None else group.attn_mask
+        key_positions = torch.arange(mask.shape[-1], device=mask.device)
+        query_positions = group.query_positions.to(mask.device)
+        near = key_positions[None, None, :] > query_positions[:, :, None] - window  # [b, q, context]
         if group.attn_bias is not None:
             num_kv_heads = group.attn_bias.shape[0] // group.batch_size
             narrowed = replace(group, attn_bias=group.attn_bias + additive_mask(near, num_kv_heads, group.attn_bias.dtype))
