@@ -16,7 +16,7 @@ def cpu_runs_bf16() -> bool:
 
 
 def checkpoint_dtype(hf_config) -> torch.dtype | None:
-    found = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    found = getattr(hf_config, "dtype", None)  # (transformers reads an older config's `torch_dtype` into it)
     if isinstance(found, str):
         found = DTYPES.get(found.removeprefix("torch."))
     return found if found in DTYPES.values() else None
