@@ -22,7 +22,7 @@ from framework.plugins.kinds import KINDS, groups
 @dataclass
 class ModelConfig:
     path: str | None = None  # a Hugging Face checkpoint folder; None: the shipped SmolLM2-135M-Instruct
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (the checkpoint's where the device runs it natively, else float32) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     seed: int = 0  # seed of the engine-wide sampling generator

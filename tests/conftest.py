@@ -39,31 +39,47 @@ def tokenizer_dir(request):
     return Path(override) if override else request.getfixturevalue("smol_dir")
 
 
-def make_tiny_checkpoint(path, tokenizer_dir, *, seed=0, tie=False, rope_parameters=None, **overrides):
-    """A random Llama saved as a Hugging Face folder, with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# family -> transformers' (config class, model class) of a tiny checkpoint
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
 
-    settings = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-    )
-    config = LlamaConfig(**{**settings, **overrides})
+
+def make_tiny_checkpoint(path, tokenizer_dir, *, seed=0, tie=False, rope_parameters=None, family="llama", random_vectors=False, **overrides):
+    """A random model of `family` saved as a Hugging Face folder, with SmolLM2's tokenizer.
+    `random_vectors`: biases and norm weights random too (else as transformers initialises them)."""
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in FAMILIES[family])
+    if family == "llama" or rope_parameters is not None:
+        overrides["rope_parameters"] = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+    config = config_class(**{
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": tie,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **overrides,
+    })
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     # Larger weights than the default init give peaked, decisive logits (fewer near-ties).
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.15)
+            elif random_vectors:
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(str(path))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_dir / name).exists():
@@ -76,10 +92,11 @@ def tiny_dir(tmp_path_factory, tokenizer_dir):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 
 
-def reference_model(path):
-    from transformers import LlamaForCausalLM
+def reference_model(path, **options):
+    """transformers' model of the checkpoint at `path`, in float32 (`options`: e.g. attn_implementation)."""
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **options).eval()
     model.generation_config.eos_token_id = None  # the comparisons ignore EOS, like ignore_eos=True
     return model
 

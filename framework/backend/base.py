@@ -34,6 +34,9 @@ class Backend(ABC):
 
     name: str  # the name it registers under, reported by the engine (logs, bench JSON)
     priority: int = 0  # `engine.backend=auto` tries the higher first
+    # what `variant_attention` implements: "sliding_window", "soft_cap"; a model whose layers use
+    # one runs only on backends that list it (`CausalLM.attention_variants`)
+    attention_variants: frozenset[str] = frozenset()
 
     def __init__(self, engine_config, config, device, dtype):
         self.engine_config = engine_config
@@ -87,6 +90,26 @@ class Backend(ABC):
     def silu_and_mul(self, gate_up):
         """SwiGLU of a fused `[..., 2 * width]` gate|up projection: `silu(gate) * up`, `[..., width]`."""
 
+    def gelu_tanh_and_mul(self, gate_up):
+        """`gelu_tanh(gate) * up` of a fused `[..., 2 * width]` gate|up projection (Gemma's MLP). The
+        default runs PyTorch's ops, which any backend's tensors take."""
+        from framework.layers.activation import gelu_tanh_and_mul
+
+        return gelu_tanh_and_mul(gate_up)
+
+    def qk_norm(self, qkv, q_weight, k_weight, eps: float, num_heads: int, num_kv_heads: int):
+        """`qkv` `[T, (num_heads + 2 * num_kv_heads) * d]` with every query head RMS-normalised by
+        `q_weight` `[d]` and every key head by `k_weight` (QK-norm, before the rotation). The default
+        runs this backend's `rms_norm` over the heads as rows."""
+        import torch
+
+        head_dim = q_weight.shape[0]
+        q_size, k_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, v = qkv.split([q_size, k_size, k_size], dim=-1)
+        q = self.rms_norm(q.reshape(-1, head_dim), q_weight, eps).view(len(qkv), q_size)
+        k = self.rms_norm(k.reshape(-1, head_dim), k_weight, eps).view(len(qkv), k_size)
+        return torch.cat([q, k, v], dim=-1)
+
     # ---- attention -----------------------------------------------------------------------------
     @abstractmethod
     def attention_metadata(self, positions, block_tables: list[list[int]], query_lens, context_lens, cache_shape) -> Any:
@@ -102,6 +125,13 @@ class Backend(ABC):
         """Causal attention of the packed queries `q` `[T, heads, d]` over each request's cached
         context (which already holds the step's own keys and values), with grouped KV heads:
         `[T, heads, d]`."""
+
+    def variant_attention(self, q, k_cache, v_cache, meta, scale: float, sliding_window=None, soft_cap=None):
+        """`attention` where each query sees only its own position and the `sliding_window - 1`
+        before it, and/or the scores (already scaled) become `soft_cap * tanh(scores / soft_cap)`
+        before the causal mask. Called only with the variants the class lists in
+        `attention_variants`."""
+        raise NotImplementedError(f"backend {self.name!r} implements no attention variants")
 
     # ---- sampling ------------------------------------------------------------------------------
     def argmax(self, logits):

@@ -1,5 +1,6 @@
 """Which registered backend runs a model: `engine.backend=<name>`, or `auto`, the backend of the highest
-priority whose class supports the device, dtype and head size (ties keep registration order)."""
+priority whose class supports the device, dtype and head size and implements the attention variants
+the model's layers use (ties keep registration order)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ logger = logging.getLogger(__name__)
 AUTO = "auto"
 
 
-def _describe(device, dtype, head_dim: int) -> str:
-    return f"{device.type} / {str(dtype).replace('torch.', '')} / head size {head_dim}"
+def _describe(device, dtype, head_dim: int, variants=frozenset()) -> str:
+    described = f"{device.type} / {str(dtype).replace('torch.', '')} / head size {head_dim}"
+    return described + "".join(f" / {variant} attention" for variant in sorted(variants))
 
 
 def _load(entry) -> type[Backend]:
@@ -34,37 +36,50 @@ def _candidates(registry):
     return sorted(found, key=lambda pair: -pair[1].priority)
 
 
-def choose_backend(engine_config, registry, device, dtype, head_dim: int):
-    """Build the backend the config selects from the `backend` registry; logs which and why."""
-    wanted = _describe(device, dtype, head_dim)
+def choose_backend(engine_config, registry, device, dtype, head_dim: int, variants=frozenset()):
+    """Build the backend the config selects from the `backend` registry; logs which and why.
+    `variants`: the attention variants the model's layers use (`Backend.attention_variants`)."""
+    wanted = _describe(device, dtype, head_dim, variants)
     if engine_config.backend == AUTO:
-        entry, cls = _best(registry, device, dtype, head_dim)
+        entry, cls = _best(registry, device, dtype, head_dim, variants)
     else:
-        entry, cls = _named(engine_config.backend, registry, device, dtype, head_dim)
+        entry, cls = _named(engine_config.backend, registry, device, dtype, head_dim, variants)
         logger.info("engine.backend=%s (%s) runs %s", entry.name, entry.provider, wanted)
     return cls(engine_config, component_config(engine_config, entry.config), device, dtype)
 
 
-def _best(registry, device, dtype, head_dim: int):
-    """(entry, class) of the backend `auto` takes: the first of the highest priority that supports the model."""
+def _lacks(cls, device, dtype, head_dim: int, variants) -> str | None:
+    """Why `cls` cannot run the model here, or None when it can."""
+    if not cls.supports(device, dtype, head_dim):
+        return "does not support it here"
+    missing = sorted(set(variants) - cls.attention_variants)
+    return f"lacks {', '.join(missing)} attention" if missing else None
+
+
+def _best(registry, device, dtype, head_dim: int, variants):
+    """(entry, class) of the backend `auto` takes: the first of the highest priority that runs the model."""
     passed = []
+    wanted = _describe(device, dtype, head_dim, variants)
     for entry, cls in _candidates(registry):
-        if cls.supports(device, dtype, head_dim):
+        reason = _lacks(cls, device, dtype, head_dim, variants)
+        if reason is None:
             logger.info(
                 "engine.backend=auto chose %r (%s): priority %d, supports %s%s", entry.name, entry.provider,
-                cls.priority, _describe(device, dtype, head_dim), f"; passed over {', '.join(passed)}" if passed else "",
+                cls.priority, wanted, f"; passed over {', '.join(passed)}" if passed else "",
             )
             return entry, cls
-        passed.append(f"{entry.name!r} (does not support it here)")
-    raise ValueError(f"no backend supports {_describe(device, dtype, head_dim)}; installed: {registry.describe()}")
+        passed.append(f"{entry.name!r} ({reason})")
+    raise ValueError(f"no backend supports {wanted}; installed: {registry.describe()}")
 
 
-def _named(name: str, registry, device, dtype, head_dim: int):
+def _named(name: str, registry, device, dtype, head_dim: int, variants):
     entry = registry.get(name)
     cls = _load(entry)
-    if not cls.supports(device, dtype, head_dim):
+    reason = _lacks(cls, device, dtype, head_dim, variants)
+    if reason is not None:
+        wanted = _describe(device, dtype, head_dim, variants)
+        reason = f"does not support {wanted} here" if reason.startswith("does not") else f"{reason} ({wanted})"
         raise ValueError(
-            f"backend {name!r} ({entry.provider}) does not support {_describe(device, dtype, head_dim)} here; "
-            f"use engine.backend=auto or one of: {registry.describe()}"
+            f"backend {name!r} ({entry.provider}) {reason}; use engine.backend=auto or one of: {registry.describe()}"
         )
     return entry, cls

@@ -79,6 +79,7 @@ class CUDADecodeGraphs:
             chunks=[(0, 1)] * batch,
             attn_bias=additive_mask(visible[:, None, :], self.num_kv_heads, self.dtype),
             own_rows=cache_rows(tables, self.num_kv_heads, self.num_blocks),
+            query_positions=inputs[:, POSITION : POSITION + 1],
         )
         meta = AttentionMetadata(slot_mapping=inputs[:, SLOT].contiguous(), decode=decode, prefill=None)
         hidden = self.model(inputs[:, TOKEN].contiguous(), inputs[:, POSITION].contiguous(), meta, self.kv_caches)

@@ -13,6 +13,7 @@ from framework.layers.rotary import apply_rotary
 class TorchBackend(Backend):
     name = "torch"
     priority = 0
+    attention_variants = frozenset({"sliding_window", "soft_cap"})
 
     def __init__(self, engine_config, config, device, dtype):
         super().__init__(engine_config, config or TorchBackendConfig(), device, dtype)
@@ -52,6 +53,9 @@ class TorchBackend(Backend):
 
     def attention(self, q, k_cache, v_cache, meta, scale):
         return attention.paged_attention(q, k_cache, v_cache, meta, scale)
+
+    def variant_attention(self, q, k_cache, v_cache, meta, scale, sliding_window=None, soft_cap=None):
+        return attention.variant_attention(q, k_cache, v_cache, meta, scale, sliding_window, soft_cap)
 
     def decode_graphs(self, model, kv_caches, block_size, max_model_len):
         if not (self.config.cuda_graphs and self.device.type == "cuda"):

@@ -6,32 +6,23 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 
 import torch
 
 from framework.backend.choice import choose_backend
 from framework.engine.base import ForwardOutput, ModelEngine
+from framework.engine.dtype import choose_dtype
 from framework.layers.linear import Linear
 from framework.models.checkpoint import head_dim_of, iter_weights, load_hf_config
+from framework.plugins.kinds import KINDS
 from framework.resources.base import KVCacheSpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: float32 on CPU (exact, and what transformers uses by default), bfloat16 on CUDA."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
 
 
 def keep_freed_cpu_memory() -> None:
@@ -54,21 +45,29 @@ def keep_onednn_primitives(capacity: int = 8192) -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
+logger = logging.getLogger(__name__)
+
+
 class PyTorchModelEngine(ModelEngine):
     def __init__(self, engine_config, config, model_config, checkpoint_dir, plugins):
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
         self.device = resolve_device(model_config.device)
-        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.hf_config = load_hf_config(checkpoint_dir)
+        self.dtype, why = choose_dtype(model_config.dtype, self.device, self.hf_config)
+        logger.info("dtype %s (%s)", str(self.dtype).removeprefix("torch."), why)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
             keep_onednn_primitives()
-        self.hf_config = load_hf_config(checkpoint_dir)
-        self.backend = choose_backend(engine_config, plugins["backend"], self.device, self.dtype, head_dim_of(self.hf_config))
         architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
-        model_cls = plugins["model"].get(architectures[0]).load()
+        entry = plugins["model"].get(architectures[0])
+        model_cls = entry.load()
+        self.backend = choose_backend(
+            engine_config, plugins["backend"], self.device, self.dtype, head_dim_of(self.hf_config),
+            getattr(model_cls, "attention_variants", lambda config: frozenset())(self.hf_config),  # (not a CausalLM: refused below)
+        )
         with torch.device("meta"):
-            model = model_cls(self.hf_config, self.backend)
+            model = KINDS["model"].checked(model_cls(self.hf_config, self.backend), entry)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(iter_weights(checkpoint_dir))
         self.model = model.eval()
@@ -82,7 +81,7 @@ class PyTorchModelEngine(ModelEngine):
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(
-            num_layers=len(self.model.layers),
+            num_layers=self.model.num_layers,
             num_kv_heads=self.model.num_kv_heads,
             head_dim=self.model.head_dim,
             dtype=self.dtype,

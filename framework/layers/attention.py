@@ -7,7 +7,7 @@ cached context, gathered through its block table, with a causal mask on absolute
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,8 @@ class AttentionGroup:
     shared_blocks: int = 0  # leading block-table columns that every row has in common
     own_rows: torch.Tensor | None = None  # cache rows (see `gather`) of the blocks after the shared ones
     shared_rows: torch.Tensor | None = None  # cache rows of the shared blocks
+    query_positions: torch.Tensor | None = None  # [b, max_query_len] absolute position of each query row (any device)
+    window: int | None = None  # the sliding window the masks apply (None: plain causal)
 
     @property
     def batch_size(self) -> int:
@@ -45,6 +47,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
+    # (group, window) -> the group with its masks narrowed to the window: built by the first
+    # sliding-window layer of the step, reused by the others
+    windowed: dict = field(default_factory=dict)
 
 
 def pad_tables(tables: list[list[int]]) -> torch.Tensor:
@@ -112,6 +117,7 @@ def _group(members, starts, lengths, first_token, tables, cache_shape, dtype, de
         shared_blocks=shared,
         own_rows=cache_rows(block_tables[:, shared:], *cache_shape[:2]).to(device),
         shared_rows=cache_rows(block_tables[:1, :shared], *cache_shape[:2]).to(device) if shared else None,
+        query_positions=query_positions,  # (moved to the device only by the layers that need it)
     )
 
 
@@ -127,12 +133,17 @@ def paged_attention(
 ) -> torch.Tensor:
     """q `[T, heads, head_dim]` over the caches `[kv_heads, blocks, block_size, head_dim]`, which
     already hold the step's own keys and values (`write_kv_cache`)."""
-    groups = [g for g in (meta.decode, meta.prefill) if g is not None]
+    return _each_group(_attend, q, k_cache, v_cache, [meta.decode, meta.prefill], scale)
+
+
+def _each_group(attend, q, k_cache, v_cache, groups, scale: float) -> torch.Tensor:
+    """`attend` over each group's queries, back in packed order."""
+    groups = [g for g in groups if g is not None]
     if len(groups) == 1:  # the whole batch is one kind: no scatter needed
-        return _attend(q, k_cache, v_cache, groups[0], scale)
+        return attend(q, k_cache, v_cache, groups[0], scale)
     out = torch.empty_like(q)
     for group in groups:
-        out[group.token_index] = _attend(q[group.token_index], k_cache, v_cache, group, scale)
+        out[group.token_index] = attend(q[group.token_index], k_cache, v_cache, group, scale)
     return out
 
 
@@ -208,7 +219,7 @@ def _chunks_through_sdpa(q, k_cache, v_cache, group: AttentionGroup, scale: floa
     for i, (start, length) in enumerate(group.chunks):
         context = start + length
         # (a 4-D mask: SDPA falls back to its slow math kernel for a 3-D one)
-        mask = None if start == 0 else group.attn_mask[i : i + 1, :, :length, :context]
+        mask = None if start == 0 and group.window is None else group.attn_mask[i : i + 1, :, :length, :context]
         chunk = F.scaled_dot_product_attention(
             q[offset : offset + length].transpose(0, 1).unsqueeze(0),
             keys[i : i + 1, :, :context],
@@ -247,3 +258,57 @@ def _shared_prefix_attention(queries, k_cache, v_cache, group: AttentionGroup, s
     # [b, kv_heads, q, group, d] -> [b * q, heads, d]
     out = out.view(batch, num_kv_heads, max_query_len, -1, head_dim).transpose(1, 2)
     return out.reshape(-1, num_heads, head_dim)
+
+
+def variant_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None, soft_cap=None):
+    """`paged_attention` where each query sees only its own position and the `sliding_window - 1`
+    before it, and/or the scores pass through `soft_cap * tanh(scores / soft_cap)` before the mask."""
+    groups = [g for g in (meta.decode, meta.prefill) if g is not None]
+    if sliding_window is not None:
+        groups = [_windowed(meta, g, sliding_window) for g in groups]
+    attend = _attend if soft_cap is None else lambda *args: _capped_attention(*args, soft_cap)
+    return _each_group(attend, q, k_cache, v_cache, groups, scale)
+
+
+def _windowed(meta: AttentionMetadata, group: AttentionGroup, window: int) -> AttentionGroup:
+    """`group` with its mask narrowed to keys at most `window - 1` positions behind each query."""
+    key = (id(group), window)
+    if key not in meta.windowed:
+        mask = group.attn_bias if group.attn_bias is not None else group.attn_mask
+        key_positions = torch.arange(mask.shape[-1], device=mask.device)
+        query_positions = group.query_positions.to(mask.device)
+        near = key_positions[None, None, :] > query_positions[:, :, None] - window  # [b, q, context]
+        if group.attn_bias is not None:
+            num_kv_heads = group.attn_bias.shape[0] // group.batch_size
+            narrowed = replace(group, attn_bias=group.attn_bias + additive_mask(near, num_kv_heads, group.attn_bias.dtype))
+        else:
+            narrowed = replace(group, attn_mask=group.attn_mask & near.unsqueeze(1))
+        meta.windowed[key] = replace(narrowed, window=window)
+    return meta.windowed[key]
+
+
+def _capped_attention(q, k_cache, v_cache, group: AttentionGroup, scale: float, soft_cap: float) -> torch.Tensor:
+    """Attention with soft-capped scores, in plain matmuls over each request's whole context
+    (shared blocks included): queries padded to `[b, max_query_len]`, mask added after the cap."""
+    num_kv_heads, _, _, head_dim = k_cache.shape
+    batch, max_query_len, num_heads = group.batch_size, group.max_query_len, q.shape[1]
+    queries = q if max_query_len == 1 else q.new_zeros(batch * max_query_len, num_heads, head_dim).index_copy_(0, group.query_slot, q)
+    keys, values = gather(k_cache, group.own_rows, batch), gather(v_cache, group.own_rows, batch)
+    if group.shared_blocks:
+        shared_keys, shared_values = gather(k_cache, group.shared_rows, 1), gather(v_cache, group.shared_rows, 1)
+        keys = torch.cat([shared_keys.expand(batch, -1, -1, -1), keys], dim=2)
+        values = torch.cat([shared_values.expand(batch, -1, -1, -1), values], dim=2)
+    # [b, q, kv_heads, group, d] -> [b, kv_heads, q * group, d]
+    grouped = queries.view(batch, max_query_len, num_kv_heads, -1, head_dim).transpose(1, 2).reshape(batch, num_kv_heads, -1, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / soft_cap) * soft_cap
+    context = scores.shape[-1]
+    if group.attn_bias is not None:
+        bias = group.attn_bias.view(batch, num_kv_heads, max_query_len, 1, context)
+    else:
+        bias = additive_mask(group.attn_mask[:, 0], num_kv_heads, scores.dtype).view(batch, num_kv_heads, max_query_len, 1, context)
+    scores = scores.view(batch, num_kv_heads, max_query_len, -1, context) + bias
+    probs = torch.softmax(scores, dim=-1).view(batch, num_kv_heads, -1, context)
+    out = torch.matmul(probs, values).view(batch, num_kv_heads, max_query_len, -1, head_dim).transpose(1, 2)
+    out = out.reshape(batch * max_query_len, num_heads, head_dim)
+    return out if max_query_len == 1 else out[group.query_slot]

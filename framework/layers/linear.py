@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.layers.weight_loading import copy_into
+
 
 def can_pack(weight: torch.Tensor) -> bool:
     return (
@@ -49,3 +51,28 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.linear(x, self.weight, self.bias, self.prepared)
+
+
+class MergedLinear(Linear):
+    """Several projections of one input as one matmul, their outputs side by side: `[gate | up]`,
+    or `[q | k | v]`. Each checkpoint tensor is loaded into its own rows (`part`: its name)."""
+
+    def __init__(self, in_features: int, part_sizes: dict, bias: bool, backend):
+        super().__init__(in_features, sum(part_sizes.values()), bias, backend)
+        self.part_rows, start = {}, 0
+        for part, size in part_sizes.items():
+            self.part_rows[part] = (start, size)
+            start += size
+        parts = tuple(part_sizes)
+        self.weight_parts = {"weight": parts, "bias": parts}
+
+    def load_weight(self, name: str, tensor: torch.Tensor, part) -> None:
+        if part not in self.part_rows:
+            raise ValueError(f"{name}: no part {part!r} (parts: {', '.join(map(str, self.part_rows))})")
+        copy_into(getattr(self, name).data.narrow(0, *self.part_rows[part]), tensor)
+
+
+def qkv_linear(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, backend) -> MergedLinear:
+    """The fused query, key and value projection, `[q | k | v]` (parts "q", "k", "v")."""
+    sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
+    return MergedLinear(hidden_size, sizes, bias, backend)

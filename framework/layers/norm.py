@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from framework.layers.weight_loading import copy_into
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * rmsnorm(x)`: normalised in float32, scaled in the model dtype (as the reference
@@ -25,3 +27,11 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.backend.rms_norm(x, self.weight, self.eps)
         return self.backend.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class UnitOffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm, `(1 + w) * rmsnorm(x)`: the checkpoint holds `w`, the parameter `1 + w`, so
+    the backend's plain `rms_norm` runs it."""
+
+    def load_weight(self, name: str, tensor: torch.Tensor, part) -> None:
+        copy_into(self.weight.data, tensor.float() + 1.0)

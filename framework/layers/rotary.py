@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 
-def rope_parameters(config) -> dict:
+def rope_parameters(config, layer_type: str | None = None) -> dict:
+    """The RoPE settings of the config, or of its layers of `layer_type` where the config keeps one
+    set per layer type (Gemma 3: its sliding-window and global layers rotate with other bases)."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if layer_type in params:
+        params = params[layer_type]
     params = dict(params)
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params.setdefault("rope_type", params.get("type", "default"))

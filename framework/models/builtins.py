@@ -8,3 +8,7 @@ from framework.plugins.hookspecs import hookimpl
 def register_models(register):
     register("LlamaForCausalLM", "framework.models.llama:LlamaForCausalLM")
     register("MistralForCausalLM", "framework.models.llama:LlamaForCausalLM")
+    register("Qwen2ForCausalLM", "framework.models.qwen2:Qwen2ForCausalLM")
+    register("Qwen3ForCausalLM", "framework.models.qwen3:Qwen3ForCausalLM")
+    register("Gemma2ForCausalLM", "framework.models.gemma2:Gemma2ForCausalLM")
+    register("Gemma3ForCausalLM", "framework.models.gemma3:Gemma3ForCausalLM")

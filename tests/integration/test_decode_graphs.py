@@ -9,7 +9,7 @@ import pytest
 
 from framework import LLM, SamplingParams
 from framework.backend.cuda_graphs import CUDADecodeGraphs, bucket
-from tests.conftest import GREEDY, random_prompts
+from tests.conftest import GREEDY, make_tiny_checkpoint, random_prompts
 
 
 def test_bucket_is_the_next_power_of_two_up_to_the_limit():
@@ -73,6 +73,21 @@ def test_padded_decode_steps_match_the_packed_path(tiny_dir, monkeypatch):
     assert _generate(llm, prompts, max_tokens) == expected
     assert {b for b, _ in steps} >= {8, 4, 1} and len({w for _, w in steps}) >= 2
     assert llm.executor.kv_cache_manager.num_free_blocks == llm.executor.kv_cache_manager.get_max_resource_count()
+
+
+def test_padded_decode_steps_of_sliding_window_and_soft_capped_layers_match(tmp_path, tokenizer_dir, monkeypatch):
+    # the graphs' decode metadata gives the window its query positions, and padding rows stay harmless
+    path = make_tiny_checkpoint(
+        tmp_path / "gemma2", tokenizer_dir, family="gemma2", head_dim=16, sliding_window=8, attn_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    llm = torch_llm(path, **{"kv_cache.block_size": 4})
+    prompts = random_prompts([3, 20, 11], seed=8)
+    max_tokens = [14, 5, 9]
+    use_graphs(llm, monkeypatch, on=False)
+    expected = _generate(llm, prompts, max_tokens)
+    use_graphs(llm, monkeypatch, on=True)
+    assert _generate(llm, prompts, max_tokens) == expected
 
 
 def test_steps_beyond_the_largest_bucket_run_eagerly(tiny_dir, monkeypatch):

@@ -116,8 +116,9 @@ def test_fused_projections_equal_transformers_unfused(tiny_dir, engine):
     torch.manual_seed(1)
     x = torch.randn(9, hf.config.hidden_size)
     for i, (layer, ref) in enumerate(zip(ours.layers, hf.model.layers, strict=True)):
-        q, k, v = layer.qkv_proj(x).split(layer.qkv_sizes, dim=-1)
-        gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)
+        qkv_proj = layer.self_attn.qkv_proj
+        q, k, v = qkv_proj(x).split([size for _, size in qkv_proj.part_rows.values()], dim=-1)
+        gate, up = layer.mlp.gate_up_proj(x).chunk(2, dim=-1)
         attn, mlp = ref.self_attn, ref.mlp
         for name, got, want in [
             ("q", q, attn.q_proj(x)), ("k", k, attn.k_proj(x)), ("v", v, attn.v_proj(x)),

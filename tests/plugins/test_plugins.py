@@ -281,3 +281,34 @@ def test_a_name_shared_by_both_scheduler_kinds_is_refused():
     plugins = create_plugin_manager(extra_plugins=[Both()], autoload=False)
     with pytest.raises(PluginError, match="'max_utilization' is provided twice"):
         register_configs(plugins)
+
+
+def test_models_are_checked_against_the_causal_lm_abc(tiny_dir, tmp_path):
+    import shutil
+
+    import torch
+
+    from framework.models.llama import LlamaForCausalLM
+
+    class NotAModel(torch.nn.Module):
+        def __init__(self, config, backend):
+            super().__init__()
+
+    class MyLlama(LlamaForCausalLM):
+        pass
+
+    class Models:
+        @hookimpl
+        def register_models(self, register):
+            register("NotAModel", NotAModel)
+            register("MyLlama", MyLlama)
+
+    plugins = create_plugin_manager(extra_plugins=[Models()], autoload=False)
+    for architecture in ("NotAModel", "MyLlama"):
+        path = shutil.copytree(tiny_dir, tmp_path / architecture)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "architectures": [architecture]}))
+    with pytest.raises(TypeError, match="model 'NotAModel' from .* is not a CausalLM"):
+        LLM(str(tmp_path / "NotAModel"), plugins=plugins, dtype="float32", **{"kv_cache.max_tokens": 256})
+    llm = LLM(str(tmp_path / "MyLlama"), plugins=plugins, dtype="float32", **{"kv_cache.max_tokens": 256})
+    assert type(llm.executor.model_engine.model) is MyLlama

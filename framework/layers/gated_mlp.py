@@ -1,0 +1,25 @@
+"""The gated MLP of a decoder layer: fused gate|up projection, `act(gate) * up` on the backend, down
+projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from framework.layers.linear import Linear, MergedLinear
+
+# Hugging Face activation name -> the backend op that gates with it
+GATED_ACTIVATIONS = {"silu": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul"}
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool, backend):
+        super().__init__()
+        if activation not in GATED_ACTIVATIONS:
+            raise NotImplementedError(f"activation {activation!r} is not supported ({', '.join(GATED_ACTIVATIONS)} are)")
+        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias, backend)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias, backend)
+        self.act_and_mul = getattr(backend, GATED_ACTIVATIONS[activation])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
