@@ -2,6 +2,7 @@
 its own clock by a fixed amount, so every time below is computed by hand), a simulated cluster,
 and a tiny real model end to end."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -141,6 +142,17 @@ def test_wall_clock_engines_cannot_form_a_cluster(tiny_dir):
     other.executor.model_engine.clock = shared.clock
     with pytest.raises(ValueError, match="share one clock"):
         replay([shared, other], [request(0.0)], RoundRobinRouter(), progress=False)
+
+
+@pytest.mark.parametrize("scheduler, order", [("fcfs", ["a0", "a1", "a2", "b0"]), ("fair", ["a0", "b0", "a1", "a2"])])
+def test_tenants_reach_the_scheduler(tiny_dir, scheduler, order):
+    """One request at a time: fcfs serves in arrival order; fair serves tenant b's one request
+    as soon as a's first is done, since b's counter is then the lower."""
+    names = ["a0", "a1", "a2", "b0"]
+    requests = [dataclasses.replace(request(0.0, first=1000 + 100 * i), tenant=name[0]) for i, name in enumerate(names)]
+    result = replay([virtual_llm(tiny_dir, scheduler=scheduler, **{"scheduler.max_batch_size": 1})], requests, RoundRobinRouter(), progress=False)
+    assert [name for _, name in sorted(zip((t.ttft for t in result.timings), names))] == order
+    assert [t.tenant for t in result.timings] == ["a", "a", "a", "b"]
 
 
 def test_a_refused_request_counts_as_failed(tiny_dir):
