@@ -217,6 +217,27 @@ def test_sweep_figure_after_a_multirun(tmp_path, tiny_dir):
     assert describe_workload(documents) == "arrivals poisson; input fixed 128; output fixed 64"
 
 
+def test_a_sweep_of_schedulers_draws_them_side_by_side(tmp_path, tiny_dir):
+    from omegaconf import OmegaConf
+
+    tenants = "replay.tenants=[{name:flood,share:3,priority:1},{name:chat,priority:0}]"
+    for scheduler in ("fcfs", "fair"):
+        common = ["engine=virtual_fake", tenants, "replay.num_requests=12", "replay.rate=8", "scheduler.max_batch_size=2", *(f"{k}={v}" for k, v in KV.items())]
+        run(tmp_path / "sweep", tiny_dir, scheduler, f"scheduler={scheduler}", *common)
+    sweep = {"mode": "replay", "replay": {"out": None}, "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}
+    SweepFigure().on_multirun_end(OmegaConf.create(sweep))
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+    documents = read_reports(tmp_path / "sweep")
+    assert configuration_labels(documents) == ["scheduler=fair", "scheduler=fcfs"]
+    assert "tenants flood 75% (priority 1), chat 25% (priority 0)" in describe_workload(documents)
+    for document in documents:
+        senders = [(r["tenant"], r["priority"]) for r in document["requests"]]
+        assert set(senders) == {("flood", 1), ("chat", 0)}
+        tenants_stats = document["statistics"]["tenants"]
+        assert sum(tenants_stats[name]["requests"] for name in ("flood", "chat")) == 12
+        assert set(document["statistics"]["priorities"]) == {"0", "1"}
+
+
 def test_the_sweep_callback_is_configured():
     from pathlib import Path
 
