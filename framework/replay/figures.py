@@ -107,13 +107,13 @@ def configurations_figure(documents: list[dict], labels: list[str], path: Path) 
     panels[0].bar(x, [s["goodput"] or 0.0 for s in stats], color="C2")
     panels[0].set(title=f"goodput ({slo_bounds(documents)})", ylabel="requests/s meeting the SLO")
     ttft = {
-        "all": [s["ttft_ms"]["p90"] for s in stats],
-        "short": [s["by_length"]["short"]["ttft_ms"]["p90"] for s in stats],
-        "long": [s["by_length"]["long"]["ttft_ms"]["p90"] for s in stats],
+        "all": [_ttft_p90(s) for s in stats],
+        "short": [_ttft_p90(s, "by_length", "short") for s in stats],
+        "long": [_ttft_p90(s, "by_length", "long") for s in stats],
     }
     _grouped_bars(panels[1], x, ttft, "TTFT p90 (short: prompt + output < median)", "ms")
     if tenants:
-        per_tenant = {name: [s.get("tenants", {}).get(name, {}).get("ttft_ms", {}).get("p90") for s in stats] for name in tenants}
+        per_tenant = {name: [_ttft_p90(s, "tenants", name) for s in stats] for name in tenants}
         _grouped_bars(panels[2], x, per_tenant, "TTFT p90 per tenant", "ms")
         bottom = np.zeros(len(stats))
         for i, name in enumerate(tenants):
@@ -130,6 +130,13 @@ def configurations_figure(documents: list[dict], labels: list[str], path: Path) 
     figure.suptitle(sweep_title(documents, 200 if tenants else 110), fontsize="medium")
     figure.savefig(path, dpi=100)
     return path
+
+
+def _ttft_p90(statistics: dict, *path: str) -> float | None:
+    """The TTFT p90 of `statistics` or of the group at `path` in it (None where a run has none)."""
+    for key in path:
+        statistics = statistics.get(key, {})
+    return statistics.get("ttft_ms", {}).get("p90")
 
 
 def common_key(labels: list[str]) -> tuple[str, list[str]]:

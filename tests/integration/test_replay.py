@@ -13,7 +13,7 @@ from framework.config import ReplayConfig, compose
 from framework.plugins.hookspecs import hookimpl
 from framework.plugins.manager import create_plugin_manager
 from framework.replay.driver import replay
-from framework.replay.figures import configuration_labels, describe_workload, request_rate
+from framework.replay.figures import common_key, configuration_labels, describe_workload, request_rate
 from framework.replay.report import read_reports
 from framework.replay.runner import run_replay
 from framework.replay.statistics import summarize
@@ -229,6 +229,8 @@ def test_a_sweep_of_schedulers_draws_them_side_by_side(tmp_path, tiny_dir):
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
     documents = read_reports(tmp_path / "sweep")
     assert configuration_labels(documents) == ["scheduler=fair", "scheduler=fcfs"]
+    assert common_key(configuration_labels(documents)) == ("scheduler", ["fair", "fcfs"])  # the bars' ticks
+    assert common_key(["scheduler=fcfs kv_cache.block_size=8", "scheduler=sjf"])[0] == ""
     assert "tenants flood 75% (priority 1), chat 25% (priority 0)" in describe_workload(documents)
     for document in documents:
         senders = [(r["tenant"], r["priority"]) for r in document["requests"]]
