@@ -123,6 +123,16 @@ class SLOConfig:
 
 
 @dataclass
+class TenantConfig:
+    """One tenant of `mode=replay`'s workload: each request is its with probability `share` over
+    the sum of the tenants' shares."""
+
+    name: str = ""
+    share: float = 1.0
+    priority: int | None = None  # every request of the tenant carries it (lower is more important)
+
+
+@dataclass
 class ReplayConfig:
     """`mode=replay`: a serving benchmark, arrivals from a distribution or a trace
     (docs/serving-benchmark.md)."""
@@ -139,8 +149,9 @@ class ReplayConfig:
     length_scale: float = 1.0  # trace lengths (and Mooncake's prefix blocks) are multiplied by this
     max_input_len: int | None = None  # then clipped to these (None: the model's length decides)
     max_output_len: int | None = None
-    seed: int = 0  # arrivals, lengths and prompt token ids
+    seed: int = 0  # arrivals, lengths, prompt token ids and tenants
     slo: SLOConfig = field(default_factory=SLOConfig)
+    tenants: list[TenantConfig] = field(default_factory=list)  # who sends each request; empty: nobody in particular
     url: str | None = None  # drive this OpenAI-compatible server (streaming completions) instead of an in-process engine
     model: str | None = None  # with url: the model name to send (None: the server's first in /v1/models)
     vocab_size: int | None = None  # prompt token ids lie below this; None: the model's (32000 with url)

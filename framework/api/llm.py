@@ -205,12 +205,23 @@ class LLM:
         engine's virtual one)."""
         return self.executor.model_engine.clock
 
-    def add_request(self, prompt: Prompt, sampling_params: SamplingParams, *, request_id=None, arrival_time: float | None = None, priority: int | None = None) -> str:
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams,
+        *,
+        request_id=None,
+        arrival_time: float | None = None,
+        priority: int | None = None,
+        tenant: str | None = None,
+        ttft_slo_ms: float | None = None,
+    ) -> str:
         """Queue one prompt for `step()`; returns its request id. `arrival_time` (on `clock`,
-        default now) is when it counts as having arrived. Raises ValueError for a bad request."""
+        default now) is when it counts as having arrived; the scheduling metadata are `generate`'s.
+        Raises ValueError for a bad request."""
         if self._thread is not None:
             raise RuntimeError("add_request/step drive the engine by hand; the background loop is running")
-        group = self.new_request_group(prompt, sampling_params, priority, request_id=request_id)
+        group = self.new_request_group(prompt, sampling_params, priority, request_id=request_id, tenant=tenant, ttft_slo_ms=ttft_slo_ms)
         if arrival_time is not None:
             for request in group.requests:
                 request.arrival_time = arrival_time

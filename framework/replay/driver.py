@@ -92,13 +92,18 @@ def check_clocks(llms, replicas: int | None = None) -> None:
         raise ValueError("the replicas' engines share one clock object; each replica needs a clock of its own")
 
 
+def timings_for(requests: list[ReplayRequest]) -> list[RequestTiming]:
+    """An empty timing per request, keeping who sent it, for the statistics to cut by."""
+    return [RequestTiming(r.arrival, len(r.prompt_token_ids), tenant=r.tenant, priority=r.priority) for r in requests]
+
+
 def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool = True) -> ReplayResult:
     """Run `requests` (in arrival order) through the replicas `llms`, `router` choosing one for each."""
     from tqdm.auto import tqdm
 
     check_clocks(llms)
     replicas = [Replica(i, llm) for i, llm in enumerate(llms)]
-    timings = [RequestTiming(r.arrival, len(r.prompt_token_ids)) for r in requests]
+    timings = timings_for(requests)
     pending = deque(enumerate(requests))
     idle_steps = 0
     with tqdm(total=len(requests), desc="Replaying", unit="req", disable=not progress) as bar:
@@ -129,7 +134,10 @@ def _submit(replicas: list[Replica], router: Router, index: int, request: Replay
     chosen.llm.clock.sleep_until(chosen.origin + request.arrival)
     params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
     try:
-        chosen.llm.add_request(request.prompt_token_ids, params, request_id=str(index), arrival_time=chosen.origin + request.arrival)
+        chosen.llm.add_request(
+            request.prompt_token_ids, params, request_id=str(index), arrival_time=chosen.origin + request.arrival,
+            priority=request.priority, tenant=request.tenant,
+        )
     except ValueError as exc:
         timing.error = str(exc)
         return False

@@ -16,7 +16,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from framework.replay.driver import ReplayResult
+from framework.replay.driver import ReplayResult, timings_for
 from framework.replay.statistics import RequestTiming
 from framework.replay.workload import ReplayRequest
 
@@ -56,6 +56,7 @@ def completion_body(model: str, request: ReplayRequest) -> bytes:
     return json.dumps({
         "model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len, "ignore_eos": True,
         "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+        **{key: value for key, value in (("tenant", request.tenant), ("priority", request.priority)) if value is not None},
     }).encode()
 
 
@@ -93,7 +94,7 @@ def replay_url(url: str, model: str | None, requests: list[ReplayRequest], progr
 
     endpoint = Endpoint(url)
     model = model or endpoint.first_model()
-    timings = [RequestTiming(r.arrival, len(r.prompt_token_ids)) for r in requests]
+    timings = timings_for(requests)
     with tqdm(total=len(requests), desc="Replaying", unit="req", disable=not progress) as bar:
         lock = threading.Lock()
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from framework.replay.driver import ReplayResult
+from framework.replay.statistics import GROUPINGS
 
 MAX_TIMELINE_POINTS = 500  # per replica in the JSON (every step stays in the figure)
 REPORT_NAME = "replay.json"
@@ -30,7 +31,7 @@ def report_document(setup: dict, workload: dict, result: ReplayResult, statistic
             {
                 "arrival": t.arrival, "prompt_len": t.prompt_len, "output_tokens": t.output_tokens,
                 "ttft_ms": _ms(t.ttft), "tpot_ms": _ms(t.tpot), "e2e_ms": _ms(t.e2e), "preemptions": t.preemptions,
-                "error": t.error,
+                "error": t.error, "tenant": t.tenant, "priority": t.priority,
             }
             for t in timings
         ],
@@ -85,4 +86,30 @@ def format_table(document: dict) -> str:
     for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "end to end")):
         d = s[key]
         lines.append(f"{label:14} {number(d['mean']):>9} {number(d['p50']):>9} {number(d['p90']):>9} {number(d['p99']):>9}")
+    lengths = s.get("by_length")
+    if lengths and lengths["median_tokens"] is not None:
+        short, long = lengths["short"], lengths["long"]
+        lines.append(
+            f"TTFT p90 of short requests (prompt + output < {lengths['median_tokens']:g} tokens): {number(short['ttft_ms']['p90'])} ms "
+            f"({short['requests']}); of the others: {number(long['ttft_ms']['p90'])} ms ({long['requests']})"
+        )
+    for name, attribute in GROUPINGS.items():
+        if name in s:
+            lines += group_table(attribute, s[name], s[f"all_{name}_backlogged_s"])
     return "\n".join(lines)
+
+
+def group_table(attribute: str, groups: dict, backlogged_s: float) -> list[str]:
+    """One line per tenant (or priority): requests, output share, share while all were backlogged, TTFT p90, goodput."""
+    lines = [
+        f"{attribute:14} {'requests':>9} {'output':>9} {'backlogged':>11} {'TTFT p90':>9} {'goodput':>9}"
+        f"   (backlogged: share of the output while every {attribute} had a request waiting, {backlogged_s:.2f} s)"
+    ]
+    for key, g in groups.items():
+        p90 = g["ttft_ms"]["p90"]
+        goodput = "-" if g["goodput"] is None else f"{g['goodput']:.2f}"
+        lines.append(
+            f"{key:14} {g['requests']:>9} {share(g['output_share']):>9} {share(g['backlogged_share']):>11} "
+            f"{'-' if p90 is None else f'{p90:.1f}':>9} {goodput:>9}"
+        )
+    return lines

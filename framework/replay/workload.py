@@ -1,11 +1,11 @@
-"""The requests of one replay: when each arrives, its prompt token ids and how many tokens it
-must generate. Synthetic (arrival process + length distributions) or from a trace; all of it
-follows from `replay.seed`."""
+"""The requests of one replay: when each arrives, its prompt token ids, how many tokens it must
+generate and who sends it. Synthetic (arrival process + length distributions) or from a trace;
+all of it follows from `replay.seed`."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -18,6 +18,8 @@ class ReplayRequest:
     arrival: float  # seconds from the start of the replay
     prompt_token_ids: list[int]
     output_len: int  # enforced: ignore_eos with max_tokens
+    tenant: str | None = None
+    priority: int | None = None
 
 
 @dataclass
@@ -32,8 +34,34 @@ def build_workload(cfg, token_ids: np.ndarray) -> Workload:
     if cfg.trace:
         records = read_trace(cfg.trace, cfg.trace_format)
         records = sorted(records, key=lambda r: r.timestamp)[: cfg.num_requests]
-        return _from_trace(cfg, records, token_ids, rng)
-    return _synthetic(cfg, token_ids, rng)
+        workload = _from_trace(cfg, records, token_ids, rng)
+    else:
+        workload = _synthetic(cfg, token_ids, rng)
+    return with_tenants(workload, cfg.tenants, cfg.seed)
+
+
+TENANT_STREAM = 1  # tenants are drawn from a generator of their own: adding them changes nothing else
+
+
+def with_tenants(workload: Workload, tenants, seed: int) -> Workload:
+    """Each request sent by a tenant drawn with probability share / total share, carrying its
+    priority; `tenants` (TenantConfigs) empty: the workload as it is."""
+    if not tenants:
+        return workload
+    names = [t.name for t in tenants]
+    if not all(names) or len(set(names)) < len(names):
+        raise ValueError(f"replay.tenants need distinct non-empty names; got {names}")
+    shares = np.array([t.share for t in tenants], dtype=float)
+    if not (shares > 0).all() or not np.isfinite(shares).all():
+        raise ValueError(f"replay.tenants: every share must be a positive number; got {shares.tolist()}")
+    drawn = np.random.default_rng([seed, TENANT_STREAM]).choice(len(tenants), len(workload.requests), p=shares / shares.sum())
+    requests = [
+        replace(r, tenant=tenants[i].name, priority=tenants[i].priority) for r, i in zip(workload.requests, drawn.tolist())
+    ]
+    described = ", ".join(
+        f"{t.name} {share:.0%}" + ("" if t.priority is None else f" (priority {t.priority})") for t, share in zip(tenants, shares / shares.sum())
+    )
+    return Workload(requests, {**workload.description, "tenants": described})
 
 
 def _synthetic(cfg, token_ids: np.ndarray, rng: np.random.Generator) -> Workload:

@@ -2,6 +2,7 @@
 its own clock by a fixed amount, so every time below is computed by hand), a simulated cluster,
 and a tiny real model end to end."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from framework.config import ReplayConfig, compose
 from framework.plugins.hookspecs import hookimpl
 from framework.plugins.manager import create_plugin_manager
 from framework.replay.driver import replay
-from framework.replay.figures import configuration_labels, describe_workload, request_rate
+from framework.replay.figures import common_key, configuration_labels, describe_workload, request_rate
 from framework.replay.report import read_reports
 from framework.replay.runner import run_replay
 from framework.replay.statistics import summarize
@@ -143,6 +144,17 @@ def test_wall_clock_engines_cannot_form_a_cluster(tiny_dir):
         replay([shared, other], [request(0.0)], RoundRobinRouter(), progress=False)
 
 
+@pytest.mark.parametrize("scheduler, order", [("fcfs", ["a0", "a1", "a2", "b0"]), ("fair", ["a0", "b0", "a1", "a2"])])
+def test_tenants_reach_the_scheduler(tiny_dir, scheduler, order):
+    """One request at a time: fcfs serves in arrival order; fair serves tenant b's one request
+    as soon as a's first is done, since b's counter is then the lower."""
+    names = ["a0", "a1", "a2", "b0"]
+    requests = [dataclasses.replace(request(0.0, first=1000 + 100 * i), tenant=name[0]) for i, name in enumerate(names)]
+    result = replay([virtual_llm(tiny_dir, scheduler=scheduler, **{"scheduler.max_batch_size": 1})], requests, RoundRobinRouter(), progress=False)
+    assert [name for _, name in sorted(zip((t.ttft for t in result.timings), names))] == order
+    assert [t.tenant for t in result.timings] == ["a", "a", "a", "b"]
+
+
 def test_a_refused_request_counts_as_failed(tiny_dir):
     too_long = request(0.5, prompt_len=300)  # FakeEngine's max_model_len is 256
     result = replay([virtual_llm(tiny_dir)], [request(0.0), too_long], RoundRobinRouter(), progress=False)
@@ -203,6 +215,29 @@ def test_sweep_figure_after_a_multirun(tmp_path, tiny_dir):
         ("scheduler=fcfs", 2), ("scheduler=fcfs", 8), ("scheduler=max_utilization", 2), ("scheduler=max_utilization", 8),
     ]
     assert describe_workload(documents) == "arrivals poisson; input fixed 128; output fixed 64"
+
+
+def test_a_sweep_of_schedulers_draws_them_side_by_side(tmp_path, tiny_dir):
+    from omegaconf import OmegaConf
+
+    tenants = "replay.tenants=[{name:flood,share:3,priority:1},{name:chat,priority:0}]"
+    for scheduler in ("fcfs", "fair"):
+        common = ["engine=virtual_fake", tenants, "replay.num_requests=12", "replay.rate=8", "scheduler.max_batch_size=2", *(f"{k}={v}" for k, v in KV.items())]
+        run(tmp_path / "sweep", tiny_dir, scheduler, f"scheduler={scheduler}", *common)
+    sweep = {"mode": "replay", "replay": {"out": None}, "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}
+    SweepFigure().on_multirun_end(OmegaConf.create(sweep))
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+    documents = read_reports(tmp_path / "sweep")
+    assert configuration_labels(documents) == ["scheduler=fair", "scheduler=fcfs"]
+    assert common_key(configuration_labels(documents)) == ("scheduler", ["fair", "fcfs"])  # the bars' ticks
+    assert common_key(["scheduler=fcfs kv_cache.block_size=8", "scheduler=sjf"])[0] == ""
+    assert "tenants flood 75% (priority 1), chat 25% (priority 0)" in describe_workload(documents)
+    for document in documents:
+        senders = [(r["tenant"], r["priority"]) for r in document["requests"]]
+        assert set(senders) == {("flood", 1), ("chat", 0)}
+        tenants_stats = document["statistics"]["tenants"]
+        assert sum(tenants_stats[name]["requests"] for name in ("flood", "chat")) == 12
+        assert set(document["statistics"]["priorities"]) == {"0", "1"}
 
 
 def test_the_sweep_callback_is_configured():

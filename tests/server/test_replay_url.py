@@ -7,7 +7,7 @@ import pytest
 
 from framework.config import compose
 from framework.plugins.manager import create_plugin_manager
-from framework.replay.http_client import Endpoint, replay_url
+from framework.replay.http_client import Endpoint, completion_body, replay_url
 from framework.replay.runner import run_replay
 from framework.replay.workload import ReplayRequest
 from tests.conftest import TINY_VOCAB
@@ -15,8 +15,10 @@ from tests.server.test_openai_server import MODEL, served  # noqa: F401 (served:
 
 
 def test_streamed_requests_are_timed_by_their_chunks(served):
-    requests = [ReplayRequest(0.05 * i, list(range(100 + i, 108 + i)), 5) for i in range(4)]
+    requests = [ReplayRequest(0.05 * i, list(range(100 + i, 108 + i)), 5, tenant="ab"[i % 2], priority=i % 2 or None) for i in range(4)]
     result = replay_url(served.url + "/v1", None, requests, progress=False)
+    assert [(t.tenant, t.priority) for t in result.timings] == [("a", None), ("b", 1), ("a", None), ("b", 1)]
+    assert json.loads(completion_body("m", requests[1]))["tenant"] == "b" and "priority" not in json.loads(completion_body("m", requests[0]))
     for timing in result.timings:
         assert timing.error is None and timing.output_tokens == 5
         assert timing.arrival < timing.token_times[0] <= timing.token_times[-1] <= timing.finish

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from framework.config import LengthConfig, ReplayConfig
+from framework.config import LengthConfig, ReplayConfig, TenantConfig
 from framework.replay.arrivals import arrival_times, draw_lengths, fit_lognormal
 from framework.replay.traces import TraceFormatError, TraceRecord, read_trace
 from framework.replay.workload import build_workload
@@ -170,3 +170,30 @@ def test_shared_hash_ids_become_shared_prompt_blocks(tmp_path):
     assert a.prompt_token_ids[:16] == b.prompt_token_ids[:16]  # blocks 0 and 1
     assert a.prompt_token_ids[16:19] != b.prompt_token_ids[16:19]
     assert a.prompt_token_ids[:8] != c.prompt_token_ids[:8]
+
+
+def test_tenants_are_drawn_by_share_and_change_nothing_else():
+    cfg = ReplayConfig(num_requests=400, rate=4.0)
+    plain = build_workload(cfg, VOCAB)
+    cfg.tenants = [TenantConfig("flood", share=3, priority=1), TenantConfig("chat", priority=0)]
+    mixed, again = build_workload(cfg, VOCAB), build_workload(cfg, VOCAB)
+    assert mixed.requests == again.requests
+    assert [(r.arrival, r.prompt_token_ids, r.output_len) for r in mixed.requests] == [(r.arrival, r.prompt_token_ids, r.output_len) for r in plain.requests]
+    senders = [(r.tenant, r.priority) for r in mixed.requests]
+    assert set(senders) == {("flood", 1), ("chat", 0)}
+    assert 0.7 < senders.count(("flood", 1)) / 400 < 0.8
+    assert mixed.description["tenants"] == "flood 75% (priority 1), chat 25% (priority 0)"
+    assert all(r.tenant is None and r.priority is None for r in plain.requests) and "tenants" not in plain.description
+
+
+@pytest.mark.parametrize(
+    "tenants, message",
+    [
+        ([TenantConfig("a"), TenantConfig("a")], "distinct non-empty names"),
+        ([TenantConfig("")], "distinct non-empty names"),
+        ([TenantConfig("a", share=0)], "every share must be a positive number"),
+    ],
+)
+def test_bad_tenants_are_clear_errors(tenants, message):
+    with pytest.raises(ValueError, match=message):
+        build_workload(ReplayConfig(num_requests=2, tenants=tenants), VOCAB)
