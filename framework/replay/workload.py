@@ -103,7 +103,7 @@ def _clipped(cfg, inputs: np.ndarray, outputs: np.ndarray) -> tuple[np.ndarray, 
     for key, lengths in (("max_input_len", inputs), ("max_output_len", outputs)):
         limit = getattr(cfg, key)
         if limit is not None:
-            counts[f"clipped_to_{key}"] = int((lengths > limit).sum())
+            counts[f"{key.split('_')[1]}s_clipped"] = f"{int((lengths > limit).sum())} (to {limit})"
             lengths[lengths > limit] = limit
     return inputs, outputs, counts
 

@@ -153,7 +153,7 @@ def test_trace_workload_scales_time_and_lengths_and_clips(tmp_path):
     assert [len(r.prompt_token_ids) for r in workload.requests] == [37, 40, 88]
     assert [r.output_len for r in workload.requests] == [4, 8, 6]  # 10.9 was clipped to 8
     assert [r.arrival for r in workload.requests] == pytest.approx([0.0, 2.1572895, 2.2709385], abs=1e-5)
-    assert workload.description["clipped_to_max_output_len"] == 1
+    assert workload.description["outputs_clipped"] == "1 (to 8)"
     cfg.num_requests = 2
     assert len(build_workload(cfg, VOCAB).requests) == 2
 
