@@ -17,15 +17,17 @@ from typing import Any, Protocol
 
 
 class DecodeGraphs(Protocol):
-    """Decode-only steps (every request adds one token and samples it) captured once and replayed."""
+    """Decode-only steps captured once and replayed: every request adds its last token and samples
+    it, or (a verify step) adds its last token and the `query_len - 1` drafts it verifies."""
 
-    def covers(self, batch: int, width: int) -> bool:
-        """Whether a step of `batch` requests with block tables of at most `width` blocks is replayed
-        (else the engine runs it eagerly)."""
+    def covers(self, batch: int, width: int, query_len: int = 1) -> bool:
+        """Whether a step of `batch` requests with block tables of at most `width` blocks, each
+        adding `query_len` tokens, is replayed (else the engine runs it eagerly)."""
 
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]):
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]], query_len: int = 1):
         """Float32 logits `[len(tokens), vocab]` (a fresh tensor) of the step: request `i` adds
-        `tokens[i]` at `positions[i]`, its K/V written into its block table `tables[i]`."""
+        `tokens[i * query_len : (i + 1) * query_len]` from `positions[i]` on, its K/V written into its
+        block table `tables[i]`; one row per token."""
 
 
 class Backend(ABC):

@@ -42,10 +42,10 @@ class CUDADecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # the graphs share one memory pool: they never run at the same time
 
-    def covers(self, batch: int, width: int) -> bool:
-        return batch <= self.max_batch and width <= self.max_blocks
+    def covers(self, batch: int, width: int, query_len: int = 1) -> bool:
+        return query_len == 1 and batch <= self.max_batch and width <= self.max_blocks
 
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]], query_len: int = 1) -> torch.Tensor:
         """Float32 logits `[len(tokens), vocab]` of one decode step: each request's `tokens[i]` at
         `positions[i]`, its K/V written to the cache at that position of its block table."""
         batch = bucket(len(tokens), self.max_batch)

@@ -131,24 +131,26 @@ class PyTorchModelEngine(ModelEngine):
             self._graphs = (caches, self.backend.decode_graphs(self.model, caches, kv.block_size, self.max_model_len))
         return self._graphs[1]
 
-    def _graph_step(self, scheduled, kv) -> torch.Tensor | None:
-        """Logits of a decode-only step (every request adds its last token and samples) from the
-        backend's graphs; None where it has none or they do not cover the step."""
+    def _graph_step(self, scheduled, kv, query_len: int) -> torch.Tensor | None:
+        """Logits of a decode-only step (every request adds its last token, and the same number of
+        drafts to verify, and samples) from the backend's graphs; None where it has none or they do
+        not cover the step."""
         graphs = self._decode_graphs(kv)
         if graphs is None:
             return None
         tables = [kv.get_block_table(r) for r in scheduled]
-        if not graphs.covers(len(scheduled), max(len(t) for t in tables)):
+        if not graphs.covers(len(scheduled), max(len(t) for t in tables), query_len):
             return None
         positions = [r.num_computed_tokens for r in scheduled]
-        tokens = [r.tokens(p, p + 1)[0] for r, p in zip(scheduled, positions)]
-        return graphs.run(tokens, positions, tables)
+        tokens = [token for r, p in zip(scheduled, positions) for token in r.tokens(p, p + query_len)]
+        return graphs.run(tokens, positions, tables, query_len)
 
     @torch.inference_mode()
     def forward(self, scheduled, resource_manager):
         kv = resource_manager.kv_cache_manager
-        if all(r.num_scheduled_tokens == 1 and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled):
-            logits = self._graph_step(scheduled, kv)
+        query_len = scheduled[0].num_scheduled_tokens
+        if all(r.num_scheduled_tokens == query_len == 1 + len(r.draft_token_ids) and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled):
+            logits = self._graph_step(scheduled, kv, query_len)
             if logits is not None:
                 return ForwardOutput(logits=logits, sampled=list(scheduled), prompt_logits=[])
         input_ids, positions, meta, sample_index, sampled, chunk_ranges = self.prepare_inputs(scheduled, kv)

@@ -65,7 +65,8 @@ def test_padded_decode_steps_match_the_packed_path(tiny_dir, monkeypatch):
     steps = []
     original = CUDADecodeGraphs.run
 
-    def spy(self, tokens, positions, tables):
+    def spy(self, tokens, positions, tables, query_len=1):
+        assert query_len == 1  # CUDA graphs cover decode steps only
         steps.append((bucket(len(tokens), self.max_batch), bucket(max(map(len, tables)), self.max_blocks)))
         return original(self, tokens, positions, tables)
 

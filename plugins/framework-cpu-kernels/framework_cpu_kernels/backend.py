@@ -113,15 +113,16 @@ class KernelDecodeGraphs:
         self.backend, self.model, self.kv_caches = backend, model, kv_caches
         self.graphs = CPUDecodeGraphs(backend.kernels, kv_caches)
 
-    def covers(self, batch: int, width: int) -> bool:
+    def covers(self, batch: int, width: int, query_len: int = 1) -> bool:
         return True
 
-    def run(self, tokens, positions, tables):
+    def run(self, tokens, positions, tables, query_len=1):
         input_ids = torch.tensor(tokens, dtype=torch.long)
-        positions = torch.tensor(positions, dtype=torch.long)
-        ones = torch.ones(len(tokens), dtype=torch.long)
-        meta = self.backend.attention_metadata(positions, tables, ones, positions + 1, self.kv_caches[0][0].shape)
-        key = (len(tokens), meta.block_tables.shape[1], meta.shared_blocks)
+        starts = torch.tensor(positions, dtype=torch.long)
+        positions = (starts[:, None] + torch.arange(query_len)).flatten()
+        query_lens = torch.full((len(starts),), query_len, dtype=torch.long)
+        meta = self.backend.attention_metadata(positions, tables, query_lens, starts + query_len, self.kv_caches[0][0].shape)
+        key = (len(tokens), query_len, meta.block_tables.shape[1], meta.shared_blocks)
         inputs = [input_ids, positions, meta.slot_mapping, meta.block_tables, meta.query_lens, meta.context_lens]
         logits = self.graphs.run(key, lambda: self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches)), inputs)
         return logits.to(torch.float32, copy=True)  # (the next replay overwrites the graph's output)

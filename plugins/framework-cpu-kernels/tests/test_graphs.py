@@ -137,3 +137,26 @@ def test_engine_outputs_are_the_same_with_the_graphs(kernels, plugins, tiny_dir,
 def test_graphs_are_off_when_asked(kernels, plugins, tiny_dir):
     engine = LLM(str(tiny_dir), plugins=plugins, **{"engine.backend": "cpu_kernels", "engine.cpu_graphs": False}).executor.model_engine
     assert engine.backend.decode_graphs(engine.model, [], 16, 1024) is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_steps_replay_from_graphs_with_the_same_tokens(kernels, plugins, tiny_dir, dtype, monkeypatch):
+    require_kernels(getattr(torch, dtype))
+    options = {"kv_cache.max_tokens": 4096, "kv_cache.block_size": 8, "model.dtype": dtype, "engine.backend": "cpu_kernels"}
+    prompts = random_prompts([5, 19], seed=4)
+    max_tokens = [24, 24]
+    expected = _generate(LLM(str(tiny_dir), plugins=plugins, **options, **{"engine.cpu_graphs": False}), prompts, max_tokens)
+
+    # the model as its own draft: every greedy draft is accepted, so steps verify 1 + 4 tokens
+    llm = LLM(str(tiny_dir), plugins=plugins, speculative="draft_model", **{"speculative.model.path": str(tiny_dir)}, **options)
+    query_lens, replays = [], []
+    run, replay = KernelDecodeGraphs.run, CPUGraph.replay
+    monkeypatch.setattr(KernelDecodeGraphs, "run", lambda self, *args: query_lens.append(args[3]) or run(self, *args))
+    monkeypatch.setattr(CPUGraph, "replay", lambda self, inputs: replays.append(1) or replay(self, inputs))
+    assert _generate(llm, prompts, max_tokens) == expected
+    assert llm.speculation_stats.accepted_tokens > 0
+    recorded = llm.executor.model_engine._graphs[1].graphs.graphs  # the target's: key -> graph
+    assert max(query_lens) == 5 and any(key[1] == 5 and graph is not None for key, graph in recorded.items())
+    assert replays
+    kv = llm.executor.kv_cache_manager
+    assert kv.num_free_blocks == kv.get_max_resource_count()
