@@ -1,9 +1,10 @@
 """A tensor-parallel engine's process group: how its ranks join (the torchrun environment, or
 workers this rank starts), the collectives' two groups, and rank 0's failure handling.
 
-Two groups: the workers wait for the next step on `control` with no practical timeout (an idle
-engine is not a fault); the forward's collectives run on `tp.group`, which gives up after
-`engine.distributed_timeout` seconds, so a rank that hangs fails the step instead of hanging it."""
+Two groups: rank 0 sends each step on `control`, where the other ranks wait with no practical
+timeout (an idle engine is not a fault); the forward's collectives run on `tp.group`. Rank 0 gives
+up on either after `engine.distributed_timeout` seconds, so a rank that hangs fails the step
+instead of hanging it."""
 
 from __future__ import annotations
 
@@ -55,12 +56,13 @@ class RankGroup:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
             torch.cuda.set_device(device)
-        self.device = device
+        self.device, self.timeout = device, timeout
         self.broken: str | None = None
         try:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=init, rank=rank, world_size=size, timeout=timedelta(seconds=timeout))
-            self.control = dist.new_group(list(range(size)), timeout=IDLE_TIMEOUT)
+            control_timeout = timedelta(seconds=timeout) if rank == 0 else IDLE_TIMEOUT  # (each rank's own setting)
+            self.control = dist.new_group(list(range(size)), timeout=control_timeout)
         except Exception:
             if self.workers is not None:
                 self.workers.kill()
@@ -95,7 +97,7 @@ class RankGroup:
             return run()
         except Exception as exc:
             ended = self.workers.exited(wait=1.0) if self.workers is not None else None
-            self._fail(ended or f"tensor-parallel step failed: {exc}")
+            self._fail(ended or f"tensor-parallel step failed (a rank died, or did not answer within engine.distributed_timeout={self.timeout:g}s): {exc}")
             raise RuntimeError(self.broken) from exc
 
     def _fail(self, reason: str) -> None:

@@ -103,7 +103,12 @@ class PyTorchModelEngine(ModelEngine):
             return None
         if size < 1:
             raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {size}")
+        import torch.distributed as dist
+
         from framework.distributed.group import RankGroup, plain
+
+        if dist.is_initialized():
+            raise ValueError("one tensor-parallel engine per process (a draft model's engine under tensor parallelism is not supported yet)")
 
         settings = {"engine": plain(engine_config), "model": plain(model_config), "checkpoint_dir": str(checkpoint_dir)}
         ranks = RankGroup(size, self.device, engine_config.distributed_timeout, settings)
