@@ -118,3 +118,40 @@ def test_a_rank_that_dies_or_hangs_fails_the_requests_and_leaves_no_process(tmp_
     again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)[0]
     assert again.outputs[0].finish_reason == "error" and "tensor-parallel" in again.error
     llm.executor.model_engine.close()
+
+
+def test_workers_exit_when_rank_0_is_killed(tmp_path_factory, tokenizer_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tp-orphans"), tokenizer_dir, seed=1)
+    script = (
+        "import sys, time\n"
+        "from framework import LLM\n"
+        f"llm = LLM({str(path)!r}, dtype='float32', backend='torch', tensor_parallel_size=2, num_threads=1, **{{'kv_cache.max_tokens': 512}})\n"
+        "print(*[p.pid for p in llm.executor.model_engine.ranks.workers.processes.values()], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    checkout = str(Path(__file__).parents[2])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")])}
+    rank0 = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in rank0.stdout.readline().split()]
+        assert pids
+    finally:
+        rank0.kill()
+        rank0.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie, unreaped by its dead parent, has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
