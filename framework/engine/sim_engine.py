@@ -21,7 +21,7 @@ import torch
 
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.engine.clock import Clock, VirtualClock, WallClock
-from framework.engine.pytorch_model_engine import DTYPES
+from framework.engine.dtype import DTYPES
 from framework.models.checkpoint import load_hf_config
 from framework.resources.base import KVCacheSpec
 from framework.sim.cost_model import CostModel
