@@ -87,6 +87,8 @@ def run(cfg, plugins) -> None:
     if cfg.mode in ("bench", "profile") and cfg.engine.name == "sim":
         _fail(f"mode={cfg.mode} times the real engine; engine=sim computes nothing to time (its steps come from a profile)")
     apply_mode_defaults(cfg)
+    if _serves_forward_only(cfg, plugins):
+        return
     if cfg.mode in own_engines:
         try:
             own_engines[cfg.mode](cfg, plugins)
@@ -102,6 +104,18 @@ def run(cfg, plugins) -> None:
         modes[cfg.mode](cfg, llm, started)
     except ValueError as exc:
         _fail(str(exc))
+
+
+def _serves_forward_only(cfg, plugins) -> bool:
+    """Under torchrun, a rank other than 0 of a tensor-parallel engine runs only the forward, until
+    rank 0 stops (docs/tensor-parallel.md); True once it has."""
+    if cfg.engine.get("tensor_parallel_size", 1) == 1 or os.environ.get("RANK", "0") == "0":
+        return False
+    from framework.distributed.worker import serve_forward
+    from framework.models.checkpoint import resolve_checkpoint
+
+    serve_forward(cfg.engine, cfg.model, resolve_checkpoint(cfg.model.path), plugins)
+    return True
 
 
 def _generate(cfg, llm, started: float) -> None:

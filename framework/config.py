@@ -56,6 +56,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     pack_weights: bool = True  # let the backend repack linear weights once after loading (CPU: oneDNN's layout)
     backend: str = "auto"  # the hot ops' implementation: auto (the best that supports the device) or a name
+    tensor_parallel_size: int = 1  # ranks the model is sharded over (docs/tensor-parallel.md); 1: one process, no torch.distributed
+    distributed_timeout: float = 60.0  # seconds a rank waits in a collective before the step fails (tensor_parallel_size > 1)
     # (each registered backend's own settings join these fields: see `selected_config_fields`)
 
 

@@ -36,14 +36,15 @@ def _candidates(registry):
     return sorted(found, key=lambda pair: -pair[1].priority)
 
 
-def choose_backend(engine_config, registry, device, dtype, head_dim: int, variants=frozenset()):
-    """Build the backend the config selects from the `backend` registry; logs which and why.
-    `variants`: the attention variants the model's layers use (`Backend.attention_variants`)."""
+def choose_backend(engine_config, registry, device, dtype, head_dim: int, variants=frozenset(), name: str | None = None):
+    """Build the backend the config selects (or `name`) from the `backend` registry; logs which and
+    why. `variants`: the attention variants the model's layers use (`Backend.attention_variants`)."""
     wanted = _describe(device, dtype, head_dim, variants)
-    if engine_config.backend == AUTO:
+    name = name or engine_config.backend
+    if name == AUTO:
         entry, cls = _best(registry, device, dtype, head_dim, variants)
     else:
-        entry, cls = _named(engine_config.backend, registry, device, dtype, head_dim, variants)
+        entry, cls = _named(name, registry, device, dtype, head_dim, variants)
         logger.info("engine.backend=%s (%s) runs %s", entry.name, entry.provider, wanted)
     return cls(engine_config, component_config(engine_config, entry.config), device, dtype)
 

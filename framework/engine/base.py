@@ -46,3 +46,7 @@ class ModelEngine(ABC):
     def forward(self, scheduled: list[LlmRequest], resource_manager: ResourceManager) -> ForwardOutput:
         """Compute each request's `num_scheduled_tokens` tokens, starting at its
         `num_computed_tokens`, writing their K/V into the cache."""
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory (the rank processes of a tensor-parallel
+        engine); the default holds nothing. Called again, it does nothing."""

@@ -1,6 +1,10 @@
 """The built-in model engine: packs a step's tokens into one ragged batch, has the backend build the
 attention metadata from the block tables, and runs the model (decode-only steps through the
-backend's graphs where it has them)."""
+backend's graphs where it has them).
+
+With `engine.tensor_parallel_size=N > 1` the engine is rank 0 of N (docs/tensor-parallel.md): it
+sends each packed step to the other ranks, which run the same forward on their shards
+(`framework/distributed/`)."""
 
 from __future__ import annotations
 
@@ -8,13 +12,16 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import weakref
 
 import torch
 
-from framework.backend.choice import choose_backend
+from framework.backend.choice import AUTO, choose_backend
+from framework.distributed.step_message import StepInputs
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.engine.dtype import choose_dtype
 from framework.layers.linear import Linear
+from framework.layers.tensor_parallel import WHOLE, building
 from framework.models.checkpoint import head_dim_of, iter_weights, load_hf_config
 from framework.plugins.kinds import KINDS
 from framework.resources.base import KVCacheSpec
@@ -53,6 +60,8 @@ class PyTorchModelEngine(ModelEngine):
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
         self.device = resolve_device(model_config.device)
+        self.ranks = self._join_ranks(engine_config, model_config, checkpoint_dir)
+        tp = WHOLE if self.ranks is None else self.ranks.tp
         self.hf_config = load_hf_config(checkpoint_dir)
         self.dtype, why = choose_dtype(model_config.dtype, self.device, self.hf_config)
         logger.info("dtype %s (%s)", str(self.dtype).removeprefix("torch."), why)
@@ -62,11 +71,16 @@ class PyTorchModelEngine(ModelEngine):
         architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
         entry = plugins["model"].get(architectures[0])
         model_cls = entry.load()
+        backend_name = engine_config.backend
+        if tp.size > 1 and backend_name == AUTO:
+            backend_name = "torch"
+            logger.info("engine.tensor_parallel_size=%d: engine.backend=auto runs 'torch' (the one backend checked under tensor parallelism)", tp.size)
         self.backend = choose_backend(
             engine_config, plugins["backend"], self.device, self.dtype, head_dim_of(self.hf_config),
             getattr(model_cls, "attention_variants", lambda config: frozenset())(self.hf_config),  # (not a CausalLM: refused below)
+            name=backend_name,
         )
-        with torch.device("meta"):
+        with torch.device("meta"), building(tp):
             model = KINDS["model"].checked(model_cls(self.hf_config, self.backend), entry)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(iter_weights(checkpoint_dir))
@@ -75,9 +89,35 @@ class PyTorchModelEngine(ModelEngine):
             for module in model.modules():
                 if isinstance(module, Linear):
                     module.pack()
+        if self.ranks is not None:
+            self.ranks.ready()
         self.vocab_size = self.hf_config.vocab_size
         self.max_model_len = model_config.max_model_len or self.hf_config.max_position_embeddings
         self._graphs = (None, None)  # (the KV caches, the backend's decode graphs over them), made at the first decode step
+        self._own_caches = (None, None)  # (shape, caches) of a rank other than 0
+
+    def _join_ranks(self, engine_config, model_config, checkpoint_dir):
+        """The tensor-parallel process group (None: one process, no torch.distributed)."""
+        size = getattr(engine_config, "tensor_parallel_size", 1)
+        if size == 1:
+            return None
+        if size < 1:
+            raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {size}")
+        import torch.distributed as dist
+
+        from framework.distributed.group import RankGroup, plain
+
+        if dist.is_initialized():
+            raise ValueError("one tensor-parallel engine per process (a draft model's engine under tensor parallelism is not supported yet)")
+        settings = {"engine": plain(engine_config), "model": plain(model_config), "checkpoint_dir": str(checkpoint_dir)}
+        ranks = RankGroup(size, self.device, engine_config.distributed_timeout, settings)
+        self.device = ranks.device
+        self._stop_ranks = weakref.finalize(self, ranks.close)
+        return ranks
+
+    def close(self) -> None:
+        if self.ranks is not None:
+            self._stop_ranks()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(
@@ -93,36 +133,10 @@ class PyTorchModelEngine(ModelEngine):
     def prepare_inputs(self, scheduled, kv_cache_manager):
         """Token ids, positions and attention metadata of the packed batch, plus the packed index
         of each sampled request's last token."""
-        device = self.device
-        input_ids: list[int] = []
-        starts, lengths, tables, sample_index, sampled, chunk_ranges = [], [], [], [], [], []
-        for request in scheduled:
-            start, n = request.num_computed_tokens, request.num_scheduled_tokens
-            if request.sampling_params.prompt_logprobs is not None and start < request.prompt_len - 1:
-                chunk_ranges.append((request, start, len(input_ids), n))
-            input_ids.extend(request.tokens(start, start + n))
-            starts.append(start)
-            lengths.append(n)
-            tables.append(kv_cache_manager.get_block_table(request))
-            if start + n >= request.num_tokens:  # its last token, then one row per draft to verify
-                sample_index.extend(range(len(input_ids) - 1 - (start + n - request.num_tokens), len(input_ids)))
-                sampled.append(request)
-        starts_t = torch.tensor(starts, dtype=torch.long)
-        lengths_t = torch.tensor(lengths, dtype=torch.long)
-        request_of_token = torch.repeat_interleave(torch.arange(len(scheduled)), lengths_t)
-        first_token = torch.cumsum(lengths_t, 0) - lengths_t
-        offset = torch.arange(len(input_ids)) - first_token[request_of_token]  # index within the chunk
-        positions = starts_t[request_of_token] + offset
+        step, sample_index, sampled, chunk_ranges = pack_step(scheduled, kv_cache_manager)
         cache_shape = kv_cache_manager.get_kv_caches()[0][0].shape
-        meta = self.backend.attention_metadata(positions, tables, lengths_t, starts_t + lengths_t, cache_shape)
-        return (
-            torch.tensor(input_ids, dtype=torch.long, device=device),
-            positions.to(device),
-            meta,
-            torch.tensor(sample_index, dtype=torch.long, device=device),
-            sampled,
-            chunk_ranges,
-        )
+        meta = self.backend.attention_metadata(step.positions, step.tables, step.query_lens, step.context_lens, cache_shape)
+        return step.input_ids.to(self.device), step.positions.to(self.device), meta, sample_index.to(self.device), sampled, chunk_ranges
 
     def _decode_graphs(self, kv):
         """The backend's decode-step graphs over the current caches (None where it has none)."""
@@ -148,6 +162,8 @@ class PyTorchModelEngine(ModelEngine):
     @torch.inference_mode()
     def forward(self, scheduled, resource_manager):
         kv = resource_manager.kv_cache_manager
+        if self.ranks is not None:
+            return self._forward_tensor_parallel(scheduled, kv)
         query_len = scheduled[0].num_scheduled_tokens
         if all(r.num_scheduled_tokens == query_len == 1 + len(r.draft_token_ids) and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled):
             logits = self._graph_step(scheduled, kv, query_len)
@@ -161,3 +177,67 @@ class PyTorchModelEngine(ModelEngine):
             for request, start, offset, n in chunk_ranges
         ]
         return ForwardOutput(logits=logits, sampled=sampled, prompt_logits=prompt_logits)
+
+    def _forward_tensor_parallel(self, scheduled, kv) -> ForwardOutput:
+        """Rank 0's step: send the packed step, then run its own share; the sampled rows' logits and
+        each prompt-logprob chunk's come from one gather."""
+        step, sample_index, sampled, chunk_ranges = pack_step(scheduled, kv)
+        step.rows = torch.cat([sample_index, *(torch.arange(offset, offset + n) for _, _, offset, n in chunk_ranges)])
+
+        def run():
+            self.ranks.send(step)
+            return self.forward_rows(step, kv.get_kv_caches())
+
+        rows = self.ranks.guard(run).split([len(sample_index), *(n for *_, n in chunk_ranges)])
+        prompt_logits = [(request, start, logits) for (request, start, _, _), logits in zip(chunk_ranges, rows[1:])]
+        return ForwardOutput(logits=rows[0], sampled=sampled, prompt_logits=prompt_logits)
+
+    @torch.inference_mode()
+    def forward_rows(self, step: StepInputs, kv_caches=None) -> torch.Tensor:
+        """Every rank's forward of a packed step: float32 logits of `step.rows` (rank 0: over the
+        whole vocabulary; the other ranks: their shard). `kv_caches`: the KV cache manager's on
+        rank 0; the other ranks keep their own, as large as rank 0's pool."""
+        if kv_caches is None:
+            kv_caches = self._rank_caches(step.cache_blocks, step.block_size)
+        meta = self.backend.attention_metadata(step.positions, step.tables, step.query_lens, step.context_lens, kv_caches[0][0].shape)
+        hidden = self.model(step.input_ids.to(self.device), step.positions.to(self.device), meta, kv_caches)
+        return self.model.compute_logits(hidden[step.rows.to(self.device)]).float()
+
+    def _rank_caches(self, num_blocks: int, block_size: int):
+        shape = (self.model.num_kv_heads, num_blocks, block_size, self.model.head_dim)
+        if self._own_caches[0] != shape:
+            caches = [(self.backend.kv_cache_tensor(shape), self.backend.kv_cache_tensor(shape)) for _ in range(self.model.num_layers)]
+            self._own_caches = (shape, caches)
+        return self._own_caches[1]
+
+
+def pack_step(scheduled, kv_cache_manager):
+    """The packed step of `scheduled` (CPU tensors; `rows` are the sampled positions), the packed
+    index of each sampled request's last token (and of each draft to verify), the sampled requests,
+    and `(request, first position, packed offset, tokens)` of each chunk whose prompt logprobs are asked."""
+    input_ids: list[int] = []
+    starts, lengths, tables, sample_index, sampled, chunk_ranges = [], [], [], [], [], []
+    for request in scheduled:
+        start, n = request.num_computed_tokens, request.num_scheduled_tokens
+        if request.sampling_params.prompt_logprobs is not None and start < request.prompt_len - 1:
+            chunk_ranges.append((request, start, len(input_ids), n))
+        input_ids.extend(request.tokens(start, start + n))
+        starts.append(start)
+        lengths.append(n)
+        tables.append(kv_cache_manager.get_block_table(request))
+        if start + n >= request.num_tokens:  # its last token, then one row per draft to verify
+            sample_index.extend(range(len(input_ids) - 1 - (start + n - request.num_tokens), len(input_ids)))
+            sampled.append(request)
+    starts_t = torch.tensor(starts, dtype=torch.long)
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    request_of_token = torch.repeat_interleave(torch.arange(len(scheduled)), lengths_t)
+    first_token = torch.cumsum(lengths_t, 0) - lengths_t
+    offset = torch.arange(len(input_ids)) - first_token[request_of_token]  # index within the chunk
+    positions = starts_t[request_of_token] + offset
+    sample_index = torch.tensor(sample_index, dtype=torch.long)
+    _, num_blocks, block_size, _ = kv_cache_manager.get_kv_caches()[0][0].shape
+    step = StepInputs(
+        torch.tensor(input_ids, dtype=torch.long), positions, tables, lengths_t, starts_t + lengths_t,
+        sample_index, num_blocks, block_size,
+    )
+    return step, sample_index, sampled, chunk_ranges

@@ -1,12 +1,13 @@
 """The gated MLP of a decoder layer: fused gate|up projection, `act(gate) * up` on the backend, down
-projection."""
+projection. Under tensor parallelism a rank keeps its columns of gate and up and its rows of down,
+whose partial sums the ranks add."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from framework.layers.linear import Linear, MergedLinear
+from framework.layers.linear import MergedLinear, RowParallelLinear
 
 # Hugging Face activation name -> the backend op that gates with it
 GATED_ACTIVATIONS = {"silu": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul"}
@@ -18,7 +19,7 @@ class GatedMLP(nn.Module):
         if activation not in GATED_ACTIVATIONS:
             raise NotImplementedError(f"activation {activation!r} is not supported ({', '.join(GATED_ACTIVATIONS)} are)")
         self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias, backend)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias, backend)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, backend)
         self.act_and_mul = getattr(backend, GATED_ACTIVATIONS[activation])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

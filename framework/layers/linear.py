@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from framework.layers.tensor_parallel import current
 from framework.layers.weight_loading import copy_into
 
 
@@ -53,11 +54,35 @@ class Linear(nn.Linear):
         return self.backend.linear(x, self.weight, self.bias, self.prepared)
 
 
+class RowParallelLinear(Linear):
+    """Under tensor parallelism, the rank's columns of the weight (its slice of the input, e.g.
+    its heads' attention output), its partial product summed over the ranks; the bias joins once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, backend):
+        self.tp = current()
+        super().__init__(self.tp.split(in_features, "input features"), out_features, bias, backend)
+
+    def load_weight(self, name: str, tensor: torch.Tensor, part) -> None:
+        if name == "weight" and self.tp.size > 1:
+            tensor = tensor.narrow(1, self.tp.rank * self.in_features, self.in_features)
+        copy_into(getattr(self, name).data, tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        bias = self.bias if self.tp.rank == 0 else None
+        return self.tp.all_reduce(self.backend.linear(x, self.weight, bias, self.prepared))
+
+
 class MergedLinear(Linear):
     """Several projections of one input as one matmul, their outputs side by side: `[gate | up]`,
-    or `[q | k | v]`. Each checkpoint tensor is loaded into its own rows (`part`: its name)."""
+    or `[q | k | v]`. Each checkpoint tensor is loaded into its own rows (`part`: its name).
+    Under tensor parallelism (column-parallel) a rank keeps its slice of every part: its heads of
+    q, k and v, its columns of gate and up."""
 
     def __init__(self, in_features: int, part_sizes: dict, bias: bool, backend):
+        self.tp = current()
+        part_sizes = {part: self.tp.split(size, f"{part} rows") for part, size in part_sizes.items()}
         super().__init__(in_features, sum(part_sizes.values()), bias, backend)
         self.part_rows, start = {}, 0
         for part, size in part_sizes.items():
@@ -69,7 +94,10 @@ class MergedLinear(Linear):
     def load_weight(self, name: str, tensor: torch.Tensor, part) -> None:
         if part not in self.part_rows:
             raise ValueError(f"{name}: no part {part!r} (parts: {', '.join(map(str, self.part_rows))})")
-        copy_into(getattr(self, name).data.narrow(0, *self.part_rows[part]), tensor)
+        start, size = self.part_rows[part]
+        if self.tp.size > 1:
+            tensor = tensor.narrow(0, self.tp.rank * size, size)
+        copy_into(getattr(self, name).data.narrow(0, start, size), tensor)
 
 
 def qkv_linear(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, backend) -> MergedLinear:

@@ -1,13 +1,15 @@
 """The attention block of a decoder layer: fused QKV projection (optional bias), optional QK-norm,
 RoPE and the KV cache write, the backend's paged attention (plain causal, or with a sliding window
-and/or soft-capped scores), output projection."""
+and/or soft-capped scores), output projection. Under tensor parallelism a rank computes its share
+of the query and KV heads (column-parallel QKV) and sums the output projection over the ranks."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from framework.layers.linear import Linear, qkv_linear
+from framework.layers.linear import RowParallelLinear, qkv_linear
+from framework.layers.tensor_parallel import current
 
 
 class SelfAttention(nn.Module):
@@ -18,10 +20,13 @@ class SelfAttention(nn.Module):
     ):
         super().__init__()
         self.backend = backend
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        tp = current()
+        self.num_heads = tp.split(num_heads, "attention heads")  # this rank's
+        self.num_kv_heads = tp.split(num_kv_heads, "KV heads")
+        self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.qkv_proj = qkv_linear(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, backend)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size, out_bias, backend)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, out_bias, backend)
         self.q_norm = None if qk_norm is None else qk_norm(head_dim, norm_eps, backend)
         self.k_norm = None if qk_norm is None else qk_norm(head_dim, norm_eps, backend)
         variant = {"sliding_window": sliding_window, "soft_cap": soft_cap}

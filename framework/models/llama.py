@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from framework.layers.gated_mlp import GatedMLP
-from framework.layers.linear import Linear
 from framework.layers.norm import RMSNorm
 from framework.layers.rotary import RotaryEmbedding, rope_parameters
 from framework.layers.self_attention import SelfAttention
+from framework.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from framework.models.base import CausalLM
 from framework.models.checkpoint import head_dim_of, layer_attention, layer_types
 
@@ -68,10 +68,10 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config, backend):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.layer_class(config, backend, i) for i in range(config.num_hidden_layers))
         self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps, backend)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, backend)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, backend)
         if getattr(config, "tie_word_embeddings", False):
             self.tied = {"lm_head.weight": "embed_tokens.weight"}
         # one RoPE table per layer type (Gemma 3's sliding and global layers rotate with other bases)

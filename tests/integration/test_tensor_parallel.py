@@ -1,0 +1,157 @@
+"""Tensor parallelism on CPU (gloo): TP=2 on tiny random Llama and Qwen 3 checkpoints against TP=1
+(logprobs of every sampled and prompt position within 1e-5 in float32, greedy and seeded sampling
+token for token, mixed batches with chunked prefill and prefix reuse), TP=3 on SmolLM2-135M, and a
+rank killed or hung mid-run: the caller gets an error, no process is left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from framework import LLM, SamplingParams
+from tests.conftest import GREEDY, make_tiny_checkpoint, random_prompts
+
+ATOL = 1e-5
+FAMILIES = {"llama": dict(family="llama"), "qwen3": dict(family="qwen3", head_dim=16)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny(request, tmp_path_factory, tokenizer_dir):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), tokenizer_dir, seed=5, random_vectors=True, **FAMILIES[request.param])
+
+
+def make_llm(path, tp: int, **options):
+    options = {"kv_cache.max_tokens": 2048, "max_num_tokens": 24, "block_size": 8, **options}
+    return LLM(str(path), dtype="float32", backend="torch", tensor_parallel_size=tp, num_threads=1, **options)
+
+
+def workers(llm):
+    """The rank processes the LLM's engine started."""
+    return list(llm.executor.model_engine.ranks.workers.processes.values())
+
+
+def run_mixed(llm, params):
+    """A shared prefix cached by a first call, then a mixed batch (prefix hits, long and short prompts
+    under a 24-token budget: chunked prefill beside decode rows)."""
+    shared = random_prompts([40], seed=2)[0]
+    llm.generate([shared + [7, 8, 9]], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    prompts = [shared + own for own in random_prompts([3, 11], seed=4)] + random_prompts([5, 60, 2, 33], seed=5)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.kv_cache_stats.prefix_hit_tokens == 2 * 40
+    return outs
+
+
+def assert_logprobs_close(a, b):
+    assert a.keys() == b.keys()
+    for token in a:
+        assert abs(a[token].logprob - b[token].logprob) <= ATOL
+
+
+def test_tp2_matches_tp1_greedy_and_logprobs(tiny):
+    results = {}
+    for tp in (1, 2):
+        llm = make_llm(tiny, tp)
+        try:
+            mixed = run_mixed(llm, SamplingParams(max_tokens=12, logprobs=5, **GREEDY))
+            prompts = random_prompts([6, 50, 23], seed=6)  # (prompt logprobs bypass the prefix cache)
+            scored = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=5, **GREEDY), use_tqdm=False)
+            results[tp] = mixed, scored
+        finally:
+            llm.executor.model_engine.close()
+    for one, two in zip(results[1][0], results[2][0], strict=True):
+        assert two.outputs[0].token_ids == one.outputs[0].token_ids
+        for a, b in zip(one.outputs[0].logprobs, two.outputs[0].logprobs, strict=True):
+            assert_logprobs_close(a, b)
+    for one, two in zip(results[1][1], results[2][1], strict=True):
+        for a, b in zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:], strict=True):
+            assert_logprobs_close(a, b)
+
+
+def test_tp2_sampling_with_seeds_matches_tp1(tiny):
+    params = [SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True) for s in range(6)]
+    results = {}
+    for tp in (1, 2):
+        llm = make_llm(tiny, tp)
+        try:
+            results[tp] = [o.outputs[0].token_ids for o in run_mixed(llm, params)]
+        finally:
+            llm.executor.model_engine.close()
+    assert results[2] == results[1]
+
+
+def test_tp3_smollm2_greedy_matches_tp1(smol_dir):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    results = {}
+    for tp in (1, 3):
+        llm = LLM(str(smol_dir), dtype="float32", backend="torch", tensor_parallel_size=tp, num_threads=1, **{"kv_cache.max_tokens": 1024})
+        try:
+            results[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.executor.model_engine.close()
+    assert results[3] == results[1]
+
+
+def assert_gone(processes, within: float = 10.0):
+    deadline = time.monotonic() + within
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(p.poll() is not None for p in processes)
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_rank_that_dies_or_hangs_fails_the_requests_and_leaves_no_process(tmp_path_factory, tokenizer_dir, fault):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tp-fault"), tokenizer_dir, seed=1)
+    llm = make_llm(path, 2, distributed_timeout=3.0)
+    processes = workers(llm)
+    stream = llm.stream(random_prompts([20])[0], SamplingParams(max_tokens=200, **GREEDY))
+    first = next(stream)
+    assert not first.finished
+    os.kill(processes[0].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    *_, last = stream
+    assert last.finished and last.outputs[0].finish_reason == "error"
+    assert "tensor-parallel" in last.error and ("rank 1" in last.error or fault == "hang")
+    assert_gone(processes)
+    again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)[0]
+    assert again.outputs[0].finish_reason == "error" and "tensor-parallel" in again.error
+    llm.executor.model_engine.close()
+
+
+def test_workers_exit_when_rank_0_is_killed(tmp_path_factory, tokenizer_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tp-orphans"), tokenizer_dir, seed=1)
+    script = (
+        "import sys, time\n"
+        "from framework import LLM\n"
+        f"llm = LLM({str(path)!r}, dtype='float32', backend='torch', tensor_parallel_size=2, num_threads=1, **{{'kv_cache.max_tokens': 512}})\n"
+        "print(*[p.pid for p in llm.executor.model_engine.ranks.workers.processes.values()], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    checkout = str(Path(__file__).parents[2])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")])}
+    rank0 = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in rank0.stdout.readline().split()]
+        assert pids
+    finally:
+        rank0.kill()
+        rank0.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie, unreaped by its dead parent, has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
