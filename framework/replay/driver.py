@@ -97,8 +97,10 @@ def timings_for(requests: list[ReplayRequest]) -> list[RequestTiming]:
     return [RequestTiming(r.arrival, len(r.prompt_token_ids), tenant=r.tenant, priority=r.priority) for r in requests]
 
 
-def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool = True) -> ReplayResult:
-    """Run `requests` (in arrival order) through the replicas `llms`, `router` choosing one for each."""
+def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool = True, ttft_slo_ms: float | None = None) -> ReplayResult:
+    """Run `requests` (in arrival order) through the replicas `llms`, `router` choosing one for each;
+    each request carries `ttft_slo_ms` as its deadline (the SLO goodput counts against), for
+    schedulers that read one."""
     from tqdm.auto import tqdm
 
     check_clocks(llms)
@@ -112,7 +114,7 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
             due = min(busy, key=lambda r: (r.elapsed(), r.index)) if busy else None
             if pending and (due is None or pending[0][1].arrival <= due.elapsed()):
                 index, request = pending.popleft()
-                if not _submit(replicas, router, index, request, timings[index]):
+                if not _submit(replicas, router, index, request, timings[index], ttft_slo_ms):
                     bar.update(1)
             elif due is not None:
                 before = due.elapsed()
@@ -128,7 +130,7 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
     return ReplayResult(timings, max(ends, default=0.0), [r.timeline for r in replicas], _prefix_hit_rate(replicas))
 
 
-def _submit(replicas: list[Replica], router: Router, index: int, request: ReplayRequest, timing: RequestTiming) -> bool:
+def _submit(replicas: list[Replica], router: Router, index: int, request: ReplayRequest, timing: RequestTiming, ttft_slo_ms=None) -> bool:
     """Hand `request` to the replica the router picks; False when the engine refused it."""
     chosen = replicas[router.route(request.prompt_token_ids, [r.load() for r in replicas])]
     chosen.llm.clock.sleep_until(chosen.origin + request.arrival)
@@ -136,7 +138,7 @@ def _submit(replicas: list[Replica], router: Router, index: int, request: Replay
     try:
         chosen.llm.add_request(
             request.prompt_token_ids, params, request_id=str(index), arrival_time=chosen.origin + request.arrival,
-            priority=request.priority, tenant=request.tenant,
+            priority=request.priority, tenant=request.tenant, ttft_slo_ms=ttft_slo_ms,
         )
     except ValueError as exc:
         timing.error = str(exc)

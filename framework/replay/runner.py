@@ -33,7 +33,7 @@ def run_replay(cfg, plugins, out_dir: Path, overrides: list[str]) -> dict:
     else:
         llms = build_replicas(cfg, plugins)
         workload = build_workload(rc, prompt_token_ids(llms[0], rc.vocab_size))
-        result = replay(llms, workload.requests, build_router(cfg, plugins), rc.progress)
+        result = replay(llms, workload.requests, build_router(cfg, plugins), rc.progress, rc.slo.ttft_ms)
         setup = engine_setup(cfg, llms[0])
     setup["overrides"] = list(overrides)
     statistics = summarize(result.timings, result.duration, rc.slo.ttft_ms, rc.slo.tpot_ms)

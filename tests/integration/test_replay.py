@@ -155,6 +155,15 @@ def test_tenants_reach_the_scheduler(tiny_dir, scheduler, order):
     assert [t.tenant for t in result.timings] == ["a", "a", "a", "b"]
 
 
+def test_the_ttft_slo_reaches_each_request(tiny_dir, monkeypatch):
+    llm = virtual_llm(tiny_dir)
+    seen = []
+    add = type(llm).add_request
+    monkeypatch.setattr(type(llm), "add_request", lambda self, *args, **kw: seen.append(kw["ttft_slo_ms"]) or add(self, *args, **kw))
+    replay([llm], [request(0.0), request(0.5)], RoundRobinRouter(), progress=False, ttft_slo_ms=250.0)
+    assert seen == [250.0, 250.0]
+
+
 def test_a_refused_request_counts_as_failed(tiny_dir):
     too_long = request(0.5, prompt_len=300)  # FakeEngine's max_model_len is 256
     result = replay([virtual_llm(tiny_dir)], [request(0.0), too_long], RoundRobinRouter(), progress=False)
