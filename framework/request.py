@@ -49,7 +49,7 @@ class LlmRequest:
     # vocab] float tensor); None: each draft proposed with certainty (a point mass, e.g. prompt lookup)
     draft_probs: Any = None
     num_computed_tokens: int = 0
-    num_scheduled_tokens: int = 0  # set by the micro-batch scheduler for the current step
+    num_scheduled_tokens: int = 0  # this step's chunk, set by the executor from the micro-batch scheduler's plan
     state: RequestState = RequestState.QUEUED
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None

@@ -133,10 +133,10 @@ class PyTorchModelEngine(ModelEngine):
     def prepare_inputs(self, scheduled, kv_cache_manager):
         """Token ids, positions and attention metadata of the packed batch, plus the packed index
         of each sampled request's last token."""
-        step, sample_index, sampled, chunk_ranges = pack_step(scheduled, kv_cache_manager)
+        step, sampled, chunk_ranges = pack_step(scheduled, kv_cache_manager)
         cache_shape = kv_cache_manager.get_kv_caches()[0][0].shape
         meta = self.backend.attention_metadata(step.positions, step.tables, step.query_lens, step.context_lens, cache_shape)
-        return step.input_ids.to(self.device), step.positions.to(self.device), meta, sample_index.to(self.device), sampled, chunk_ranges
+        return step.input_ids.to(self.device), step.positions.to(self.device), meta, step.rows.to(self.device), sampled, chunk_ranges
 
     def _decode_graphs(self, kv):
         """The backend's decode-step graphs over the current caches (None where it has none)."""
@@ -181,7 +181,8 @@ class PyTorchModelEngine(ModelEngine):
     def _forward_tensor_parallel(self, scheduled, kv) -> ForwardOutput:
         """Rank 0's step: send the packed step, then run its own share; the sampled rows' logits and
         each prompt-logprob chunk's come from one gather."""
-        step, sample_index, sampled, chunk_ranges = pack_step(scheduled, kv)
+        step, sampled, chunk_ranges = pack_step(scheduled, kv)
+        sample_index = step.rows
         step.rows = torch.cat([sample_index, *(torch.arange(offset, offset + n) for _, _, offset, n in chunk_ranges)])
 
         def run():
@@ -212,9 +213,9 @@ class PyTorchModelEngine(ModelEngine):
 
 
 def pack_step(scheduled, kv_cache_manager):
-    """The packed step of `scheduled` (CPU tensors; `rows` are the sampled positions), the packed
-    index of each sampled request's last token (and of each draft to verify), the sampled requests,
-    and `(request, first position, packed offset, tokens)` of each chunk whose prompt logprobs are asked."""
+    """The packed step of `scheduled` (CPU tensors; its `rows` are the packed index of each sampled
+    request's last token and of each draft it verifies), the sampled requests, and `(request, first
+    position, packed offset, tokens)` of each chunk whose prompt logprobs are asked."""
     input_ids: list[int] = []
     starts, lengths, tables, sample_index, sampled, chunk_ranges = [], [], [], [], [], []
     for request in scheduled:
@@ -234,10 +235,9 @@ def pack_step(scheduled, kv_cache_manager):
     first_token = torch.cumsum(lengths_t, 0) - lengths_t
     offset = torch.arange(len(input_ids)) - first_token[request_of_token]  # index within the chunk
     positions = starts_t[request_of_token] + offset
-    sample_index = torch.tensor(sample_index, dtype=torch.long)
     _, num_blocks, block_size, _ = kv_cache_manager.get_kv_caches()[0][0].shape
     step = StepInputs(
         torch.tensor(input_ids, dtype=torch.long), positions, tables, lengths_t, starts_t + lengths_t,
-        sample_index, num_blocks, block_size,
+        torch.tensor(sample_index, dtype=torch.long), num_blocks, block_size,
     )
-    return step, sample_index, sampled, chunk_ranges
+    return step, sampled, chunk_ranges
