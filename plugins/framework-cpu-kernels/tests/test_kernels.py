@@ -64,6 +64,25 @@ def attend(kernels, case, scale, shared=0):
     return kernels.attention(*case, shared, scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("query_len", [2, 5])
+def test_a_rows_output_does_not_depend_on_the_other_rows(kernels, dtype, query_len):
+    """A verify step's row equals the decode step of the same token, bit for bit: speculative
+    decoding then gives exactly the tokens of plain decoding."""
+    require_kernels(dtype)
+    g = torch.Generator().manual_seed(query_len)
+    heads, kv_heads, d, block_size = 9, 3, 64, 16  # SmolLM2's attention
+    k_cache, v_cache = (torch.randn(kv_heads, 48, block_size, d, generator=g).to(dtype) for _ in range(2))
+    table = torch.randperm(48, generator=g)[:40].to(torch.int32)[None]
+    one = torch.ones(1, dtype=torch.int32)
+    for context in range(query_len, 640, 13):
+        q = torch.randn(query_len, heads, d, generator=g).to(dtype)
+        rows = kernels.attention(q, k_cache, v_cache, table, one * query_len, one * context, 0, 0.125)
+        for i in range(query_len):
+            alone = kernels.attention(q[i : i + 1].contiguous(), k_cache, v_cache, table, one, one * (context - query_len + 1 + i), 0, 0.125)
+            assert torch.equal(alone[0], rows[i]), (context, i)
+
+
 @pytest.mark.parametrize("block_size", [8, 16, 32])  # a tile is a whole block, or 16 keys of one
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_float32_matches_float64_reference(kernels, head_dim, block_size):
@@ -257,17 +276,31 @@ def linear_case(dtype, rows, in_features, out_features, seed=6):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 128])  # whole 8-row tiles and every remainder kind
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 128])  # whole 8- and 16-row tiles and remainders
 @pytest.mark.parametrize("out_features", [96, 100, 1000])  # 48-column panels; 16- and 32-wide tails
-def test_packed_linear_matches_float64(kernels, dtype, rows, out_features):
+@pytest.mark.parametrize("in_features", [1536, 1000])  # bfloat16 by AMX tiles where whole 32s, else by vectors
+def test_packed_linear_matches_float64(kernels, dtype, rows, out_features, in_features):
     require_kernels(dtype)
-    x, weight, bias = linear_case(dtype, rows, 1536, out_features)
+    x, weight, bias = linear_case(dtype, rows, in_features, out_features)
     packed = kernels.pack_linear(weight)
     for b in (bias, None):
         got = kernels.linear(x, packed, out_features, b)
         want = x.double() @ weight.double().T + (0 if b is None else b.double())
         # float32 accumulation of 1536 products, then one rounding to the dtype
         torch.testing.assert_close(got.double(), want, rtol=ulps(dtype), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_features", [1536, 1000])
+def test_packed_linear_rows_do_not_depend_on_the_batch(kernels, dtype, in_features):
+    """Each row comes out the same, bit for bit, alone or in a batch of any size (a verify step's
+    rows equal decode steps'; a request's tokens do not depend on who it is batched with)."""
+    require_kernels(dtype)
+    x, weight, bias = linear_case(dtype, 40, in_features, 100)
+    packed = kernels.pack_linear(weight)
+    batch = kernels.linear(x, packed, 100, bias)
+    for rows in (1, 5, 16, 17, 33):
+        assert torch.equal(kernels.linear(x[:rows], packed, 100, bias), batch[:rows]), rows
 
 
 def test_packed_linear_leaves_other_inputs_to_the_caller(kernels):

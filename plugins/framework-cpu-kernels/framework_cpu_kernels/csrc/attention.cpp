@@ -141,7 +141,7 @@ __attribute__((always_inline)) inline void scores(const Tile<T, D>& tile, const 
     if constexpr (Tile<T, D>::TRANSPOSED) {
         // the rows step through the words together, each key word loaded once for all of them and
         // R x CHAINS independent sums in flight
-        constexpr int CHAINS = R >= 4 ? 2 : 4;
+        constexpr int CHAINS = 4;  // (whatever R: a row sums in the same order in any batch)
         __m512 sum[R][CHAINS];
         for (int r = 0; r < R; ++r)
             for (int c = 0; c < CHAINS; ++c) sum[r][c] = _mm512_setzero_ps();

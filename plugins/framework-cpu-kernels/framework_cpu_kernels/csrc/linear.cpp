@@ -9,8 +9,15 @@
 // feeds it, the other tiles from cache; instead the tiles after the first fetch the next panel into
 // L2 a few lines per word, so the weights stream at an even rate (a batch-32 decode step's layers
 // 22.5 -> 20.8 ms).
+// Where the CPU has AMX (and the inputs come in whole 32s), bfloat16 goes through the tile unit
+// instead, from the same panels: a tile multiply-add takes 16 rows for the price of one, so 1 to 16
+// rows cost about the same (a 5-token verify step's layers as much as a 1-token decode step's) and
+// a batch-32 decode step's linear layers ~7x less than by vectors.
 
 #include "common.h"
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace {
 
@@ -93,6 +100,107 @@ void panel_rows(const T* x, int rows, int in, const T* panel, int width, const T
     }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+
+// Linux hands out the tile registers' state on request, once per process
+bool amx_permitted() {
+    constexpr long REQUEST_PERMISSION = 0x1023, TILE_DATA = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    static const bool permitted = syscall(SYS_arch_prctl, REQUEST_PERMISSION, TILE_DATA) == 0;
+    return permitted;
+}
+
+constexpr int AMX_ROWS = 16, AMX_INPUTS = 32;  // a tile: up to 16 rows of 64 bytes
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t bytes_per_row[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// tiles 0-2: the sums of `rows` rows x 16 columns; 3: `rows` rows of x, 32 inputs each; 4-6: 16
+// word-rows x 16 columns of a panel (the panels' layout is already the pairs `tdpbf16ps` takes)
+void configure_tiles(int rows) {
+    TileConfig config;
+    for (int t = 0; t < 7; ++t) config.bytes_per_row[t] = 64, config.rows[t] = t >= 4 ? AMX_ROWS : rows;
+    _tile_loadconfig(&config);
+}
+
+// `rows` (<= 16, as configured) rows x Z vectors of one panel
+template <int Z>
+void amx_tile(const bf16* x, int in, const bf16* panel, int width, const bf16* bias, bf16* y, int out, int cols, int rows) {
+    alignas(64) float sums[AMX_ROWS][PANEL];
+    _tile_zero(0);
+    if constexpr (Z > 1) _tile_zero(1);
+    if constexpr (Z > 2) _tile_zero(2);
+    const int panel_row_bytes = width * 4;
+    for (int k = 0; k < in; k += AMX_INPUTS) {
+        const bf16* w = panel + int64_t(k) * width;  // word-row k / 2
+        _tile_loadd(3, x + k, in * 2);
+        _tile_loadd(4, w, panel_row_bytes);
+        _tile_dpbf16ps(0, 3, 4);
+        if constexpr (Z > 1) {
+            _tile_loadd(5, w + 2 * LANES, panel_row_bytes);
+            _tile_dpbf16ps(1, 3, 5);
+        }
+        if constexpr (Z > 2) {
+            _tile_loadd(6, w + 4 * LANES, panel_row_bytes);
+            _tile_dpbf16ps(2, 3, 6);
+        }
+    }
+    _tile_stored(0, &sums[0][0], sizeof sums[0]);
+    if constexpr (Z > 1) _tile_stored(1, &sums[0][LANES], sizeof sums[0]);
+    if constexpr (Z > 2) _tile_stored(2, &sums[0][2 * LANES], sizeof sums[0]);
+    for (int z = 0; z < Z; ++z) {
+        const int left = cols - z * LANES;
+        if (left <= 0) break;
+        const __mmask16 m = first(left);
+        const __m512 b = bias != nullptr ? widen(bias + z * LANES, m) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; ++r)
+            store16(y + int64_t(r) * out + z * LANES, _mm512_add_ps(_mm512_load_ps(&sums[r][z * LANES]), b), m);
+    }
+}
+
+// bfloat16 by the tile unit: every row alike whatever the batch (so a verify step's rows equal the
+// decode steps'). Rows past the last whole 16 go through a zero-padded copy, so that one tile
+// configuration serves every block.
+int amx_linear(const bf16* x, const bf16* packed, const bf16* bias, bf16* y, int rows, int in, int out) {
+    const int panels = (out + PANEL - 1) / PANEL;
+    const int64_t panel_size = int64_t(PANEL) * in;
+    const int tile_rows = std::min(rows, AMX_ROWS), whole = rows / tile_rows * tile_rows, rest = rows - whole;
+    bf16* padded = nullptr;
+    if (rest > 0) {
+        padded = new bf16[int64_t(AMX_ROWS) * in]();
+        std::memcpy(padded, x + int64_t(whole) * in, int64_t(rest) * in * sizeof(bf16));
+    }
+#pragma omp parallel
+    {
+        configure_tiles(tile_rows);
+        alignas(64) bf16 spill[AMX_ROWS * PANEL];
+#pragma omp for schedule(static)
+        for (int i = 0; i < panels; ++i) {
+            const int n0 = i * PANEL, width = panel_width(out, n0), cols = std::min(PANEL, out - n0);
+            const bf16* panel = packed + i * panel_size;
+            const bf16* b = bias != nullptr ? bias + n0 : nullptr;
+            auto block = [&](const bf16* xs, bf16* ys, int ys_stride, int n) {
+                if (width == 3 * LANES) amx_tile<3>(xs, in, panel, width, b, ys, ys_stride, cols, n);
+                else if (width == 2 * LANES) amx_tile<2>(xs, in, panel, width, b, ys, ys_stride, cols, n);
+                else amx_tile<1>(xs, in, panel, width, b, ys, ys_stride, cols, n);
+            };
+            for (int m = 0; m < whole; m += tile_rows) block(x + int64_t(m) * in, y + int64_t(m) * out + n0, out, tile_rows);
+            if (rest > 0) {
+                block(padded, spill, PANEL, rest);
+                for (int r = 0; r < rest; ++r)
+                    std::memcpy(y + int64_t(whole + r) * out + n0, spill + r * PANEL, cols * sizeof(bf16));
+            }
+        }
+        _tile_release();
+    }
+    delete[] padded;
+    return 0;
+}
+
+#endif
+
 template <typename T>
 int linear(const T* x, const T* packed, const T* bias, T* y, int rows, int in, int out) {
     const int panels = (out + PANEL - 1) / PANEL;
@@ -133,6 +241,9 @@ int packed_linear_f32(const float*, const float*, const float*, float*, int, int
 #if defined(__AVX512BF16__)
 int covered_bf16() { return 1; }
 int packed_linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y, int rows, int in, int out) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (in % AMX_INPUTS == 0 && amx_permitted()) return amx_linear(x, packed, bias, y, rows, in, out);
+#endif
     return linear(x, packed, bias, y, rows, in, out);
 }
 #else
