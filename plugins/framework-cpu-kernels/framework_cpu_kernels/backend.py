@@ -17,6 +17,8 @@ from framework_cpu_kernels.config import CPUKernelsConfig
 from framework_cpu_kernels.graphs import CPUDecodeGraphs
 from framework_cpu_kernels.kernels import SUFFIXES, load
 
+TABLE_COLUMNS = 16  # a decode graph's block tables are this many columns wider at a time
+
 
 @dataclass
 class KernelMetadata:
@@ -106,8 +108,8 @@ class CPUKernelsBackend(Backend):
 
 
 class KernelDecodeGraphs:
-    """Decode-only steps of any shape, each recorded as a CPU graph the second time in a row its
-    shapes come (graphs.py) and replayed from then on."""
+    """Decode-only steps of any shape, each recorded as a CPU graph the second time its shapes come
+    (graphs.py) and replayed from then on."""
 
     def __init__(self, backend: CPUKernelsBackend, model, kv_caches):
         self.backend, self.model, self.kv_caches = backend, model, kv_caches
@@ -117,6 +119,9 @@ class KernelDecodeGraphs:
         return True
 
     def run(self, tokens, positions, tables, query_len=1):
+        # the tables' width in steps of TABLE_COLUMNS, so that a request's graph lasts that many blocks
+        width = -(-max(len(t) for t in tables) // TABLE_COLUMNS) * TABLE_COLUMNS
+        tables = [t + [t[0]] * (width - len(t)) for t in tables]  # (as pad_tables: never read)
         input_ids = torch.tensor(tokens, dtype=torch.long)
         starts = torch.tensor(positions, dtype=torch.long)
         positions = (starts[:, None] + torch.arange(query_len)).flatten()

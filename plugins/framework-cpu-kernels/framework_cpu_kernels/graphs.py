@@ -99,16 +99,16 @@ def record(kernels, step, inputs: list[torch.Tensor]) -> CPUGraph:
 
 class CPUDecodeGraphs:
     """The graphs of decode steps, keyed by what fixes a step's shapes and kernel arguments. A key is
-    recorded the second time in a row it is seen (a key seen once, as in steps whose batch keeps
-    changing, would not pay for its recording), replayed from then on; the `capacity` most recent
-    graphs are kept."""
+    recorded the second time it is seen among the last `4 * capacity` keys (a key seen once, as in
+    steps whose batch keeps changing, would not pay for its recording; verify steps alternate
+    between a few query lengths), replayed from then on; the `capacity` most recent graphs are kept."""
 
     def __init__(self, kernels, kv_caches, capacity: int = 16):
         self.kernels = kernels
         self.kv_caches = kv_caches
         self.capacity = capacity
         self.graphs: OrderedDict[tuple, CPUGraph | None] = OrderedDict()  # None: not replayable
-        self.last_key: tuple | None = None
+        self.seen: OrderedDict[tuple, None] = OrderedDict()  # keys run once, not recorded yet
 
     def run(self, key: tuple, step, inputs: list[torch.Tensor]) -> torch.Tensor:
         """The output of `step()` on `inputs`: replayed, recorded, or run as it is."""
@@ -116,8 +116,10 @@ class CPUDecodeGraphs:
             self.graphs.move_to_end(key)
             graph = self.graphs[key]
             return step() if graph is None else graph.replay(inputs)
-        seen_before, self.last_key = self.last_key == key, key
-        if not seen_before:
+        if self.seen.pop(key, False) is False:
+            self.seen[key] = None
+            if len(self.seen) > 4 * self.capacity:
+                self.seen.popitem(last=False)
             return step()
         graph = record(self.kernels, step, inputs)
         self.graphs[key] = graph if graph.replayable else None

@@ -84,7 +84,7 @@ def test_a_step_a_replay_cannot_repeat_is_run_eagerly(kernels, step):
     assert len(calls) == 4  # every step ran as it is
 
 
-def test_a_key_is_recorded_the_second_time_in_a_row_and_the_oldest_dropped(kernels):
+def test_a_key_is_recorded_the_second_time_it_is_seen_and_the_oldest_dropped(kernels):
     x = torch.ones(3)
     graphs = CPUDecodeGraphs(kernels, kv_caches=None, capacity=2)
     calls = []
@@ -94,15 +94,21 @@ def test_a_key_is_recorded_the_second_time_in_a_row_and_the_oldest_dropped(kerne
         return x * 3
 
     graphs.run("a", step, [x])
-    graphs.run("b", step, [x])  # a key seen once, then another: nothing recorded
+    graphs.run("b", step, [x])  # keys seen once: nothing recorded
     assert not graphs.graphs
-    graphs.run("b", step, [x])  # second in a row: recorded (and run for real)
-    assert list(graphs.graphs) == ["b"] and len(calls) == 3
+    graphs.run("b", step, [x])  # seen again: recorded (and run for real)
+    graphs.run("a", step, [x])  # (not in a row: verify steps alternate between query lengths)
+    assert list(graphs.graphs) == ["b", "a"] and len(calls) == 4
     assert torch.equal(graphs.run("b", step, [torch.full((3,), 2.0)]), torch.full((3,), 6.0))
-    assert len(calls) == 3  # replayed: `step` itself did not run
+    assert len(calls) == 4  # replayed: `step` itself did not run
     for key in ("c", "c", "d", "d"):
         graphs.run(key, step, [x])
-    assert list(graphs.graphs) == ["c", "d"]  # capacity 2: "b" dropped
+    assert list(graphs.graphs) == ["c", "d"]  # capacity 2: "b" and "a" dropped
+    graphs.run("e", step, [x])
+    for key in range(8):  # a key seen once is forgotten after 4 x capacity others
+        graphs.run(key, step, [x])
+    graphs.run("e", step, [x])
+    assert "e" not in graphs.graphs
 
 
 def _generate(llm, prompts, max_tokens):
