@@ -169,7 +169,7 @@ class ProfileConfig:
     engine's cost model to them (docs/simulator.md)."""
 
     out: str = "profile.json"
-    prefill_tokens: list[int] = field(default_factory=lambda: [16, 64, 256, 1024, 2048])  # a prompt chunk's tokens
+    prefill_tokens: list[int] = field(default_factory=lambda: [16, 64, 128, 256, 512, 1024, 2048])  # a prompt chunk's tokens
     prefill_context: list[int] = field(default_factory=lambda: [0, 512, 1536])  # cached tokens before the chunk
     decode_batch: list[int] = field(default_factory=lambda: [1, 4, 16, 32, 64])
     decode_context: list[int] = field(default_factory=lambda: [64, 256, 512])  # each decoding request's tokens

@@ -276,13 +276,16 @@ def linear_case(dtype, rows, in_features, out_features, seed=6):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 128])  # whole 8- and 16-row tiles and remainders
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 33, 128, 250])  # whole 8- and 16-row tiles and remainders
 @pytest.mark.parametrize("out_features", [96, 100, 1000])  # 48-column panels; 16- and 32-wide tails
 @pytest.mark.parametrize("in_features", [1536, 1000])  # bfloat16 by AMX tiles where whole 32s, else by vectors
 def test_packed_linear_matches_float64(kernels, dtype, rows, out_features, in_features):
     require_kernels(dtype)
     x, weight, bias = linear_case(dtype, rows, in_features, out_features)
     packed = kernels.pack_linear(weight)
+    if rows > kernels.max_rows(dtype, in_features):  # 250 rows only by tiles: elsewhere the caller's
+        assert kernels.linear(x, packed, out_features, bias) is None
+        return
     for b in (bias, None):
         got = kernels.linear(x, packed, out_features, b)
         want = x.double() @ weight.double().T + (0 if b is None else b.double())
@@ -305,7 +308,9 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(kernels, dtype, in_featur
 
 def test_packed_linear_leaves_other_inputs_to_the_caller(kernels):
     require_kernels(torch.bfloat16)
-    x, weight, _ = linear_case(torch.bfloat16, cpu.LINEAR_MAX_ROWS + 1, 64, 48)
+    assert kernels.max_rows(torch.float32, 64) == kernels.max_rows(torch.bfloat16, 48) == cpu.LINEAR_MAX_ROWS  # no tiles there
+    assert kernels.max_rows(torch.bfloat16, 64) in (cpu.LINEAR_MAX_ROWS, cpu.LINEAR_MAX_ROWS_TILES)  # tiles where AMX
+    x, weight, _ = linear_case(torch.bfloat16, kernels.max_rows(torch.bfloat16, 64) + 1, 64, 48)
     packed = kernels.pack_linear(weight)
     assert kernels.linear(x, packed, 48) is None  # a prompt chunk: oneDNN's
     assert kernels.linear(x[:4].float(), packed, 48) is None  # another dtype

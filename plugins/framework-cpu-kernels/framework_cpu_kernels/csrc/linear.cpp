@@ -1,5 +1,5 @@
-// y = x W^T (+ bias) for the few rows of a decode step (the caller sends up to LINEAR_MAX_ROWS =
-// 128), where oneDNN leaves a part of the machine unused. The weight is repacked once into panels of 48 output columns, each panel
+// y = x W^T (+ bias) for the few rows of a decode step (the caller sends up to 128 rows, 256 to the
+// tiles below), where oneDNN leaves a part of the machine unused. The weight is repacked once into panels of 48 output columns, each panel
 // `[in / step][48][step]` with `step` inputs per 32-bit word (1 float32, 2 bfloat16): a panel is
 // read front to back, each word-row loaded as three vectors, and every row of x meets it while it
 // sits in cache. A tile of 8 rows x 48 columns keeps its 24 sums in registers; one row's word is
@@ -238,12 +238,18 @@ int covered_f32() { return 0; }
 int packed_linear_f32(const float*, const float*, const float*, float*, int, int, int) { return -1; }
 #endif
 
+// Whether bfloat16 rows of `in` inputs go through AMX tiles here (the caller sends more rows then)
+int linear_tiles_f32(int) { return 0; }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+int linear_tiles_bf16(int in) { return in % AMX_INPUTS == 0 && amx_permitted(); }
+#else
+int linear_tiles_bf16(int) { return 0; }
+#endif
+
 #if defined(__AVX512BF16__)
 int covered_bf16() { return 1; }
 int packed_linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y, int rows, int in, int out) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (in % AMX_INPUTS == 0 && amx_permitted()) return amx_linear(x, packed, bias, y, rows, in, out);
-#endif
+    if (linear_tiles_bf16(in)) return amx_linear(x, packed, bias, y, rows, in, out);
     return linear(x, packed, bias, y, rows, in, out);
 }
 #else
