@@ -87,13 +87,14 @@ class StepProfiler:
     # ---- the grid ----------------------------------------------------------------------------
     def run(self) -> StepProfile:
         s = self.settings
-        decode_steps, mixed_steps = s.warmup_steps + s.repeats + 2, 10 * (s.warmup_steps + s.repeats) + 10
+        mixed_steps = 10 * (s.warmup_steps + s.repeats) + 10
         for context in s.prefill_context:
             for n in s.prefill_tokens:
                 needs = Needs(requests=1, step_tokens=n, longest=context + n + 1, kv_tokens=context + n + 1)
                 self._point(f"prefill {n} tokens after {context}", needs, self._prefill, n, context)
         for context in s.decode_context:
             for batch in s.decode_batch:
+                decode_steps = self._decode_tokens(batch, context)
                 needs = Needs(batch, batch, context + decode_steps, batch * (context + decode_steps))
                 self._point(f"decode batch {batch} at {context} tokens", needs, self._decode, batch, context)
         context = sorted(s.decode_context)[len(s.decode_context) // 2] if s.decode_context else 64
@@ -155,9 +156,17 @@ class StepProfiler:
             self._untimed_until_idle([])
         return steps[self.settings.warmup_steps :]
 
+    def _decode_tokens(self, batch: int, context: int) -> int:
+        """The output tokens of a decode point's requests: the timed steps and a margin, plus one
+        per step their prompts take (the first prompts decode while the budget computes the
+        others): else the first would finish before the timed steps, which would time a smaller
+        batch than asked."""
+        s = self.settings
+        return s.warmup_steps + s.repeats + 2 + -(-batch * context // self.scheduler.max_num_tokens)
+
     def _decode(self, batch: int, context: int) -> list[tuple[StepShape | None, float]]:
         s = self.settings
-        requests = self._decoding(batch, context, s.warmup_steps + s.repeats + 2)
+        requests = self._decoding(batch, context, self._decode_tokens(batch, context))
         steps = [self._timed_step() for _ in range(s.warmup_steps + s.repeats)]
         self._abort(requests)
         return steps[s.warmup_steps :]

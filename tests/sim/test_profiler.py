@@ -95,3 +95,13 @@ def test_python_m_framework_mode_profile(tiny_dir, tmp_path):
     assert [shape.tokens for shape, _ in StepProfile.load(out).samples] == [8, 2]
     refused = subprocess.run([sys.executable, "-m", "framework", *args, "engine=sim"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "engine=sim computes nothing to time" in refused.stderr
+
+
+def test_a_decode_point_times_its_whole_batch_when_prompts_take_several_steps(tiny_dir):
+    """Under a small token budget the first prompts decode while the others are computed; their
+    requests must not run out of tokens before the timed steps (which would time a smaller batch)."""
+    llm = LLM(str(tiny_dir), dtype="float32", **{"kv_cache.max_tokens": 2048, "scheduler.max_num_tokens": 24})
+    grid = ProfileConfig(prefill_tokens=[], prefill_context=[], decode_batch=[4], decode_context=[20], mixed_batch=[], warmup_steps=1, repeats=2)
+    profile = profile_steps(llm, grid)
+    (shape, _), = profile.samples
+    assert shape.requests == shape.tokens == 4  # 4 x 20 prompt tokens took 4 steps of 24
