@@ -101,9 +101,10 @@ class CPUDecodeGraphs:
     """The graphs of decode steps, keyed by what fixes a step's shapes and kernel arguments. A key is
     recorded the second time it is seen among the last `4 * capacity` keys (a key seen once, as in
     steps whose batch keeps changing, would not pay for its recording; verify steps alternate
-    between a few query lengths), replayed from then on; the `capacity` most recent graphs are kept."""
+    between a few query lengths), replayed from then on; the `capacity` most recent graphs are kept
+    (a serving run's batch sizes are a few dozen keys)."""
 
-    def __init__(self, kernels, kv_caches, capacity: int = 16):
+    def __init__(self, kernels, kv_caches, capacity: int = 48):
         self.kernels = kernels
         self.kv_caches = kv_caches
         self.capacity = capacity

@@ -1,4 +1,4 @@
-// y = x W^T (+ bias) for the few rows of a decode step (the caller sends up to 128 rows, 256 to the
+// y = x W^T (+ bias) for the few rows of a decode step (the caller sends up to 128 rows, 512 to the
 // tiles below), where oneDNN leaves a part of the machine unused. The weight is repacked once into panels of 48 output columns, each panel
 // `[in / step][48][step]` with `step` inputs per 32-bit word (1 float32, 2 bfloat16): a panel is
 // read front to back, each word-row loaded as three vectors, and every row of x meets it while it
