@@ -52,9 +52,10 @@ class AttentionMetadata:
     windowed: dict = field(default_factory=dict)
 
 
-def pad_tables(tables: list[list[int]]) -> torch.Tensor:
-    """Block tables as one int64 tensor; short rows repeat their first block (masked out anyway)."""
-    width = max(len(t) for t in tables)
+def pad_tables(tables: list[list[int]], columns: int = 1) -> torch.Tensor:
+    """Block tables as one int64 tensor, its width rounded up to a multiple of `columns`; short rows
+    repeat their first block (masked out anyway)."""
+    width = -(-max(len(t) for t in tables) // columns) * columns
     return torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
 
 

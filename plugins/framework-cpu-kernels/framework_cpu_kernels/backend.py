@@ -84,8 +84,8 @@ class CPUKernelsBackend(Backend):
     def silu_and_mul(self, gate_up):
         return self.kernels.silu_and_mul(gate_up)
 
-    def attention_metadata(self, positions, block_tables, query_lens, context_lens, cache_shape):
-        tables = pad_tables(block_tables)
+    def attention_metadata(self, positions, block_tables, query_lens, context_lens, cache_shape, table_columns: int = 1):
+        tables = pad_tables(block_tables, table_columns)
         return KernelMetadata(
             slot_mapping=slot_mapping(positions, tables, query_lens, cache_shape[2]),
             block_tables=tables.to(torch.int32),
@@ -119,14 +119,12 @@ class KernelDecodeGraphs:
         return True
 
     def run(self, tokens, positions, tables, query_len=1):
-        # the tables' width in steps of TABLE_COLUMNS, so that a request's graph lasts that many blocks
-        width = -(-max(len(t) for t in tables) // TABLE_COLUMNS) * TABLE_COLUMNS
-        tables = [t + [t[0]] * (width - len(t)) for t in tables]  # (as pad_tables: never read)
         input_ids = torch.tensor(tokens, dtype=torch.long)
         starts = torch.tensor(positions, dtype=torch.long)
         positions = (starts[:, None] + torch.arange(query_len)).flatten()
         query_lens = torch.full((len(starts),), query_len, dtype=torch.long)
-        meta = self.backend.attention_metadata(positions, tables, query_lens, starts + query_len, self.kv_caches[0][0].shape)
+        # the tables widen TABLE_COLUMNS at a time, so that a request's graph lasts that many blocks
+        meta = self.backend.attention_metadata(positions, tables, query_lens, starts + query_len, self.kv_caches[0][0].shape, TABLE_COLUMNS)
         key = (len(tokens), query_len, meta.block_tables.shape[1], meta.shared_blocks)
         inputs = [input_ids, positions, meta.slot_mapping, meta.block_tables, meta.query_lens, meta.context_lens]
         logits = self.graphs.run(key, lambda: self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_caches)), inputs)

@@ -117,11 +117,12 @@ class CPUDecodeGraphs:
             self.graphs.move_to_end(key)
             graph = self.graphs[key]
             return step() if graph is None else graph.replay(inputs)
-        if self.seen.pop(key, False) is False:
+        if key not in self.seen:  # a first sight runs as it is
             self.seen[key] = None
             if len(self.seen) > 4 * self.capacity:
                 self.seen.popitem(last=False)
             return step()
+        del self.seen[key]
         graph = record(self.kernels, step, inputs)
         self.graphs[key] = graph if graph.replayable else None
         if len(self.graphs) > self.capacity:
