@@ -98,6 +98,11 @@ class LlmRequest:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
+    def draft_room(self, max_model_len: int) -> int:
+        """Drafts a step may still verify: the tokens left under max_tokens and the length limit,
+        less the one the target samples itself (0 or less: none)."""
+        return min(self.sampling_params.max_tokens - len(self.output_token_ids), max_model_len - self.num_tokens) - 1
+
     def clear_drafts(self) -> None:
         self.draft_token_ids = []
         self.draft_probs = None

@@ -78,16 +78,19 @@ class LLM:
 
     # ---- adding requests ---------------------------------------------------------------------
     def new_request_group(
-        self, prompt: Prompt, params: SamplingParams | None, priority=None, request_id=None, index=None, *, tenant=None, ttft_slo_ms=None
+        self, prompt: Prompt, params: SamplingParams | None, priority=None, request_id=None, index=None, *, tenant=None, ttft_slo_ms=None,
+        arrival_time=None,
     ) -> RequestGroup:
         """Build and validate (ValueError or TypeError naming the problem) the requests of one
-        prompt; `priority`, `tenant` and `ttft_slo_ms` are its scheduling metadata (None: unset)."""
+        prompt; `priority`, `tenant` and `ttft_slo_ms` are its scheduling metadata (None: unset),
+        `arrival_time` when it counts as arrived (on `clock`; None: now)."""
         (params,) = inputs.sampling_params_list(params, 1)
         metadata = inputs.scheduling(priority, tenant, ttft_slo_ms)
         text, ids = inputs.token_prompt(prompt, index)
         if text is not None:
             ids = self.tokenizer.encode(text)
         group_id = str(request_id) if request_id is not None else str(next(self._ids))
+        arrival_time = self.clock.now() if arrival_time is None else arrival_time
         requests = []
         for i in range(params.n):
             member = params if params.n == 1 or params.seed is None else dataclasses.replace(params, seed=(params.seed + i) % 2**64)
@@ -100,7 +103,7 @@ class LLM:
                     **metadata,
                     eos_token_ids=self.eos_token_ids,
                     follows=requests[0] if requests else None,
-                    arrival_time=self.clock.now(),
+                    arrival_time=arrival_time,
                 )
             )
         error = self.executor.validate(requests[0])
@@ -219,21 +222,22 @@ class LLM:
         """Queue one prompt for `step()`; returns its request id. `arrival_time` (on `clock`,
         default now) is when it counts as having arrived; the scheduling metadata are `generate`'s.
         Raises ValueError for a bad request."""
-        if self._thread is not None:
-            raise RuntimeError("add_request/step drive the engine by hand; the background loop is running")
-        group = self.new_request_group(prompt, sampling_params, priority, request_id=request_id, tenant=tenant, ttft_slo_ms=ttft_slo_ms)
-        if arrival_time is not None:
-            for request in group.requests:
-                request.arrival_time = arrival_time
+        self._check_stepped_by_hand()
+        group = self.new_request_group(
+            prompt, sampling_params, priority, request_id=request_id, tenant=tenant, ttft_slo_ms=ttft_slo_ms, arrival_time=arrival_time
+        )
         group.listener = self._stepped.append
         self._submit([group])
         return group.request_id
 
+    def _check_stepped_by_hand(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("add_request/step drive the engine by hand; the background loop is running")
+
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the outputs of the `add_request` prompts it changed (tokens
         so far, `finished` on the last one)."""
-        if self._thread is not None:
-            raise RuntimeError("add_request/step drive the engine by hand; the background loop is running")
+        self._check_stepped_by_hand()
         with self._step_lock:
             self._step()
         outputs = list(self._stepped)

@@ -78,8 +78,7 @@ class DraftModelDrafter(Drafter):
         free = cache.kv_cache.num_free_blocks
         planned = []
         for request in requests:
-            room = min(request.sampling_params.max_tokens - len(request.output_token_ids), self.max_model_len - request.num_tokens) - 1
-            k = min(self.num_tokens, room)
+            k = min(self.num_tokens, request.draft_room(self.max_model_len))
             if k <= 0:
                 continue
             mirror = cache.sync(request)

@@ -252,8 +252,7 @@ class PyExecutor(FaultIsolation):
             for request in requests:
                 request.clear_drafts()
         for request in requests:
-            room = min(request.sampling_params.max_tokens - len(request.output_token_ids), self.model_engine.max_model_len - request.num_tokens) - 1
-            del request.draft_token_ids[max(0, room) :]
+            del request.draft_token_ids[max(0, request.draft_room(self.model_engine.max_model_len)) :]
 
     def _run(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
         """Forward and decode the batch, then update requests and resources; returns the requests
