@@ -78,6 +78,13 @@ class LlmRequest:
         return self.num_tokens + len(self.draft_token_ids) - self.num_computed_tokens
 
     @property
+    def scheduled_attention(self) -> int:
+        """(query, key) pairs this step's scheduled tokens attend: each sees the cached tokens and,
+        causally, the chunk's own."""
+        start, n = self.num_computed_tokens, self.num_scheduled_tokens
+        return n * start + n * (n + 1) // 2
+
+    @property
     def max_total_tokens(self) -> int:
         """Tokens the cache must hold if the request runs to max_tokens."""
         return self.prompt_len + self.sampling_params.max_tokens

@@ -264,10 +264,9 @@ class PyExecutor(FaultIsolation):
         counters = self.counters
         for request in scheduled:
             if not request.is_finished:
-                start, n = request.num_computed_tokens, request.num_scheduled_tokens
-                counters.tokens_forwarded += n
-                counters.attended_positions += n * start + n * (n + 1) // 2
-                request.num_computed_tokens = start + n
+                counters.tokens_forwarded += request.num_scheduled_tokens
+                counters.attended_positions += request.scheduled_attention
+                request.num_computed_tokens += request.num_scheduled_tokens
         for request, tokens, logprobs in results:
             self._append_run(request, tokens, logprobs)
         try:

@@ -126,8 +126,12 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
                     raise RuntimeError(f"replica {due.index} stepped {MAX_IDLE_STEPS} times without a token or any time passing")
             else:
                 break
-    ends = [t.finish for t in timings if t.finish is not None] + [r.arrival for r in requests]
-    return ReplayResult(timings, max(ends, default=0.0), [r.timeline for r in replicas], _prefix_hit_rate(replicas))
+    return ReplayResult(timings, run_duration(timings, requests), [r.timeline for r in replicas], _prefix_hit_rate(replicas))
+
+
+def run_duration(timings: list[RequestTiming], requests: list[ReplayRequest]) -> float:
+    """Seconds from the start to the last finish (or the last arrival, if later)."""
+    return max([t.finish for t in timings if t.finish is not None] + [r.arrival for r in requests], default=0.0)
 
 
 def _submit(replicas: list[Replica], router: Router, index: int, request: ReplayRequest, timing: RequestTiming, ttft_slo_ms=None) -> bool:

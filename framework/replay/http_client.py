@@ -16,7 +16,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from framework.replay.driver import ReplayResult, timings_for
+from framework.replay.driver import ReplayResult, run_duration, timings_for
 from framework.replay.statistics import RequestTiming
 from framework.replay.workload import ReplayRequest
 
@@ -112,5 +112,4 @@ def replay_url(url: str, model: str | None, requests: list[ReplayRequest], progr
             threads.append(thread)
         for thread in threads:
             thread.join()
-    ends = [t.finish for t in timings if t.finish is not None] + [r.arrival for r in requests]
-    return ReplayResult(timings, max(ends, default=0.0), [], None)
+    return ReplayResult(timings, run_duration(timings, requests), [], None)

@@ -69,8 +69,9 @@ def _synthetic(cfg, token_ids: np.ndarray, rng: np.random.Generator) -> Workload
     if n is None or n < 1:
         raise ValueError(f"replay.num_requests must be at least 1 without a trace; got {n}")
     arrivals = arrival_times(n, cfg.rate, cfg.arrival, cfg.burstiness, rng)
-    inputs = draw_lengths(cfg.input, n, rng, "replay.input", _fitted(cfg.input, "input_len"))
-    outputs = draw_lengths(cfg.output, n, rng, "replay.output", _fitted(cfg.output, "output_len"))
+    traces = {path: read_trace(path) for path in {_fit(cfg.input), _fit(cfg.output)} - {None}}  # (each read once)
+    inputs = draw_lengths(cfg.input, n, rng, "replay.input", _fitted(cfg.input, traces, "input_len"))
+    outputs = draw_lengths(cfg.output, n, rng, "replay.output", _fitted(cfg.output, traces, "output_len"))
     inputs, outputs, clipped = _clipped(cfg, inputs, outputs)
     requests = [
         ReplayRequest(float(t), rng.choice(token_ids, int(i)).tolist(), int(o)) for t, i, o in zip(arrivals, inputs, outputs)
@@ -80,11 +81,15 @@ def _synthetic(cfg, token_ids: np.ndarray, rng: np.random.Generator) -> Workload
     return Workload(requests, description)
 
 
-def _fitted(length_cfg, column: str):
-    """The lengths of `length_cfg.fit`'s trace a lognormal is fitted to (None without `fit`)."""
-    if length_cfg.dist != "lognormal" or not length_cfg.fit:
-        return None
-    return [getattr(r, column) for r in read_trace(length_cfg.fit)]
+def _fit(length_cfg) -> str | None:
+    """The trace a lognormal's lengths are fitted to, if any."""
+    return length_cfg.fit if length_cfg.dist == "lognormal" and length_cfg.fit else None
+
+
+def _fitted(length_cfg, traces: dict, column: str):
+    """The lengths of `length_cfg`'s fitted trace (records in `traces`), or None."""
+    path = _fit(length_cfg)
+    return None if path is None else [getattr(r, column) for r in traces[path]]
 
 
 def _dist(length_cfg) -> str:

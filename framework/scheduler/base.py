@@ -98,3 +98,7 @@ class MicroBatchScheduler(ABC):
 
     @abstractmethod
     def schedule(self, fitting: list[LlmRequest]) -> list[Chunk]: ...
+
+    def _decode_rows(self, fitting: list[LlmRequest]) -> list[LlmRequest]:
+        """The decoding requests, in order, as many as one token each fits the step's limits."""
+        return decoding(fitting)[: min(self.max_batch_size, self.max_num_tokens)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from framework.scheduler.base import Chunk, MicroBatchScheduler, is_decoding
+from framework.scheduler.base import Chunk, MicroBatchScheduler, decoding, is_decoding
 
 
 class FCFSMicroBatchScheduler(MicroBatchScheduler):
@@ -12,10 +12,10 @@ class FCFSMicroBatchScheduler(MicroBatchScheduler):
     (chunked prefill)."""
 
     def schedule(self, fitting):
-        decoding = [r for r in fitting if is_decoding(r)][: min(self.max_batch_size, self.max_num_tokens)]
-        budget = self.max_num_tokens - len(decoding)
+        decode_rows = self._decode_rows(fitting)
+        budget = self.max_num_tokens - len(decode_rows)
         plan = []
-        for request in decoding:  # drafts to verify: after every decode row has its token
+        for request in decode_rows:  # drafts to verify: after every decode row has its token
             drafts = min(request.num_missing_tokens - 1, budget)
             plan.append(Chunk(request, 1 + drafts))
             budget -= drafts
@@ -33,9 +33,9 @@ class EqualProgressMicroBatchScheduler(MicroBatchScheduler):
     are catching up, so several long prompts advance together instead of one after another."""
 
     def schedule(self, fitting):
-        decoding = [r for r in fitting if is_decoding(r)][: min(self.max_batch_size, self.max_num_tokens)]
-        tokens = {id(r): 1 for r in decoding}
-        batch = list(decoding)
+        decode_rows = self._decode_rows(fitting)
+        tokens = {id(r): 1 for r in decode_rows}
+        batch = list(decode_rows)
         budget = self.max_num_tokens - len(batch)
         catching_up = [r for r in fitting if not is_decoding(r)][: max(0, self.max_batch_size - len(batch))]
         while budget > 0 and catching_up:

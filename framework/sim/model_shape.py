@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from framework.models.checkpoint import head_dim_of
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -24,7 +26,7 @@ class ModelShape:
             intermediate_size=hf_config.intermediate_size,
             num_heads=heads,
             num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+            head_dim=head_dim_of(hf_config),
             vocab_size=hf_config.vocab_size,
         )
 

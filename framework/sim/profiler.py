@@ -87,7 +87,6 @@ class StepProfiler:
     # ---- the grid ----------------------------------------------------------------------------
     def run(self) -> StepProfile:
         s = self.settings
-        mixed_steps = 10 * (s.warmup_steps + s.repeats) + 10
         for context in s.prefill_context:
             for n in s.prefill_tokens:
                 needs = Needs(requests=1, step_tokens=n, longest=context + n + 1, kv_tokens=context + n + 1)
@@ -100,7 +99,8 @@ class StepProfiler:
         context = sorted(s.decode_context)[len(s.decode_context) // 2] if s.decode_context else 64
         for batch in s.mixed_batch:
             for n in s.mixed_tokens:
-                needs = Needs(batch + 1, batch + n, context + mixed_steps, batch * (context + mixed_steps) + n + 1)
+                decode_steps = self._mixed_tokens()
+                needs = Needs(batch + 1, batch + n, context + decode_steps, batch * (context + decode_steps) + n + 1)
                 self._point(f"decode batch {batch} at {context} tokens + a {n}-token chunk", needs, self._mixed, batch, context, n)
         if not self.samples:
             raise ValueError("no profile shape fits this engine's budgets and KV cache (see the skipped shapes above)")
@@ -171,9 +171,15 @@ class StepProfiler:
         self._abort(requests)
         return steps[s.warmup_steps :]
 
+    def _mixed_tokens(self) -> int:
+        """The output tokens of a mixed point's decoding requests: they decode through every timed
+        chunk and the untimed steps after it (a generous margin)."""
+        s = self.settings
+        return 10 * (s.warmup_steps + s.repeats) + 10
+
     def _mixed(self, batch: int, context: int, tokens: int) -> list[tuple[StepShape | None, float]]:
         s = self.settings
-        requests = self._decoding(batch, context, 10 * (s.warmup_steps + s.repeats) + 10)
+        requests = self._decoding(batch, context, self._mixed_tokens())
         steps = []
         for _ in range(s.warmup_steps + s.repeats):
             self.executor.enqueue(self._request(self._tokens(tokens), 1))

@@ -21,9 +21,9 @@ class StepShape:
         for request in scheduled:
             start, n = request.num_computed_tokens, request.num_scheduled_tokens
             tokens += n
-            attended += n * start + n * (n + 1) // 2
+            attended += request.scheduled_attention
             context += start + n
-            drafts = start + n - len(request.prompt_token_ids) - len(request.output_token_ids)  # past its last token
+            drafts = start + n - request.num_tokens  # past its last token
             if drafts >= 0:
                 rows += 1 + drafts
                 if sampled is not None:
