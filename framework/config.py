@@ -276,20 +276,25 @@ def component_config(group_cfg: Any, own_config: type | None) -> Any:
     return own_config(**{k: v for k, v in dict(group_cfg).items() if k in names})
 
 
-def yaml_presets(group: str, plugins) -> dict[str, str]:
-    """YAML options of `group` in the framework's conf/ and in plugins' search paths."""
+def group_folder(search_path: str, group: str) -> tuple[str, Any]:
+    """(where, folder) of config group `group` in a Hydra config search path: `pkg://a/b` (the
+    package a.b; ModuleNotFoundError when it is not installed) or `file://dir` (or a bare dir)."""
     from importlib import resources
     from pathlib import Path
 
+    if search_path.startswith("pkg://"):
+        where = search_path[len("pkg://") :].replace("/", ".")
+        return where, resources.files(where) / group
+    where = search_path.removeprefix("file://")
+    return where, Path(where) / group
+
+
+def yaml_presets(group: str, plugins) -> dict[str, str]:
+    """YAML options of `group` in the framework's conf/ and in plugins' search paths."""
     found: dict[str, str] = {}
     for path in ["pkg://framework.conf", *plugins.config_search_paths()]:
         try:
-            if path.startswith("pkg://"):
-                where = path[len("pkg://") :].replace("/", ".")
-                folder = resources.files(where) / group
-            else:
-                where = path[len("file://") :] if path.startswith("file://") else path
-                folder = Path(where) / group
+            where, folder = group_folder(path, group)
             names = [entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml")]
         except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
             continue

@@ -41,22 +41,18 @@ class Hardware:
 def hardware_files(search_paths: list[str] = ()) -> dict[str, Path]:
     """name -> YAML file of every hardware description in the framework's conf/hardware/ and in
     the `hardware/` folder of each plugin config search path (the first of a name wins)."""
-    from importlib import resources
-
     import framework
+    from framework.config import group_folder
 
     folders = []
     checkout = Path(framework.__file__).resolve().parent.parent
     if (checkout / "pyproject.toml").is_file():  # a source tree: its own conf/, wherever an editable install maps framework.conf
         folders.append(checkout / "conf" / "hardware")
-    for where in ["pkg://framework.conf", *search_paths]:
-        if where.startswith("pkg://"):
-            try:
-                folders.append(Path(str(resources.files(where[len("pkg://") :].replace("/", ".")))) / "hardware")
-            except ModuleNotFoundError:
-                continue
-        else:
-            folders.append(Path(where.removeprefix("file://")) / "hardware")
+    for path in ["pkg://framework.conf", *search_paths]:
+        try:
+            folders.append(Path(str(group_folder(path, "hardware")[1])))
+        except ModuleNotFoundError:
+            continue
     found: dict[str, Path] = {}
     for folder in folders:
         for file in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
