@@ -177,7 +177,9 @@ class ProfileConfig:
     mixed_tokens: list[int] = field(default_factory=lambda: [64, 512])  # that chunk's tokens
     warmup_steps: int = 2  # untimed steps before each shape's timed ones (graph recording, caches)
     repeats: int = 3  # timed steps per shape
-    seed: int = 0
+    serving_requests: int = 100  # then the engine serves this many of `replay`'s requests, every step timed (0: the grid only)
+    serving_loads: list[float] = field(default_factory=lambda: [0.5, 0.9])  # arrival rates, as fractions of the capacity a burst measured
+    seed: int = 0  # the grid's prompt tokens and the serving runs' workload
 
 
 @dataclass

@@ -101,14 +101,15 @@ def choose_knots(tokens: list[int], max_knots: int) -> list[int]:
     return sorted({values[int(np.argmin(np.abs(logs - np.log(t))))] for t in targets})
 
 
-def held_out_errors(samples: list[tuple[StepShape, float]], max_knots: int = 12) -> dict[str, float]:
-    """Relative errors of each sample predicted by a model fitted to all the others: how well the
-    fit predicts a shape it was not given."""
+def held_out_errors(samples: list[tuple[StepShape, float]], max_knots: int = 12, folds: int = 10) -> dict[str, float]:
+    """Relative errors of each sample predicted by a model fitted to the samples outside its fold
+    (sample i is in fold i % folds): how well the fit predicts shapes it was not given."""
     errors = []
-    for i, (shape, seconds) in enumerate(samples):
-        others = samples[:i] + samples[i + 1 :]
-        if others:
-            errors.append(abs(FittedCostModel.fit(others, max_knots).step_seconds(shape) - seconds) / seconds)
+    for fold in range(min(folds, len(samples))):
+        given = [sample for i, sample in enumerate(samples) if i % folds != fold]
+        if given:
+            model = FittedCostModel.fit(given, max_knots)
+            errors += [abs(model.step_seconds(shape) - s) / s for shape, s in samples[fold::folds]]
     return {"mean": float(np.mean(errors)), "max": float(np.max(errors))} if errors else {}
 
 

@@ -27,6 +27,7 @@ from framework.resources.paged_kv_cache import device_memory
 from framework.sampling_params import SamplingParams
 from framework.sim.cost_model import CostModel
 from framework.sim.model_shape import ModelShape
+from framework.sim.serving_runs import serving_samples
 from framework.sim.step_profile import StepProfile
 from framework.sim.step_shape import StepShape
 
@@ -66,7 +67,7 @@ class Needs(NamedTuple):
 
 class StepProfiler:
     def __init__(self, llm, settings, progress: Callable[[str], None] = lambda line: None):
-        self.executor, self.settings, self.progress = llm.executor, settings, progress
+        self.llm, self.executor, self.settings, self.progress = llm, llm.executor, settings, progress
         self.scheduler = llm.config.scheduler
         real = self.executor.model_engine
         checkpoint = resolve_checkpoint(llm.config.model.path)
@@ -102,10 +103,13 @@ class StepProfiler:
                 decode_steps = self._mixed_tokens()
                 needs = Needs(batch + 1, batch + n, context + decode_steps, batch * (context + decode_steps) + n + 1)
                 self._point(f"decode batch {batch} at {context} tokens + a {n}-token chunk", needs, self._mixed, batch, context, n)
+        served, serving = serving_samples(self.llm, s, self._timed, self.executor.reset_prefix_cache, self.progress)
+        self.samples += served
         if not self.samples:
             raise ValueError("no profile shape fits this engine's budgets and KV cache (see the skipped shapes above)")
         device, dtype = self.real.device, str(self.real.dtype).removeprefix("torch.")
-        return StepProfile(self.model_shape, str(device), dtype, device_memory(device), self.samples, self._setup_record()).fitted()
+        setup = {**self._setup_record(), "serving": serving}
+        return StepProfile(self.model_shape, str(device), dtype, device_memory(device), self.samples, setup).fitted()
 
     def _setup_record(self) -> dict:
         """What the figures depend on besides the model, device and dtype, for the profile's reader."""
@@ -199,14 +203,20 @@ class StepProfiler:
 
     def _timed_step(self) -> tuple[StepShape | None, float]:
         """One step of the real engine: the shape it computed (None: it computed nothing) and its seconds."""
+        shape, seconds, _ = self._timed(self.executor.step)
+        return shape, seconds
+
+    def _timed(self, step: Callable) -> tuple[StepShape | None, float, object]:
+        """Run `step` (one step of the executor, or of the LLM around it) on the real engine:
+        the shape it computed, its seconds and what it returned."""
         self.executor.model_engine, self.timed.shape = self.timed, None
         try:
             started = time.perf_counter()
-            self.executor.step()
+            result = step()
             seconds = time.perf_counter() - started
         finally:
             self.executor.model_engine = self.real
-        return self.timed.shape, seconds
+        return self.timed.shape, seconds, result
 
     def _untimed_until(self, done: Callable[[], bool], max_steps: int = 1_000_000) -> None:
         self.executor.model_engine = self.setup

@@ -49,7 +49,7 @@ def test_knots_sit_at_token_counts_measured_more_than_once():
     assert knots[0] == 1 and knots[-1] == many[-1] and len(knots) <= 8 and set(knots) <= set(many)
 
 
-def test_held_out_errors_predict_each_sample_from_the_others():
+def test_held_out_errors_predict_each_fold_from_the_others():
     truth = FittedCostModel((1, 64, 256), (0.004, 0.006, 0.02), (2e-9, 3e-7, 5e-5))
     samples = [(s, truth.step_seconds(s)) for s in _shapes(np.random.default_rng(4), 60) if s.tokens <= 256]
     assert held_out_errors(samples)["max"] < 1e-6

@@ -18,7 +18,7 @@ from framework.sim.step_shape import StepShape
 
 GRID = ProfileConfig(
     prefill_tokens=[8, 40], prefill_context=[0, 40], decode_batch=[1, 3, 99], decode_context=[20],
-    mixed_batch=[2], mixed_tokens=[12], warmup_steps=1, repeats=2,
+    mixed_batch=[2], mixed_tokens=[12], warmup_steps=1, repeats=2, serving_requests=0,
 )
 
 
@@ -87,7 +87,7 @@ def test_python_m_framework_mode_profile(tiny_dir, tmp_path):
     args = [
         "mode=profile", f"model.path={tiny_dir}", "model.dtype=float32", f"profile.out={out}", "kv_cache.max_tokens=1024",
         "profile.prefill_tokens=[8]", "profile.prefill_context=[0]", "profile.decode_batch=[2]", "profile.decode_context=[16]",
-        "profile.mixed_batch=[]", "profile.warmup_steps=0", "profile.repeats=1",
+        "profile.mixed_batch=[]", "profile.warmup_steps=0", "profile.repeats=1", "profile.serving_requests=0",
     ]
     done = subprocess.run([sys.executable, "-m", "framework", *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -101,7 +101,38 @@ def test_a_decode_point_times_its_whole_batch_when_prompts_take_several_steps(ti
     """Under a small token budget the first prompts decode while the others are computed; their
     requests must not run out of tokens before the timed steps (which would time a smaller batch)."""
     llm = LLM(str(tiny_dir), dtype="float32", **{"kv_cache.max_tokens": 2048, "scheduler.max_num_tokens": 24})
-    grid = ProfileConfig(prefill_tokens=[], prefill_context=[], decode_batch=[4], decode_context=[20], mixed_batch=[], warmup_steps=1, repeats=2)
+    grid = ProfileConfig(prefill_tokens=[], prefill_context=[], decode_batch=[4], decode_context=[20], mixed_batch=[], warmup_steps=1, repeats=2, serving_requests=0)
     profile = profile_steps(llm, grid)
     (shape, _), = profile.samples
     assert shape.requests == shape.tokens == 4  # 4 x 20 prompt tokens took 4 steps of 24
+
+
+def test_serving_runs_time_every_step_of_a_burst_and_of_poisson_arrivals(tiny_dir):
+    """After the grid the engine serves `replay`'s requests three times (at once, then at 50% and
+    90% of the capacity that measured): every step is a sample, so together they compute each
+    request's tokens three times over, and sample each output token once a run."""
+    lengths = {"replay.input.dist": "uniform", "replay.input.min": 4, "replay.input.max": 40, "replay.output.value": 5}
+    llm = LLM(str(tiny_dir), dtype="float32", **{"kv_cache.max_tokens": 2048, "scheduler.max_num_tokens": 32, **lengths})
+    grid = ProfileConfig(prefill_tokens=[8], prefill_context=[0], decode_batch=[], mixed_batch=[], warmup_steps=0, repeats=1, serving_requests=6)
+    lines = []
+    profile = profile_steps(llm, grid, lines.append)
+    served = profile.samples[1:]
+    assert [line.split(":")[0] for line in lines] == ["prefill 8 tokens after 0", "serving", "serving", "serving"]
+    assert "6 requests at once" in lines[1] and "at 50% of that" in lines[2] and "at 90% of that" in lines[3]
+    capacity = profile.setup["serving"]["capacity"]
+    assert capacity > 0 and f"({0.9 * capacity:.2f} req/s)" in lines[3]
+    prompts = [int(n) for n in _replay_prompt_lengths(llm, 6)]
+    assert sum(s.tokens for s, _ in served) == 3 * sum(p + 5 - 1 for p in prompts)
+    assert sum(s.sampled for s, _ in served) == 3 * 6 * 5
+    assert max(s.requests for s, _ in served) > 1 and all(seconds > 0 for _, seconds in served)
+    assert not llm.executor.has_work() and llm.kv_cache_stats.num_free_blocks == llm.kv_cache_stats.num_blocks
+
+
+def _replay_prompt_lengths(llm, n):
+    from omegaconf import OmegaConf
+
+    from framework.replay.runner import prompt_token_ids
+    from framework.replay.workload import build_workload
+
+    config = OmegaConf.merge(llm.config.replay, {"num_requests": n, "seed": 0})
+    return [len(r.prompt_token_ids) for r in build_workload(config, prompt_token_ids(llm, None)).requests]
