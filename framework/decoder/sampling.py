@@ -66,16 +66,9 @@ class SamplingDecoder(Decoder):
         params = [r.sampling_params for r in requests]
         raw = logits  # the unmodified distribution, for logprobs
         logits = self.processed_logits(requests, logits)
-        temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
-        greedy = temperatures == 0
-        tokens = self.argmax(logits)
-        if not bool(greedy.all()):
-            probs = filtered_probs(params, logits, temperatures)
-            noise = exponential_noise(requests, probs, self._shared_generator, self._request_generator)
-            sampled = self.argmax(probs / noise)  # argmax(p / E), E ~ Exp(1), draws from p
-            if drafts is not None and any(q is not None for q in drafts.probs):
-                self._accept_or_resample(requests, probs, noise, sampled, drafts)
-            tokens = torch.where(greedy, tokens, sampled)
+        tokens, probs, noise = draw(requests, logits, self.argmax, self._shared_generator, self._request_generator)
+        if probs is not None and drafts is not None and any(q is not None for q in drafts.probs):
+            self._accept_or_resample(requests, probs, noise, tokens, drafts)
         logprobs = None
         if any(p.logprobs is not None for p in params):
             k = max(p.logprobs or 0 for p in params)
@@ -87,8 +80,8 @@ class SamplingDecoder(Decoder):
         self._record(requests, tokens)
         return DecoderOutput(tokens.tolist(), logprobs)
 
-    def _accept_or_resample(self, requests, probs, noise, sampled, drafts: DraftRows) -> None:
-        """In `sampled`, for each sampled row whose draft d came with its distribution q: d if a
+    def _accept_or_resample(self, requests, probs, noise, tokens, drafts: DraftRows) -> None:
+        """In `tokens`, for each sampled row whose draft d came with its distribution q: d if a
         uniform u satisfies u * q(d) < p(d) (probability min(1, p(d) / q(d))), else a draw from
         max(p - q, 0) with the row's own noise. Rows without q keep their draw from p: it equals a
         point-mass draft with probability p(d) and is otherwise a draw from p without d."""
@@ -107,7 +100,7 @@ class SamplingDecoder(Decoder):
         residual = (p - q).clamp_(min=0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q up to rounding: never rejected
         resampled = self.argmax(residual / noise[index])
-        sampled[index] = torch.where(accepted, d.squeeze(1), resampled)
+        tokens[index] = torch.where(accepted, d.squeeze(1), resampled)
 
     # ---- penalties and masks -----------------------------------------------------------------
     def processed_logits(self, requests, logits):
@@ -191,6 +184,21 @@ def filtered_probs(params, logits, temperatures) -> torch.Tensor:
         threshold = torch.tensor(min_p, device=probs.device, dtype=probs.dtype)[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs
+
+
+def draw(requests, logits, argmax, shared_generator, own_generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(tokens, probs, noise): each row's argmax at temperature 0, elsewhere a draw from its
+    filtered distribution (the argmax of p / E, E ~ Exp(1) from `exponential_noise`). probs and
+    noise are None when every row is greedy."""
+    params = [r.sampling_params for r in requests]
+    temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    greedy = temperatures == 0
+    tokens = argmax(logits)
+    if bool(greedy.all()):
+        return tokens, None, None
+    probs = filtered_probs(params, logits, temperatures)
+    noise = exponential_noise(requests, probs, shared_generator, own_generator)
+    return torch.where(greedy, tokens, argmax(probs / noise)), probs, noise
 
 
 def exponential_noise(requests, probs, shared_generator, own_generator) -> torch.Tensor:

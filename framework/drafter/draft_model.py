@@ -6,7 +6,7 @@ import torch
 
 from framework.config import KVCacheConfig
 from framework.decoder.base import argmax
-from framework.decoder.sampling import exponential_noise, filtered_probs
+from framework.decoder.sampling import draw
 from framework.drafter.base import DraftContext, Drafter
 from framework.drafter.config import DraftModelConfig
 from framework.drafter.draft_cache import DraftCache
@@ -110,16 +110,10 @@ class DraftModelDrafter(Drafter):
 
     def _draw(self, requests: list[LlmRequest], logits) -> tuple[list[int], list]:
         """Per request: its draft token and the distribution it was drawn from (None: the argmax)."""
-        params = [r.sampling_params for r in requests]
-        temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
-        greedy = temperatures == 0
-        tokens = argmax(logits, self.engine.backend)
-        if bool(greedy.all()):
+        tokens, probs, _ = draw(requests, logits, lambda rows: argmax(rows, self.engine.backend), self._shared_generator, self._request_generator)
+        if probs is None:
             return tokens.tolist(), [None] * len(requests)
-        probs = filtered_probs(params, logits, temperatures)
-        noise = exponential_noise(requests, probs, self._shared_generator, self._request_generator)
-        tokens = torch.where(greedy, tokens, argmax(probs / noise, self.engine.backend))
-        return tokens.tolist(), [None if g else row for g, row in zip(greedy.tolist(), probs)]
+        return tokens.tolist(), [None if r.sampling_params.temperature == 0 else row for r, row in zip(requests, probs)]
 
     def _shared_generator(self, device) -> torch.Generator:
         if device not in self._shared:
