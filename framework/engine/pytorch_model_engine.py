@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from framework.backend.choice import AUTO, choose_backend
+from framework.backend.choice import choose_backend
 from framework.distributed.step_message import StepInputs
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.engine.dtype import choose_dtype
@@ -71,14 +71,9 @@ class PyTorchModelEngine(ModelEngine):
         architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
         entry = plugins["model"].get(architectures[0])
         model_cls = entry.load()
-        backend_name = engine_config.backend
-        if tp.size > 1 and backend_name == AUTO:
-            backend_name = "torch"
-            logger.info("engine.tensor_parallel_size=%d: engine.backend=auto runs 'torch' (the one backend checked under tensor parallelism)", tp.size)
         self.backend = choose_backend(
             engine_config, plugins["backend"], self.device, self.dtype, head_dim_of(self.hf_config),
             getattr(model_cls, "attention_variants", lambda config: frozenset())(self.hf_config),  # (not a CausalLM: refused below)
-            name=backend_name,
         )
         with torch.device("meta"), building(tp):
             model = KINDS["model"].checked(model_cls(self.hf_config, self.backend), entry)
