@@ -1,7 +1,8 @@
 """The `cpu_kernels` backend under tensor parallelism (gloo): TP=2 on a tiny random Llama (2 query
 heads and 1 KV head per rank) against TP=1 with the same backend, greedy token for token and
-float32 logprobs within 1e-5, on a mixed batch with chunked prefill and prefix reuse. The ranks
-other than 0 find the plugin through its entry point, as an installed engine's do."""
+float32 logprobs within 1e-5, on a mixed batch with chunked prefill and prefix reuse; eagerly, and
+with decode steps replayed from CPU graphs (their all-reduces and gather replayed with them). The
+ranks other than 0 find the plugin through its entry point, as an installed engine's do."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import importlib.metadata as metadata
 import pytest
 
 from framework import SamplingParams
+from framework_cpu_kernels.graphs import CPUGraph
 from tests.conftest import GREEDY, make_tiny_checkpoint, random_prompts
 from tests.integration.test_tensor_parallel import assert_logprobs_close, make_llm, run_mixed
 
@@ -50,3 +52,13 @@ def test_tp2_matches_tp1_with_the_kernels(plugins, tiny, tp1):
     llm = make_llm(tiny, 2, plugins=plugins, backend="cpu_kernels", **{"engine.cpu_graphs": False})
     assert llm.executor.model_engine.backend.name == "cpu_kernels"
     assert_same(tp1, outputs(llm))
+
+
+def test_tp2_replays_decode_steps_from_cpu_graphs(plugins, tiny, tp1, monkeypatch):
+    replays = []
+    replay = CPUGraph.replay
+    monkeypatch.setattr(CPUGraph, "replay", lambda self, inputs: replays.append(1) or replay(self, inputs))
+    llm = make_llm(tiny, 2, plugins=plugins, backend="auto")  # (graphs on: the default)
+    assert llm.executor.model_engine.backend.name == "cpu_kernels"  # auto chooses as in one process
+    assert_same(tp1, outputs(llm))
+    assert len(replays) >= 5  # rank 0's: their collectives met rank 1's, or the logits would differ
