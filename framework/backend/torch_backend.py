@@ -58,7 +58,8 @@ class TorchBackend(Backend):
         return attention.variant_attention(q, k_cache, v_cache, meta, scale, sliding_window, soft_cap)
 
     def decode_graphs(self, model, kv_caches, block_size, max_model_len):
-        if not (self.config.cuda_graphs and self.device.type == "cuda"):
+        # (not under tensor parallelism: NCCL collectives recorded in CUDA graphs are untested)
+        if not (self.config.cuda_graphs and self.device.type == "cuda") or getattr(self.engine_config, "tensor_parallel_size", 1) > 1:
             return None
         max_blocks = -(-max_model_len // block_size)
         return CUDADecodeGraphs(model, kv_caches, block_size, self.config.cuda_graph_max_batch, max_blocks)

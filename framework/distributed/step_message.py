@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-STOP, STEP = 0, 1
+STOP, STEP, DECODE = 0, 1, 2  # DECODE: a decode-only step (`StepInputs.decode`)
 HEADER = 7  # command, tokens, requests, table width, rows, cache blocks, block size
 
 
@@ -25,6 +25,9 @@ class StepInputs:
     rows: torch.Tensor  # packed indices whose logits are computed
     cache_blocks: int  # the KV pool's blocks and block size (each rank's cache has the same)
     block_size: int
+    # every request adds its last token (and the drafts it verifies) and samples them all: each
+    # rank may run it from its backend's decode graphs
+    decode: bool = False
 
 
 def send_step(step: StepInputs, group, device) -> None:
@@ -32,7 +35,7 @@ def send_step(step: StepInputs, group, device) -> None:
     widths = torch.tensor([len(t) for t in step.tables], dtype=torch.long)
     width = int(widths.max()) if len(widths) else 0
     tables = torch.tensor([t + [0] * (width - len(t)) for t in step.tables], dtype=torch.long).reshape(-1)
-    header = [STEP, len(step.input_ids), len(step.tables), width, len(step.rows), step.cache_blocks, step.block_size]
+    header = [DECODE if step.decode else STEP, len(step.input_ids), len(step.tables), width, len(step.rows), step.cache_blocks, step.block_size]
     payload = torch.cat([step.input_ids.cpu(), step.positions, step.query_lens, step.context_lens, widths, tables, step.rows.cpu()])
     dist.broadcast(torch.tensor(header, dtype=torch.long, device=device), src=0, group=group)
     dist.broadcast(payload.to(device), src=0, group=group)
@@ -55,4 +58,4 @@ def receive_step(group, device) -> StepInputs | None:
         [tokens, tokens, requests, requests, requests, requests * width, rows]
     )
     tables = [row[:w] for row, w in zip(tables.view(requests, width).tolist(), widths.tolist())]
-    return StepInputs(input_ids, positions, tables, query_lens, context_lens, row_index, cache_blocks, block_size)
+    return StepInputs(input_ids, positions, tables, query_lens, context_lens, row_index, cache_blocks, block_size, command == DECODE)

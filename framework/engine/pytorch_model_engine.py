@@ -16,7 +16,7 @@ import weakref
 
 import torch
 
-from framework.backend.choice import AUTO, choose_backend
+from framework.backend.choice import choose_backend
 from framework.distributed.step_message import StepInputs
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.engine.dtype import choose_dtype
@@ -71,14 +71,9 @@ class PyTorchModelEngine(ModelEngine):
         architectures = getattr(self.hf_config, "architectures", None) or ["LlamaForCausalLM"]
         entry = plugins["model"].get(architectures[0])
         model_cls = entry.load()
-        backend_name = engine_config.backend
-        if tp.size > 1 and backend_name == AUTO:
-            backend_name = "torch"
-            logger.info("engine.tensor_parallel_size=%d: engine.backend=auto runs 'torch' (the one backend checked under tensor parallelism)", tp.size)
         self.backend = choose_backend(
             engine_config, plugins["backend"], self.device, self.dtype, head_dim_of(self.hf_config),
             getattr(model_cls, "attention_variants", lambda config: frozenset())(self.hf_config),  # (not a CausalLM: refused below)
-            name=backend_name,
         )
         with torch.device("meta"), building(tp):
             model = KINDS["model"].checked(model_cls(self.hf_config, self.backend), entry)
@@ -138,34 +133,30 @@ class PyTorchModelEngine(ModelEngine):
         meta = self.backend.attention_metadata(step.positions, step.tables, step.query_lens, step.context_lens, cache_shape)
         return step.input_ids.to(self.device), step.positions.to(self.device), meta, step.rows.to(self.device), sampled, chunk_ranges
 
-    def _decode_graphs(self, kv):
-        """The backend's decode-step graphs over the current caches (None where it has none)."""
-        caches = kv.get_kv_caches()
+    def _graph_logits(self, caches, block_size: int, tokens, positions, tables, query_len: int) -> torch.Tensor | None:
+        """Logits of a decode-only step (see `DecodeGraphs.run`) from the backend's graphs over
+        `caches`; None where it has none or they do not cover the step."""
         if self._graphs[0] is not caches:
-            self._graphs = (caches, self.backend.decode_graphs(self.model, caches, kv.block_size, self.max_model_len))
-        return self._graphs[1]
+            self._graphs = (caches, self.backend.decode_graphs(self.model, caches, block_size, self.max_model_len))
+        graphs = self._graphs[1]
+        if graphs is None or not graphs.covers(len(tables), max(len(t) for t in tables), query_len):
+            return None
+        return graphs.run(tokens, positions, tables, query_len)
 
     def _graph_step(self, scheduled, kv, query_len: int) -> torch.Tensor | None:
-        """Logits of a decode-only step (every request adds its last token, and the same number of
-        drafts to verify, and samples) from the backend's graphs; None where it has none or they do
-        not cover the step."""
-        graphs = self._decode_graphs(kv)
-        if graphs is None:
-            return None
-        tables = [kv.get_block_table(r) for r in scheduled]
-        if not graphs.covers(len(scheduled), max(len(t) for t in tables), query_len):
-            return None
+        """`_graph_logits` of the decode-only step of `scheduled`."""
         positions = [r.num_computed_tokens for r in scheduled]
         tokens = [token for r, p in zip(scheduled, positions) for token in r.tokens(p, p + query_len)]
-        return graphs.run(tokens, positions, tables, query_len)
+        tables = [kv.get_block_table(r) for r in scheduled]
+        return self._graph_logits(kv.get_kv_caches(), kv.block_size, tokens, positions, tables, query_len)
 
     @torch.inference_mode()
     def forward(self, scheduled, resource_manager):
         kv = resource_manager.kv_cache_manager
         if self.ranks is not None:
             return self._forward_tensor_parallel(scheduled, kv)
-        query_len = scheduled[0].num_scheduled_tokens
-        if all(r.num_scheduled_tokens == query_len == 1 + len(r.draft_token_ids) and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled):
+        query_len = decode_query_len(scheduled)
+        if query_len is not None:
             logits = self._graph_step(scheduled, kv, query_len)
             if logits is not None:
                 return ForwardOutput(logits=logits, sampled=list(scheduled), prompt_logits=[])
@@ -182,6 +173,7 @@ class PyTorchModelEngine(ModelEngine):
         """Rank 0's step: send the packed step, then run its own share; the sampled rows' logits and
         each prompt-logprob chunk's come from one gather."""
         step, sampled, chunk_ranges = pack_step(scheduled, kv)
+        step.decode = decode_query_len(scheduled) is not None  # (then every packed token is a row)
         sample_index = step.rows
         step.rows = torch.cat([sample_index, *(torch.arange(offset, offset + n) for _, _, offset, n in chunk_ranges)])
 
@@ -196,10 +188,17 @@ class PyTorchModelEngine(ModelEngine):
     @torch.inference_mode()
     def forward_rows(self, step: StepInputs, kv_caches=None) -> torch.Tensor:
         """Every rank's forward of a packed step: float32 logits of `step.rows` (rank 0: over the
-        whole vocabulary; the other ranks: their shard). `kv_caches`: the KV cache manager's on
-        rank 0; the other ranks keep their own, as large as rank 0's pool."""
+        whole vocabulary; the other ranks: their shard), a decode step from the backend's graphs
+        where it has them. `kv_caches`: the KV cache manager's on rank 0; the other ranks keep
+        their own, as large as rank 0's pool."""
         if kv_caches is None:
             kv_caches = self._rank_caches(step.cache_blocks, step.block_size)
+        if step.decode:  # (every rank gets the same step, so computes the same graph key)
+            starts = (step.context_lens - step.query_lens).tolist()
+            query_len = int(step.query_lens[0])
+            logits = self._graph_logits(kv_caches, step.block_size, step.input_ids.tolist(), starts, step.tables, query_len)
+            if logits is not None:
+                return logits
         meta = self.backend.attention_metadata(step.positions, step.tables, step.query_lens, step.context_lens, kv_caches[0][0].shape)
         hidden = self.model(step.input_ids.to(self.device), step.positions.to(self.device), meta, kv_caches)
         return self.model.compute_logits(hidden[step.rows.to(self.device)]).float()
@@ -210,6 +209,15 @@ class PyTorchModelEngine(ModelEngine):
             caches = [(self.backend.kv_cache_tensor(shape), self.backend.kv_cache_tensor(shape)) for _ in range(self.model.num_layers)]
             self._own_caches = (shape, caches)
         return self._own_caches[1]
+
+
+def decode_query_len(scheduled) -> int | None:
+    """The tokens each request adds in a decode-only step (its last token and the same number of
+    drafts to verify, all sampled); None for any other step."""
+    query_len = scheduled[0].num_scheduled_tokens
+    if all(r.num_scheduled_tokens == query_len == 1 + len(r.draft_token_ids) and r.num_computed_tokens + 1 == r.num_tokens for r in scheduled):
+        return query_len
+    return None
 
 
 def pack_step(scheduled, kv_cache_manager):

@@ -52,6 +52,16 @@ def test_cuda_graphs_are_the_torch_backends_decode_graphs_on_cuda_only(tiny_dir)
     assert off.backend.decode_graphs(off.model, llm.executor.kv_cache_manager.get_kv_caches(), 16, 1024) is None
 
 
+def test_no_cuda_graphs_under_tensor_parallelism():
+    import torch
+    from omegaconf import OmegaConf
+
+    from framework.backend.torch_backend import TorchBackend
+
+    backend = TorchBackend(OmegaConf.create({"tensor_parallel_size": 2}), None, torch.device("cuda"), torch.float32)
+    assert backend.decode_graphs(None, [], 16, 1024) is None  # (NCCL in CUDA graphs: untested)
+
+
 def test_padded_decode_steps_match_the_packed_path(tiny_dir, monkeypatch):
     llm = torch_llm(tiny_dir, **{"kv_cache.block_size": 8})
     # 5 requests (bucket 8, three padding rows), finishing at different steps (buckets 4, 2, 1),

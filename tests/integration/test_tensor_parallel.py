@@ -24,8 +24,8 @@ def tiny(request, tmp_path_factory, tokenizer_dir):
 
 
 def make_llm(path, tp: int, **options):
-    options = {"kv_cache.max_tokens": 2048, "max_num_tokens": 24, "block_size": 8, **options}
-    return LLM(str(path), dtype="float32", backend="torch", tensor_parallel_size=tp, num_threads=1, **options)
+    options = {"kv_cache.max_tokens": 2048, "max_num_tokens": 24, "block_size": 8, "backend": "torch", **options}
+    return LLM(str(path), dtype="float32", tensor_parallel_size=tp, num_threads=1, **options)
 
 
 def workers(llm):

@@ -11,6 +11,11 @@ A step is replayable only if it did nothing whose effect a replay cannot repeat:
 into Python (`.item()`), no tensor made from Python data, no operation returning a non-tensor.
 Views and fresh allocations are left out of the replay (the recorded tensors stay alive in the
 graph); a PyTorch operation is run again and its result copied into the recorded output.
+
+A collective of torch.distributed (an op of the `c10d` namespace: a tensor-parallel step's
+all-reduces and its gather of the logits) is called again at its place and waited for. A replay
+thus runs the same collectives in the same order as the eager step it recorded, so the ranks meet
+in each one whether a rank replays the step, records it or runs it eagerly.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ _FROM_PYTHON = {torch.ops.aten.lift_fresh.default, torch.ops.aten._local_scalar_
 
 class CPUGraph:
     def __init__(self):
-        self.entries: list[tuple] = []  # ("kernel", fn, args) | ("torch", op, args, kwargs, out)
+        self.entries: list[tuple] = []  # ("kernel", fn, args) | ("torch", op, args, kwargs, out) | ("collective", op, args, kwargs)
         self.keep: list = []  # everything the recorded addresses point into
         self.replayable = True
         self.inputs: list[torch.Tensor] = []
@@ -42,6 +47,9 @@ class CPUGraph:
         self.keep.append(tensors)
 
     def add_op(self, op, args, kwargs, out) -> None:
+        if op.namespace == "c10d":
+            self.entries.append(("collective", op, args, kwargs))
+            return
         if op in _ALLOCATIONS:
             return
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
@@ -59,6 +67,10 @@ class CPUGraph:
         for entry in self.entries:
             if entry[0] == "kernel":
                 entry[1](*entry[2])
+            elif entry[0] == "collective":
+                _, op, args, kwargs = entry
+                result = op(*args, **kwargs)  # (tensors, work) or work
+                (result[-1] if isinstance(result, tuple) else result).wait()
             else:
                 _, op, args, kwargs, out = entry
                 result = op(*args, **kwargs)

@@ -47,10 +47,16 @@ def plugins():
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """framework's tiny random Llama (its tests' checkpoint; the tests run from a framework checkout)."""
+def tokenizer_dir():
+    """SmolLM2's tokenizer, or FRAMEWORK_TEST_TOKENIZER_DIR (as framework's tests take it)."""
     from framework.models.checkpoint import resolve_checkpoint
+
+    return Path(os.environ["FRAMEWORK_TEST_TOKENIZER_DIR"]) if "FRAMEWORK_TEST_TOKENIZER_DIR" in os.environ else resolve_checkpoint(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer_dir):
+    """framework's tiny random Llama (its tests' checkpoint; the tests run from a framework checkout)."""
     from tests.conftest import make_tiny_checkpoint
 
-    tokenizer_dir = Path(os.environ["FRAMEWORK_TEST_TOKENIZER_DIR"]) if "FRAMEWORK_TEST_TOKENIZER_DIR" in os.environ else resolve_checkpoint(None)
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)

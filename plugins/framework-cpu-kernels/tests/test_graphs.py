@@ -1,16 +1,24 @@
 """Decode steps replayed from recorded CPU graphs (framework_cpu_kernels/graphs.py): a replay
-computes from the new inputs, a step whose effects a replay cannot repeat is never replayed, and
-the engine's outputs are the same with the graphs as without."""
+computes from the new inputs, a collective of torch.distributed is replayed at its place, a step
+whose effects a replay cannot repeat is never replayed, and the engine's outputs are the same with
+the graphs as without."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from cpu_kernels_checks import require_kernels
 
+import framework
+import framework_cpu_kernels
 from framework import LLM, SamplingParams
+from framework.distributed.launch import free_port
 from framework_cpu_kernels.backend import KernelDecodeGraphs
 from framework_cpu_kernels.graphs import CPUDecodeGraphs, CPUGraph, record
 from tests.conftest import GREEDY, random_prompts
@@ -56,6 +64,38 @@ def test_in_place_ops_are_replayed(kernels):
     assert [e[0] for e in graph.entries] == ["torch"]
     graph.replay([])
     assert torch.equal(x, torch.full((8,), 2.0))
+
+
+RANK = """
+import sys, torch, torch.distributed as dist
+from framework_cpu_kernels.graphs import record
+from framework_cpu_kernels.kernels import load
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+x = torch.full((2,), rank + 1.0)
+
+def step():
+    y = x * 2
+    dist.all_reduce(y)
+    return y + 1
+
+graph = record(load(), step, [x])
+print(graph.replayable, [e[0] for e in graph.entries], graph.output.tolist(), graph.replay([x * 10]).tolist())
+"""
+
+
+def test_a_collective_is_replayed_at_its_place(kernels):
+    paths = [str(Path(m.__file__).parents[1]) for m in (framework, framework_cpu_kernels)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
+    init = f"tcp://127.0.0.1:{free_port()}"
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(r), init], env=env, stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        printed = [rank.communicate(timeout=120)[0] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    # recorded: 2 * 1 + 2 * 2 + 1; replayed on inputs 10 and 20: 2 * 10 + 2 * 20 + 1
+    assert printed == ["True ['torch', 'collective', 'torch'] [7.0, 7.0] [61.0, 61.0]\n"] * 2
 
 
 @pytest.mark.parametrize(

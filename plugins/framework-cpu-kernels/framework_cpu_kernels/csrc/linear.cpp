@@ -249,7 +249,9 @@ int linear_tiles_bf16(int) { return 0; }
 #if defined(__AVX512BF16__)
 int covered_bf16() { return 1; }
 int packed_linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y, int rows, int in, int out) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (linear_tiles_bf16(in)) return amx_linear(x, packed, bias, y, rows, in, out);
+#endif
     return linear(x, packed, bias, y, rows, in, out);
 }
 #else
