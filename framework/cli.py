@@ -101,7 +101,8 @@ def run(cfg, plugins) -> None:
     except (UnknownNameError, CheckpointError, ImportError, ValueError, TypeError) as exc:
         _fail(str(exc))
     try:
-        modes[cfg.mode](cfg, llm, started)
+        with llm:
+            modes[cfg.mode](cfg, llm, started)
     except ValueError as exc:
         _fail(str(exc))
 
