@@ -1,8 +1,8 @@
 """Tensor parallelism on CPU (gloo): TP=2 on tiny random Llama and Qwen 3 checkpoints against TP=1
 (logprobs of every sampled and prompt position within 1e-5 in float32, greedy and seeded sampling
-token for token, mixed batches with chunked prefill and prefix reuse), TP=3 on SmolLM2-135M, a
-closed LLM's ranks gone, and a rank killed or hung mid-run: the caller gets an error, no process
-is left."""
+token for token, mixed batches with chunked prefill and prefix reuse), one KV head replicated on
+both ranks (MQA), TP=3 on SmolLM2-135M, a closed LLM's ranks gone, and a rank killed or hung
+mid-run: the caller gets an error, no process is left."""
 
 from __future__ import annotations
 
@@ -72,6 +72,14 @@ def assert_same_greedy_and_logprobs(one, two):
 
 def test_tp2_matches_tp1_greedy_and_logprobs(tiny):
     assert_same_greedy_and_logprobs(greedy_and_logprobs(tiny, 1), greedy_and_logprobs(tiny, 2))
+
+
+def test_tp2_replicates_a_single_kv_head(tmp_path_factory, tokenizer_dir):
+    # MQA (4 query heads, 1 KV head): each rank keeps 2 query heads and its own copy of the KV head
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("mqa"), tokenizer_dir, seed=5, random_vectors=True, num_key_value_heads=1)
+    one, two = greedy_and_logprobs(path, 1), greedy_and_logprobs(path, 2)
+    assert two[2].num_kv_heads == 1  # rank 0's cache: its copy of the KV head
+    assert_same_greedy_and_logprobs(one, two)
 
 
 def test_tp2_sampling_with_seeds_matches_tp1(tiny):
