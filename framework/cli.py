@@ -6,8 +6,10 @@ parses the command line; everything else (`--help`, `--cfg job`, `-m` sweeps, ov
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import sys
 import time
 
@@ -101,7 +103,8 @@ def run(cfg, plugins) -> None:
     except (UnknownNameError, CheckpointError, ImportError, ValueError, TypeError) as exc:
         _fail(str(exc))
     try:
-        modes[cfg.mode](cfg, llm, started)
+        with llm:
+            modes[cfg.mode](cfg, llm, started)
     except ValueError as exc:
         _fail(str(exc))
 
@@ -156,7 +159,17 @@ def _serve(cfg, llm, started: float) -> None:
     print(f"[framework] serving {name} on http://{s.host}:{s.port}/v1 (loaded in {time.perf_counter() - started:.1f}s)", flush=True)
     hosts = list(s.allowed_hosts) if s.allowed_hosts is not None else None
     settings = {"max_body_bytes": s.max_body_bytes, "allowed_hosts": hosts, "enable_docs": s.enable_docs}
+    # uvicorn raises the SIGTERM it shut down on again once done, whose default action skips
+    # `with llm`: close the LLM first (a tensor-parallel engine's rank processes stop)
+    signal.signal(signal.SIGTERM, functools.partial(_close_then_end, llm))
     serve(llm, s.host, s.port, name, s.api_key, s.graceful_timeout, **settings)
+
+
+def _close_then_end(llm, signum, frame) -> None:
+    """Close `llm`, then end the process as the signal's default action does."""
+    llm.close()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
 
 
 def _bench(cfg, llm, started: float) -> None:

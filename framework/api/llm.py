@@ -71,7 +71,7 @@ class LLM:
         self._lock = threading.Lock()  # guards _groups and engine_error
         self._step_lock = threading.Lock()  # one step (and its dispatch to listeners) at a time
         self._thread: threading.Thread | None = None
-        self.engine_error: str | None = None  # set once the background loop has died: why
+        self.engine_error: str | None = None  # set once no more requests are served (the loop died, or close()): why
         self._wake = threading.Event()
         self._stopping = False
         self._stepped: list[RequestOutput] = []  # outputs of add_request's groups, until step() returns them
@@ -274,6 +274,22 @@ class LLM:
             self._stopping = True
             self._wake.set()
             thread.join()
+
+    def close(self) -> None:
+        """Stop the background loop (aborting what runs) and release the model engine (a
+        tensor-parallel engine's rank processes end); later requests raise. Called again, it does
+        nothing. `with LLM(...) as llm:` closes it on leaving the block."""
+        self.shutdown(abort_running=True)
+        with self._step_lock:  # (no step of another caller's `generate` runs on a closed engine)
+            if self.engine_error is None:
+                self._die("the LLM is closed")
+            self.executor.model_engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def _loop(self) -> None:
         try:

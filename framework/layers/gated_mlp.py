@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from framework.layers.linear import MergedLinear, RowParallelLinear
+from framework.layers.tensor_parallel import current
 
 # Hugging Face activation name -> the backend op that gates with it
 GATED_ACTIVATIONS = {"silu": "silu_and_mul", "gelu_pytorch_tanh": "gelu_tanh_and_mul"}
@@ -18,7 +19,8 @@ class GatedMLP(nn.Module):
         super().__init__()
         if activation not in GATED_ACTIVATIONS:
             raise NotImplementedError(f"activation {activation!r} is not supported ({', '.join(GATED_ACTIVATIONS)} are)")
-        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias, backend)
+        columns = current().shard(intermediate_size, "MLP width")  # this rank's, of gate and of up
+        self.gate_up_proj = MergedLinear(hidden_size, {"gate": columns, "up": columns}, bias, backend)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, backend)
         self.act_and_mul = getattr(backend, GATED_ACTIVATIONS[activation])
 

@@ -77,30 +77,32 @@ class RowParallelLinear(Linear):
 class MergedLinear(Linear):
     """Several projections of one input as one matmul, their outputs side by side: `[gate | up]`,
     or `[q | k | v]`. Each checkpoint tensor is loaded into its own rows (`part`: its name).
-    Under tensor parallelism (column-parallel) a rank keeps its slice of every part: its heads of
-    q, k and v, its columns of gate and up."""
+    `shards`: per part, the rows `(first, count)` of its checkpoint tensor this layer keeps: all of
+    them, or under tensor parallelism (column-parallel) the rank's heads of q, k and v, its
+    columns of gate and up."""
 
-    def __init__(self, in_features: int, part_sizes: dict, bias: bool, backend):
+    def __init__(self, in_features: int, shards: dict, bias: bool, backend):
         self.tp = current()
-        part_sizes = {part: self.tp.split(size, f"{part} rows") for part, size in part_sizes.items()}
-        super().__init__(in_features, sum(part_sizes.values()), bias, backend)
+        super().__init__(in_features, sum(count for _, count in shards.values()), bias, backend)
+        self.shards = shards
         self.part_rows, start = {}, 0
-        for part, size in part_sizes.items():
-            self.part_rows[part] = (start, size)
-            start += size
-        parts = tuple(part_sizes)
+        for part, (_, count) in shards.items():
+            self.part_rows[part] = (start, count)
+            start += count
+        parts = tuple(shards)
         self.weight_parts = {"weight": parts, "bias": parts}
 
     def load_weight(self, name: str, tensor: torch.Tensor, part) -> None:
         if part not in self.part_rows:
             raise ValueError(f"{name}: no part {part!r} (parts: {', '.join(map(str, self.part_rows))})")
-        start, size = self.part_rows[part]
+        start, count = self.part_rows[part]
         if self.tp.size > 1:
-            tensor = tensor.narrow(0, self.tp.rank * size, size)
-        copy_into(getattr(self, name).data.narrow(0, start, size), tensor)
+            tensor = tensor.narrow(0, self.shards[part][0], count)
+        copy_into(getattr(self, name).data.narrow(0, start, count), tensor)
 
 
-def qkv_linear(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, backend) -> MergedLinear:
-    """The fused query, key and value projection, `[q | k | v]` (parts "q", "k", "v")."""
-    sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
-    return MergedLinear(hidden_size, sizes, bias, backend)
+def qkv_linear(hidden_size: int, heads: tuple[int, int], kv_heads: tuple[int, int], head_dim: int, bias: bool, backend) -> MergedLinear:
+    """The fused query, key and value projection, `[q | k | v]` (parts "q", "k", "v"), of the
+    query heads and KV heads `(first, count)` this layer keeps."""
+    q, kv = ((first * head_dim, count * head_dim) for first, count in (heads, kv_heads))
+    return MergedLinear(hidden_size, {"q": q, "k": kv, "v": kv}, bias, backend)

@@ -1,7 +1,8 @@
 """The attention block of a decoder layer: fused QKV projection (optional bias), optional QK-norm,
 RoPE and the KV cache write, the backend's paged attention (plain causal, or with a sliding window
 and/or soft-capped scores), output projection. Under tensor parallelism a rank computes its share
-of the query and KV heads (column-parallel QKV) and sums the output projection over the ranks."""
+of the query and KV heads (column-parallel QKV; one KV head, replicated, where the ranks outnumber
+them) and sums the output projection over the ranks."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.backend = backend
         tp = current()
-        self.num_heads = tp.split(num_heads, "attention heads")  # this rank's
-        self.num_kv_heads = tp.split(num_kv_heads, "KV heads")
+        heads, kv_heads = tp.shard(num_heads, "attention heads"), tp.kv_heads(num_kv_heads)  # this rank's (first, count)
+        self.num_heads, self.num_kv_heads = heads[1], kv_heads[1]
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
-        self.qkv_proj = qkv_linear(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, backend)
+        self.qkv_proj = qkv_linear(hidden_size, heads, kv_heads, head_dim, qkv_bias, backend)
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, out_bias, backend)
         self.q_norm = None if qk_norm is None else qk_norm(head_dim, norm_eps, backend)
         self.k_norm = None if qk_norm is None else qk_norm(head_dim, norm_eps, backend)

@@ -25,6 +25,24 @@ class TensorParallel:
             raise ValueError(f"{what} ({count}) is not divisible by engine.tensor_parallel_size={self.size}")
         return count // self.size
 
+    def shard(self, count: int, what: str) -> tuple[int, int]:
+        """This rank's slice `(first, size)` of `count` things split evenly."""
+        size = self.split(count, what)
+        return self.rank * size, size
+
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """This rank's KV heads `(first, count)`: its even share or, where the ranks outnumber them
+        (a multiple of them), the one KV head its query heads read, replicated on
+        `size // num_kv_heads` ranks. Query heads split evenly too, so each rank's query heads
+        share that one KV head."""
+        if num_kv_heads >= self.size:
+            return self.shard(num_kv_heads, "KV heads")
+        if self.size % num_kv_heads:
+            raise ValueError(
+                f"engine.tensor_parallel_size={self.size} is more than the KV heads ({num_kv_heads}) but not a multiple of them"
+            )
+        return self.rank * num_kv_heads // self.size, 1
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's `x` (in place)."""
         torch.distributed.all_reduce(x, group=self.group)

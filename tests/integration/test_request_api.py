@@ -1,5 +1,5 @@
 """The request API on a real engine: logprobs against transformers, seeds, stop strings, n,
-streaming (sync and asyncio), abort."""
+streaming (sync and asyncio), abort, close."""
 
 from __future__ import annotations
 
@@ -257,6 +257,19 @@ def test_abort_by_id_reports_abort(tiny_dir):
     assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "abort"
     assert len(seen[-1].outputs[0].token_ids) < 300
     assert llm.kv_cache_stats.num_used_blocks == 0
+
+
+def test_close_ends_what_runs_and_refuses_what_comes_after(tiny_dir):
+    with LLM(str(tiny_dir), dtype="float32", backend="torch", **{"kv_cache.max_tokens": 1024}) as llm:
+        stream = llm.stream(prompts([10])[0], SamplingParams(max_tokens=900, **GREEDY))
+        assert not next(stream).finished
+        llm.start()  # the background loop takes the stream over; close stops it
+    *_, last = stream
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    assert llm._thread is None and llm.kv_cache_stats.num_used_blocks == 0
+    llm.close()  # again: nothing left to do
+    with pytest.raises(RuntimeError, match="the LLM is closed"):
+        llm.generate([5, 6, 7], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
 
 
 def test_chat_on_smollm2_uses_the_template():

@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU (gloo): TP=2 on tiny random Llama and Qwen 3 checkpoints against TP=1
 (logprobs of every sampled and prompt position within 1e-5 in float32, greedy and seeded sampling
-token for token, mixed batches with chunked prefill and prefix reuse), TP=3 on SmolLM2-135M, and a
-rank killed or hung mid-run: the caller gets an error, no process is left."""
+token for token, mixed batches with chunked prefill and prefix reuse), one KV head replicated on
+both ranks (MQA), TP=3 on SmolLM2-135M, a closed LLM's ranks gone, and a rank killed or hung
+mid-run: the caller gets an error, no process is left."""
 
 from __future__ import annotations
 
@@ -50,35 +51,43 @@ def assert_logprobs_close(a, b):
         assert abs(a[token].logprob - b[token].logprob) <= ATOL
 
 
+def greedy_and_logprobs(path, tp: int):
+    """The mixed batch's greedy tokens with their top logprobs, and the prompt logprobs of three prompts."""
+    with make_llm(path, tp) as llm:
+        mixed = run_mixed(llm, SamplingParams(max_tokens=12, logprobs=5, **GREEDY))
+        prompts = random_prompts([6, 50, 23], seed=6)  # (prompt logprobs bypass the prefix cache)
+        scored = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=5, **GREEDY), use_tqdm=False)
+        return mixed, scored, llm.executor.model_engine.kv_cache_spec()
+
+
+def assert_same_greedy_and_logprobs(one, two):
+    for a, b in zip(one[0], two[0], strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert_logprobs_close(x, y)
+    for a, b in zip(one[1], two[1], strict=True):
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
+            assert_logprobs_close(x, y)
+
+
 def test_tp2_matches_tp1_greedy_and_logprobs(tiny):
-    results = {}
-    for tp in (1, 2):
-        llm = make_llm(tiny, tp)
-        try:
-            mixed = run_mixed(llm, SamplingParams(max_tokens=12, logprobs=5, **GREEDY))
-            prompts = random_prompts([6, 50, 23], seed=6)  # (prompt logprobs bypass the prefix cache)
-            scored = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=5, **GREEDY), use_tqdm=False)
-            results[tp] = mixed, scored
-        finally:
-            llm.executor.model_engine.close()
-    for one, two in zip(results[1][0], results[2][0], strict=True):
-        assert two.outputs[0].token_ids == one.outputs[0].token_ids
-        for a, b in zip(one.outputs[0].logprobs, two.outputs[0].logprobs, strict=True):
-            assert_logprobs_close(a, b)
-    for one, two in zip(results[1][1], results[2][1], strict=True):
-        for a, b in zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:], strict=True):
-            assert_logprobs_close(a, b)
+    assert_same_greedy_and_logprobs(greedy_and_logprobs(tiny, 1), greedy_and_logprobs(tiny, 2))
+
+
+def test_tp2_replicates_a_single_kv_head(tmp_path_factory, tokenizer_dir):
+    # MQA (4 query heads, 1 KV head): each rank keeps 2 query heads and its own copy of the KV head
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("mqa"), tokenizer_dir, seed=5, random_vectors=True, num_key_value_heads=1)
+    one, two = greedy_and_logprobs(path, 1), greedy_and_logprobs(path, 2)
+    assert two[2].num_kv_heads == 1  # rank 0's cache: its copy of the KV head
+    assert_same_greedy_and_logprobs(one, two)
 
 
 def test_tp2_sampling_with_seeds_matches_tp1(tiny):
     params = [SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True) for s in range(6)]
     results = {}
     for tp in (1, 2):
-        llm = make_llm(tiny, tp)
-        try:
+        with make_llm(tiny, tp) as llm:
             results[tp] = [o.outputs[0].token_ids for o in run_mixed(llm, params)]
-        finally:
-            llm.executor.model_engine.close()
     assert results[2] == results[1]
 
 
@@ -87,12 +96,20 @@ def test_tp3_smollm2_greedy_matches_tp1(smol_dir):
     params = SamplingParams(max_tokens=8, temperature=0.0)
     results = {}
     for tp in (1, 3):
-        llm = LLM(str(smol_dir), dtype="float32", backend="torch", tensor_parallel_size=tp, num_threads=1, **{"kv_cache.max_tokens": 1024})
-        try:
+        with LLM(str(smol_dir), dtype="float32", backend="torch", tensor_parallel_size=tp, num_threads=1, **{"kv_cache.max_tokens": 1024}) as llm:
             results[tp] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        finally:
-            llm.executor.model_engine.close()
     assert results[3] == results[1]
+
+
+def test_closing_a_tp2_llm_ends_its_ranks(tmp_path_factory, tokenizer_dir):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tp-close"), tokenizer_dir, seed=1)
+    with make_llm(path, 2) as llm:
+        processes = workers(llm)
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)[0].finished
+    assert [p.poll() for p in processes] == [0]  # stopped by rank 0 and waited for, not killed
+    llm.close()  # again: nothing left to do
+    with pytest.raises(RuntimeError, match="the LLM is closed"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
 
 
 def assert_gone(processes, within: float = 10.0):
@@ -117,7 +134,7 @@ def test_a_rank_that_dies_or_hangs_fails_the_requests_and_leaves_no_process(tmp_
     assert_gone(processes)
     again = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)[0]
     assert again.outputs[0].finish_reason == "error" and "tensor-parallel" in again.error
-    llm.executor.model_engine.close()
+    llm.close()
 
 
 def test_workers_exit_when_rank_0_is_killed(tmp_path_factory, tokenizer_dir):
