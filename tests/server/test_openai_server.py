@@ -70,6 +70,17 @@ def wait_for_health(url: str, alive, timeout: float) -> None:
     raise RuntimeError(f"the server at {url} did not answer /health within {timeout}s")
 
 
+def killed_and_read(proc, log) -> str:
+    """Kill `proc` if it still runs, then the text of its `log` (a file it wrote to), closed."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.seek(0)
+    output = log.read()
+    log.close()
+    return output
+
+
 class RunningServer:
     """build_app + uvicorn on a free loopback port, on a background thread."""
 
@@ -646,12 +657,7 @@ def test_cli_serves_and_shuts_down_gracefully_on_sigterm(tiny_dir, tmp_path, off
         code = proc.wait(timeout=20)
         reader.join(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log.seek(0)
-    output = log.read()
-    log.close()
+        output = killed_and_read(proc, log)
     assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM), output
     assert f"serving {Path(tiny_dir).name} on {url}/v1" in output
     assert not reader.is_alive()

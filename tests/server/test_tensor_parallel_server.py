@@ -12,7 +12,7 @@ from pathlib import Path
 from framework import LLM, SamplingParams
 from tests.cli.test_replay_cli import THIS_CHECKOUT
 from tests.integration.test_tensor_parallel import _running
-from tests.server.test_openai_server import GREEDY, free_port, openai_client, wait_for_health
+from tests.server.test_openai_server import GREEDY, free_port, killed_and_read, openai_client, wait_for_health
 
 EXACT = {"dtype": "float32", "backend": "torch", "num_threads": 1, "kv_cache.max_tokens": 2048}
 
@@ -54,12 +54,7 @@ def test_a_tp2_server_answers_like_tp1_and_leaves_no_rank_behind(tiny_dir, tmp_p
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.seek(0)
-        output = log.read()
-        log.close()
+        output = killed_and_read(proc, log)
     assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM), output
     assert "Traceback" not in output, output
     assert not [pid for pid in ranks if _running(pid)]  # stopped and waited for by rank 0 before it exited

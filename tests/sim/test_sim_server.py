@@ -10,7 +10,7 @@ import sys
 from framework.cli import apply_mode_defaults
 from framework.config import compose
 from framework.plugins.manager import create_plugin_manager
-from tests.server.test_openai_server import free_port, openai_client, wait_for_health
+from tests.server.test_openai_server import free_port, killed_and_read, openai_client, wait_for_health
 
 
 def test_the_sim_engine_clock_follows_the_mode():
@@ -46,7 +46,5 @@ def test_mode_serve_engine_sim_answers_the_openai_client(tiny_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.seek(0)
-        output = log.read()
-        log.close()
+        output = killed_and_read(proc, log)
     assert "Traceback" not in output, output
