@@ -112,7 +112,11 @@ def run(cfg, plugins) -> None:
 def _serves_forward_only(cfg, plugins) -> bool:
     """Under torchrun, a rank other than 0 of a tensor-parallel engine runs only the forward, until
     rank 0 stops (docs/tensor-parallel.md); True once it has."""
-    if cfg.engine.get("tensor_parallel_size", 1) == 1 or os.environ.get("RANK", "0") == "0":
+    if cfg.engine.get("tensor_parallel_size", 1) == 1:
+        return False
+    from framework.distributed.group import torchrun_rank
+
+    if not torchrun_rank():  # None (no torchrun) or rank 0
         return False
     from framework.distributed.worker import serve_forward
     from framework.models.checkpoint import resolve_checkpoint
