@@ -22,7 +22,7 @@ from framework.engine.base import ForwardOutput, ModelEngine
 from framework.engine.dtype import choose_dtype
 from framework.layers.linear import Linear
 from framework.layers.tensor_parallel import WHOLE, building
-from framework.models.checkpoint import head_dim_of, iter_weights, load_hf_config
+from framework.models.checkpoint import every_layer_window, head_dim_of, iter_weights, load_hf_config
 from framework.plugins.kinds import KINDS
 from framework.resources.base import KVCacheSpec
 
@@ -123,6 +123,7 @@ class PyTorchModelEngine(ModelEngine):
             device=self.device,
             max_model_len=self.max_model_len,
             allocate=self.backend.kv_cache_tensor,
+            sliding_window=every_layer_window(self.hf_config),
         )
 
     def prepare_inputs(self, scheduled, kv_cache_manager):

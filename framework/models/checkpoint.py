@@ -160,3 +160,9 @@ def layer_attention(config, index: int) -> dict:
     if getattr(config, "attn_logit_softcapping", None):
         found["soft_cap"] = config.attn_logit_softcapping
     return found
+
+
+def every_layer_window(config) -> int | None:
+    """The smallest sliding window where every layer has one; None where some layer sees the whole context."""
+    windows = [layer_attention(config, i).get("sliding_window") for i in range(config.num_hidden_layers)]
+    return min(windows) if windows and all(windows) else None

@@ -81,6 +81,7 @@ class KVCacheSpec:
     # which places it: 2 MB pages for the CPU kernels); None: torch.zeros on `device`
     allocate: Any = None
     memory_bytes: int | None = None  # what `kv_cache.memory_fraction` is a share of; None: the device's total
+    sliding_window: int | None = None  # every layer reads only the keys this close to its query (the smallest window); None: some layer reads all
 
     @property
     def bytes_per_token(self) -> int:

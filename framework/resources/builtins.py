@@ -6,3 +6,4 @@ from framework.plugins.hookspecs import hookimpl
 @hookimpl
 def register_kv_cache_managers(register):
     register("paged", "framework.resources.paged_kv_cache:PagedKVCacheManager")
+    register("sliding_window", "framework.resources.sliding_window_kv_cache:SlidingWindowKVCacheManager")

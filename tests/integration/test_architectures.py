@@ -111,3 +111,22 @@ def test_auto_backend_runs_windowed_models_on_a_backend_that_has_the_window(arch
         assert "sliding_window" in needs and engine.backend.name == "torch"
     if "gemma2" in path.name:
         assert "soft_cap" in needs
+
+
+def test_the_sliding_window_cache_frees_blocks_and_keeps_the_tokens(tmp_path, tokenizer_dir):
+    """`kv_cache=sliding_window` on a Mistral whose every layer slides: blocks out of the window go
+    back to the pool mid-request, and greedy output still equals transformers' on a mixed batch
+    with chunked prefill and prefix reuse."""
+    path = make_tiny_checkpoint(tmp_path / "m", tokenizer_dir, seed=3, random_vectors=True, family="mistral", sliding_window=WINDOW)
+    llm = make_llm(path, max_num_tokens=24, block_size=8, kv_cache="sliding_window")
+    kv = llm.executor.kv_cache_manager
+    assert kv.window == WINDOW
+    freed, update = [], kv.update_resources
+    kv.update_resources = lambda scheduled: (update(scheduled), freed.append(sum(kv.dead.values())))
+    shared = random_prompts([40], seed=2)[0]
+    llm.generate([shared + [7, 8, 9]], SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
+    prompts = [shared + own for own in random_prompts([3, 11], seed=4)] + random_prompts([5, 60, 2, 33], seed=5)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=14, **GREEDY), use_tqdm=False)
+    assert llm.kv_cache_stats.prefix_hit_tokens > 0 and max(freed) >= 6
+    assert_greedy_equal(reference_model(path, attn_implementation="eager"), prompts, outs, 14)
+    assert llm.kv_cache_stats.num_used_blocks == 0 and not kv.dead
