@@ -103,7 +103,7 @@ class PyTorchModelEngine(ModelEngine):
         from framework.distributed.group import RankGroup, plain
 
         if dist.is_initialized():
-            raise ValueError("one tensor-parallel engine per process (a draft model's engine under tensor parallelism is not supported yet)")
+            raise ValueError("one tensor-parallel engine per process")
         settings = {"engine": plain(engine_config), "model": plain(model_config), "checkpoint_dir": str(checkpoint_dir)}
         ranks = RankGroup(size, self.device, engine_config.distributed_timeout, settings)
         self.device = ranks.device

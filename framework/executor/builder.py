@@ -26,13 +26,19 @@ class Builder:
 
     def draft_engine(self, path: str):
         """A model engine on another checkpoint, with the target's engine and model settings (its
-        own length limit): a draft model's."""
+        own length limit): a draft model's. It runs in this process alone, unsharded, when the
+        target is tensor-parallel (a draft is small; its steps are rank 0's)."""
         from omegaconf import OmegaConf
 
         from framework.models.checkpoint import resolve_checkpoint
 
         model = OmegaConf.merge(self.cfg.model, {"path": path, "max_model_len": None})
-        return self.make("model_engine", model, resolve_checkpoint(path), self.plugins, key="draft model engine")
+        build = self
+        if self.cfg.engine.get("tensor_parallel_size", 1) > 1:
+            build = Builder(OmegaConf.merge(self.cfg, {"engine": {"tensor_parallel_size": 1}}), self.plugins)
+        engine = build.make("model_engine", model, resolve_checkpoint(path), self.plugins, key="draft model engine")
+        self.names.update(build.names)
+        return engine
 
     def resource_manager(self, spec, **owned) -> ResourceManager:
         """`resources.extra` in order, then the per-request states other components keep (`owned`,

@@ -1,7 +1,7 @@
 """Tensor parallelism on CPU (gloo): TP=2 on tiny random Llama and Qwen 3 checkpoints against TP=1
 (logprobs of every sampled and prompt position within 1e-5 in float32, greedy and seeded sampling
 token for token, mixed batches with chunked prefill and prefix reuse), one KV head replicated on
-both ranks (MQA), TP=3 on SmolLM2-135M, a closed LLM's ranks gone, and a rank killed or hung
+both ranks (MQA), a draft model on rank 0 beside a TP=2 target, TP=3 on SmolLM2-135M, a closed LLM's ranks gone, and a rank killed or hung
 mid-run: the caller gets an error, no process is left."""
 
 from __future__ import annotations
@@ -89,6 +89,21 @@ def test_tp2_sampling_with_seeds_matches_tp1(tiny):
         with make_llm(tiny, tp) as llm:
             results[tp] = [o.outputs[0].token_ids for o in run_mixed(llm, params)]
     assert results[2] == results[1]
+
+
+def test_a_draft_model_runs_on_rank_0_beside_a_tp2_target(tmp_path_factory, tokenizer_dir):
+    """`speculative=draft_model` with a tensor-parallel target: the draft runs unsharded in rank 0's
+    process, the verify steps go to both ranks, and greedy output is the target's own (TP=1, no drafts)."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("target"), tokenizer_dir, seed=5, random_vectors=True)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    with make_llm(path, 1) as plain:
+        want = [o.outputs[0].token_ids for o in run_mixed(plain, params)]
+    drafting = {"speculative": "draft_model", "speculative.model.path": str(path), "speculative.num_tokens": 3}
+    with make_llm(path, 2, **drafting) as llm:
+        assert llm.executor.drafter.engine.ranks is None and llm.executor.model_engine.ranks.tp.size == 2
+        assert [o.outputs[0].token_ids for o in run_mixed(llm, params)] == want
+        counters = llm.executor.counters
+        assert counters.verify_steps > 0 and counters.accepted_draft_tokens == counters.draft_tokens > 0  # its own draft: every one accepted
 
 
 def test_tp3_smollm2_greedy_matches_tp1(smol_dir):
