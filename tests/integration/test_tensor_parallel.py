@@ -1,8 +1,8 @@
 """Tensor parallelism on CPU (gloo): TP=2 on tiny random Llama and Qwen 3 checkpoints against TP=1
 (logprobs of every sampled and prompt position within 1e-5 in float32, greedy and seeded sampling
 token for token, mixed batches with chunked prefill and prefix reuse), one KV head replicated on
-both ranks (MQA), a draft model on rank 0 beside a TP=2 target, TP=3 on SmolLM2-135M, a closed LLM's ranks gone, and a rank killed or hung
-mid-run: the caller gets an error, no process is left."""
+both ranks (MQA), a draft model on rank 0 beside a TP=2 target, TP=3 on SmolLM2-135M, a closed
+LLM's ranks gone, and a rank killed or hung mid-run: the caller gets an error, no process is left."""
 
 from __future__ import annotations
 
