@@ -22,7 +22,7 @@ import torch
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.engine.clock import Clock, VirtualClock, WallClock
 from framework.engine.dtype import DTYPES
-from framework.models.checkpoint import load_hf_config
+from framework.models.checkpoint import every_layer_window, load_hf_config
 from framework.resources.base import KVCacheSpec
 from framework.sim.cost_model import CostModel
 from framework.sim.model_shape import ModelShape
@@ -68,6 +68,7 @@ class SimModelEngine(ModelEngine):
             token_id=config.token_id if config.token_id is not None else first_plain_token(checkpoint_dir, hf_config),
             eos_after=config.eos_after,
             full_vocab_logits=config.full_vocab_logits,
+            sliding_window=every_layer_window(hf_config),
         )
 
     @classmethod
@@ -79,7 +80,7 @@ class SimModelEngine(ModelEngine):
 
     def _set_up(
         self, *, model: ModelShape, max_model_len: int, dtype: torch.dtype, memory_bytes: int, cost_model: CostModel,
-        clock: Clock, token_id: int, eos_after: int = 128, full_vocab_logits: bool = False,
+        clock: Clock, token_id: int, eos_after: int = 128, full_vocab_logits: bool = False, sliding_window: int | None = None,
     ) -> None:
         if not 0 <= token_id < model.vocab_size:
             raise ValueError(f"engine.token_id must lie in [0, {model.vocab_size}); got {token_id}")
@@ -89,7 +90,7 @@ class SimModelEngine(ModelEngine):
         self.device, self.dtype, self.memory_bytes = torch.device("cpu"), dtype, memory_bytes
         self.cost_model, self.clock = cost_model, clock
         self.simulated = cost_model.describe()
-        self.token_id, self.eos_after = token_id, eos_after
+        self.token_id, self.eos_after, self.sliding_window = token_id, eos_after, sliding_window
         self.narrow = model.vocab_size if full_vocab_logits else token_id + 1
         self._row = torch.full((model.vocab_size,), LOW)
         self._row[token_id] = 0.0
@@ -99,6 +100,7 @@ class SimModelEngine(ModelEngine):
         return KVCacheSpec(
             num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, dtype=self.dtype,
             device=torch.device("meta"), max_model_len=self.max_model_len, memory_bytes=self.memory_bytes,
+            sliding_window=self.sliding_window,
         )
 
     def forward(self, scheduled, resource_manager):

@@ -130,3 +130,5 @@ def test_the_sliding_window_cache_frees_blocks_and_keeps_the_tokens(tmp_path, to
     assert llm.kv_cache_stats.prefix_hit_tokens > 0 and max(freed) >= 6
     assert_greedy_equal(reference_model(path, attn_implementation="eager"), prompts, outs, 14)
     assert llm.kv_cache_stats.num_used_blocks == 0 and not kv.dead
+    simulated = LLM(str(path), engine="sim", kv_cache="sliding_window")  # the sim engine reads the window from config.json too
+    assert simulated.executor.kv_cache_manager.window == WINDOW
