@@ -40,6 +40,13 @@ class LocalWorkers:
         self.port = free_port()
         checkout = str(Path(framework.__file__).resolve().parent.parent)  # the framework this process runs
         self.processes: dict[int, subprocess.Popen] = {}
+        try:
+            message = pickle.dumps(settings)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            raise ValueError(
+                f"the settings of the other ranks cannot be sent to them ({exc}): a plugin given to "
+                "LLM(plugins=...) must be a module, or an object of a class defined at a module's top level"
+            ) from exc
         for rank in range(1, size):
             env = {
                 **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port), "RANK": str(rank),
@@ -47,7 +54,7 @@ class LocalWorkers:
                 "PYTHONPATH": os.pathsep.join([checkout, *filter(None, [os.environ.get("PYTHONPATH")])]),
             }
             process = subprocess.Popen([sys.executable, "-m", "framework.distributed.worker"], stdin=subprocess.PIPE, env=env)
-            process.stdin.write(pickle.dumps(settings))
+            process.stdin.write(message)
             process.stdin.close()
             self.processes[rank] = process
 

@@ -39,7 +39,7 @@ def _exit_with_parent(parent: int) -> None:
 def main() -> None:
     from omegaconf import OmegaConf
 
-    from framework.plugins.manager import create_plugin_manager
+    from framework.plugins.manager import plugins_from
 
     logging.basicConfig(level=logging.WARNING, format=f"rank {os.environ['RANK']}: %(levelname)s %(message)s")
     parent = int(os.environ[PARENT_ENV])
@@ -47,7 +47,7 @@ def main() -> None:
     settings = pickle.loads(sys.stdin.buffer.read())
     serve_forward(
         OmegaConf.create(settings["engine"]), OmegaConf.create(settings["model"]), Path(settings["checkpoint_dir"]),
-        create_plugin_manager(),
+        plugins_from(settings["plugins"]),
     )
 
 

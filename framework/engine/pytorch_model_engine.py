@@ -60,7 +60,7 @@ class PyTorchModelEngine(ModelEngine):
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
         self.device = resolve_device(model_config.device)
-        self.ranks = self._join_ranks(engine_config, model_config, checkpoint_dir)
+        self.ranks = self._join_ranks(engine_config, model_config, checkpoint_dir, plugins)
         tp = WHOLE if self.ranks is None else self.ranks.tp
         self.hf_config = load_hf_config(checkpoint_dir)
         self.dtype, why = choose_dtype(model_config.dtype, self.device, self.hf_config)
@@ -91,7 +91,7 @@ class PyTorchModelEngine(ModelEngine):
         self._graphs = (None, None)  # (the KV caches, the backend's decode graphs over them), made at the first decode step
         self._own_caches = (None, None)  # (shape, caches) of a rank other than 0
 
-    def _join_ranks(self, engine_config, model_config, checkpoint_dir):
+    def _join_ranks(self, engine_config, model_config, checkpoint_dir, plugins):
         """The tensor-parallel process group (None: one process, no torch.distributed)."""
         size = getattr(engine_config, "tensor_parallel_size", 1)
         if size == 1:
@@ -104,7 +104,9 @@ class PyTorchModelEngine(ModelEngine):
 
         if dist.is_initialized():
             raise ValueError("one tensor-parallel engine per process")
-        settings = {"engine": plain(engine_config), "model": plain(model_config), "checkpoint_dir": str(checkpoint_dir)}
+        settings = {
+            "engine": plain(engine_config), "model": plain(model_config), "checkpoint_dir": str(checkpoint_dir), "plugins": plugins.recipe(),
+        }
         ranks = RankGroup(size, self.device, engine_config.distributed_timeout, settings)
         self.device = ranks.device
         self._stop_ranks = weakref.finalize(self, ranks.close)

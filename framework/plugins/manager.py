@@ -39,6 +39,8 @@ class Plugins:
     registries: dict[str, Registry]
     providers: dict[str, str] = field(default_factory=dict)  # plugin name -> "dist version"
     provides: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # plugin -> kind -> names
+    extra: tuple = ()  # the plugins given to create_plugin_manager
+    autoload: bool = True  # whether the installed plugins (entry points) were loaded
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
@@ -48,6 +50,12 @@ class Plugins:
         for result in self.manager.hook.config_search_path():
             paths.extend([result] if isinstance(result, str) else list(result or []))
         return paths
+
+    def recipe(self) -> dict:
+        """What another process (a tensor-parallel rank) makes the same plugins from, by
+        `plugins_from`: the extra plugins as module names, or as the objects (pickled: their classes
+        must be importable there)."""
+        return {"autoload": self.autoload, "extra": [p.__name__ if isinstance(p, types.ModuleType) else p for p in self.extra]}
 
     def describe(self) -> list[dict]:
         """What each loaded plugin provides, for `--list-plugins`."""
@@ -117,13 +125,14 @@ def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plu
     (objects or modules with hook implementations, e.g. from a test), and fill the registries."""
     import importlib
 
+    autoload = autoload if autoload is not None else _autoload_enabled()
     pm = pluggy.PluginManager("framework")
     pm.add_hookspecs(FrameworkHookSpecs)
     providers: dict[str, str] = {}
     for module_name in BUILTIN_MODULES:
         pm.register(importlib.import_module(module_name), name=module_name)
         providers[module_name] = "framework"
-    if autoload if autoload is not None else _autoload_enabled():
+    if autoload:
         _load_entry_points(pm, providers)
     for plugin in extra_plugins:
         if pm.is_registered(plugin) or pm.has_plugin(getattr(plugin, "__name__", "")):
@@ -153,4 +162,12 @@ def create_plugin_manager(extra_plugins=(), autoload: bool | None = None) -> Plu
                 impl.function(register=register)
             except Exception as exc:
                 raise PluginError(f"plugin {impl.plugin_name!r} ({provider}) failed in {hook_name}: {exc}") from exc
-    return Plugins(pm, registries, providers, provides)
+    return Plugins(pm, registries, providers, provides, tuple(extra_plugins), autoload)
+
+
+def plugins_from(recipe: dict) -> Plugins:
+    """The plugins `Plugins.recipe()` describes, made in this process."""
+    import importlib
+
+    extra = [importlib.import_module(p) if isinstance(p, str) else p for p in recipe["extra"]]
+    return create_plugin_manager(extra, recipe["autoload"])

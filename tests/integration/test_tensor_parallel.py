@@ -1,8 +1,9 @@
 """Tensor parallelism on CPU (gloo): TP=2 on tiny random Llama and Qwen 3 checkpoints against TP=1
 (logprobs of every sampled and prompt position within 1e-5 in float32, greedy and seeded sampling
 token for token, mixed batches with chunked prefill and prefix reuse), one KV head replicated on
-both ranks (MQA), a draft model on rank 0 beside a TP=2 target, TP=3 on SmolLM2-135M, a closed
-LLM's ranks gone, and a rank killed or hung mid-run: the caller gets an error, no process is left."""
+both ranks (MQA), a draft model on rank 0 beside a TP=2 target, plugins given to `LLM` reaching
+the other ranks, TP=3 on SmolLM2-135M, a closed LLM's ranks gone, and a rank killed or hung
+mid-run: the caller gets an error, no process is left."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import pytest
 
 from framework import LLM, SamplingParams
+from framework.plugins.hookspecs import hookimpl
 from tests.conftest import GREEDY, make_tiny_checkpoint, random_prompts
 
 ATOL = 1e-5
@@ -104,6 +106,30 @@ def test_a_draft_model_runs_on_rank_0_beside_a_tp2_target(tmp_path_factory, toke
         assert [o.outputs[0].token_ids for o in run_mixed(llm, params)] == want
         counters = llm.executor.counters
         assert counters.verify_steps > 0 and counters.accepted_draft_tokens == counters.draft_tokens > 0  # its own draft: every one accepted
+
+
+def test_plugins_given_to_llm_reach_the_other_ranks(tmp_path_factory, tokenizer_dir):
+    """A backend known only from `LLM(plugins=...)` (a module, not installed) runs on every rank;
+    an object whose class no other process can import is refused with a clear error."""
+    from framework.plugins.manager import create_plugin_manager
+    from tests.integration import renamed_torch_backend
+
+    tiny = make_tiny_checkpoint(tmp_path_factory.mktemp("plugins"), tokenizer_dir, seed=5, random_vectors=True)
+    plugins = create_plugin_manager([renamed_torch_backend])
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    with make_llm(tiny, 1) as plain:
+        want = [o.outputs[0].token_ids for o in run_mixed(plain, params)]
+    with make_llm(tiny, 2, backend="renamed_torch", plugins=plugins) as llm:
+        assert llm.config.engine.backend == "renamed_torch"  # (a rank that did not know it would fail to start)
+        assert [o.outputs[0].token_ids for o in run_mixed(llm, params)] == want
+
+    class Local:  # defined in a function: no other process can import it
+        @hookimpl
+        def register_backends(self, register):
+            register("local_torch", "framework.backend.torch_backend:TorchBackend")
+
+    with pytest.raises(ValueError, match="must be a module, or an object of a class defined at a module's top level"):
+        make_llm(tiny, 2, backend="torch", plugins=create_plugin_manager([Local()]))
 
 
 def test_tp3_smollm2_greedy_matches_tp1(smol_dir):
