@@ -48,12 +48,13 @@ class SlidingWindowKVCacheManager(PagedKVCacheManager):
             if table is None:
                 continue
             first_read = request.num_computed_tokens - self.window + 1
-            dead, now_dead = self.dead.get(request.request_id, 0), max(0, first_read) // self.block_size
-            for slot in range(dead, min(now_dead, len(table))):
+            dead = self.dead.get(request.request_id, 0)
+            now_dead = min(max(0, first_read) // self.block_size, len(table))
+            for slot in range(dead, now_dead):
                 self.pool.release(table[slot])
                 table[slot] = DEAD
             if now_dead > dead:
-                self.dead[request.request_id] = min(now_dead, len(table))
+                self.dead[request.request_id] = now_dead
 
     def free_resources(self, request):
         dead = self.dead.pop(request.request_id, 0)

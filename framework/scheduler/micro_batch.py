@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from framework.scheduler.base import Chunk, MicroBatchScheduler, decoding, is_decoding
+from framework.scheduler.base import Chunk, MicroBatchScheduler, is_decoding
 
 
 class FCFSMicroBatchScheduler(MicroBatchScheduler):
