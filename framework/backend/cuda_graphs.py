@@ -6,6 +6,10 @@ A graph has fixed shapes and reads fixed addresses, so steps are padded to bucke
 the block-table width, each to a power of two) and every graph reads its inputs from one set of
 static buffers; a bucket's graph is recorded the first time a step needs it.
 
+Under tensor parallelism (`logits_in_graph=False`) a graph records the model's forward only, whose
+all-reduces NCCL captures; the LM head, which ends in a gather to rank 0, runs eagerly after the
+replay on the real requests' rows. Every rank records and replays the same bucket at the same step.
+
 With `capture=False` the same padded step runs eagerly: the path the graphs record, on any device.
 """
 
@@ -25,13 +29,16 @@ def bucket(n: int, limit: int) -> int:
 
 
 class CUDADecodeGraphs:
-    def __init__(self, model, kv_caches, block_size: int, max_batch: int, max_blocks: int, capture: bool = True):
+    def __init__(
+        self, model, kv_caches, block_size: int, max_batch: int, max_blocks: int, capture: bool = True, logits_in_graph: bool = True,
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.max_batch = max_batch
         self.max_blocks = max_blocks
         self.capture = capture
+        self.logits_in_graph = logits_in_graph
         k_cache = kv_caches[0][0]
         self.num_kv_heads, self.num_blocks = k_cache.shape[:2]
         self.dtype, device = k_cache.dtype, k_cache.device
@@ -60,15 +67,22 @@ class CUDADecodeGraphs:
         rows += [rows[0]] * (batch - len(rows))
         self.inputs[:batch, : TABLE + width].copy_(torch.tensor(rows))
         if not self.capture:
-            return self._forward(batch, width)[: len(tokens)]
+            return self._logits(self._forward(batch, width), len(tokens))
         if (batch, width) not in self.graphs:
             self.graphs[batch, width] = self._record(batch, width)
-        graph, logits = self.graphs[batch, width]
+        graph, output = self.graphs[batch, width]
         graph.replay()
-        return logits[: len(tokens)].clone()  # the next replay overwrites the static output
+        return self._logits(output, len(tokens))
+
+    def _logits(self, output: torch.Tensor, rows: int) -> torch.Tensor:
+        """Logits of the first `rows` rows of a step's output (the logits, or the hidden states)."""
+        if self.logits_in_graph:
+            return output[:rows].clone()  # the next replay overwrites the static output
+        return self.model.compute_logits(output[:rows]).float()
 
     def _forward(self, batch: int, width: int) -> torch.Tensor:
-        """The padded step, from the static buffers alone (nothing read from the host)."""
+        """The padded step's logits (or hidden states), from the static buffers alone (nothing read
+        from the host)."""
         inputs = self.inputs[:batch]
         tables = inputs[:, TABLE : TABLE + width]
         visible = self.key_positions[: width * self.block_size] < inputs[:, CONTEXT : CONTEXT + 1]
@@ -83,12 +97,13 @@ class CUDADecodeGraphs:
         )
         meta = AttentionMetadata(slot_mapping=inputs[:, SLOT].contiguous(), decode=decode, prefill=None)
         hidden = self.model(inputs[:, TOKEN].contiguous(), inputs[:, POSITION].contiguous(), meta, self.kv_caches)
-        return self.model.compute_logits(hidden).float()
+        return self.model.compute_logits(hidden).float() if self.logits_in_graph else hidden
 
     def _record(self, batch: int, width: int):
         """Record the bucket's graph. The step is run once first, outside the graph (lazy set-ups
         such as cuBLAS handles and the rotary table must not happen while recording); that run
-        computes the current step for real, and the replay that follows writes the same K/V again."""
+        computes the current step for real (its collectives too, on every rank), and the replay
+        that follows writes the same K/V again."""
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(current)
@@ -96,7 +111,8 @@ class CUDADecodeGraphs:
             self._forward(batch, width)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(batch, width)
+        # thread_local: another thread (NCCL's watchdog under tensor parallelism) may query events meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            output = self._forward(batch, width)
         self.pool = graph.pool()
-        return graph, logits
+        return graph, output

@@ -58,8 +58,9 @@ class TorchBackend(Backend):
         return attention.variant_attention(q, k_cache, v_cache, meta, scale, sliding_window, soft_cap)
 
     def decode_graphs(self, model, kv_caches, block_size, max_model_len):
-        # (not under tensor parallelism: NCCL collectives recorded in CUDA graphs are untested)
-        if not (self.config.cuda_graphs and self.device.type == "cuda") or getattr(self.engine_config, "tensor_parallel_size", 1) > 1:
+        if not (self.config.cuda_graphs and self.device.type == "cuda"):
             return None
         max_blocks = -(-max_model_len // block_size)
-        return CUDADecodeGraphs(model, kv_caches, block_size, self.config.cuda_graph_max_batch, max_blocks)
+        # under tensor parallelism the LM head's gather to rank 0 runs after the replay
+        logits_in_graph = getattr(self.engine_config, "tensor_parallel_size", 1) == 1
+        return CUDADecodeGraphs(model, kv_caches, block_size, self.config.cuda_graph_max_batch, max_blocks, logits_in_graph=logits_in_graph)

@@ -26,7 +26,7 @@ def torch_llm(tiny_dir, **options) -> LLM:
     return LLM(str(tiny_dir), backend="torch", **{"kv_cache.max_tokens": 4096, **options})
 
 
-def use_graphs(llm, monkeypatch, on: bool) -> None:
+def use_graphs(llm, monkeypatch, on: bool, logits_in_graph: bool = True) -> None:
     """Have the engine's `torch` backend give it padded decode graphs (recorded on CUDA, run eagerly
     elsewhere), or none."""
     engine = llm.executor.model_engine
@@ -36,7 +36,8 @@ def use_graphs(llm, monkeypatch, on: bool) -> None:
         if not on:
             return None
         max_blocks = -(-max_model_len // block_size)
-        return CUDADecodeGraphs(model, kv_caches, block_size, max_batch, max_blocks, capture=backend.device.type == "cuda")
+        capture = backend.device.type == "cuda"
+        return CUDADecodeGraphs(model, kv_caches, block_size, max_batch, max_blocks, capture, logits_in_graph)
 
     monkeypatch.setattr(backend, "decode_graphs", graphs)
     engine._graphs = (None, None)
@@ -52,14 +53,44 @@ def test_cuda_graphs_are_the_torch_backends_decode_graphs_on_cuda_only(tiny_dir)
     assert off.backend.decode_graphs(off.model, llm.executor.kv_cache_manager.get_kv_caches(), 16, 1024) is None
 
 
-def test_no_cuda_graphs_under_tensor_parallelism():
+@pytest.mark.parametrize("tp", [1, 2])
+def test_under_tensor_parallelism_the_cuda_graphs_leave_the_lm_head_out(tp):
     import torch
     from omegaconf import OmegaConf
 
     from framework.backend.torch_backend import TorchBackend
 
-    backend = TorchBackend(OmegaConf.create({"tensor_parallel_size": 2}), None, torch.device("cuda"), torch.float32)
-    assert backend.decode_graphs(None, [], 16, 1024) is None  # (NCCL in CUDA graphs: untested)
+    backend = TorchBackend(OmegaConf.create({"tensor_parallel_size": tp}), None, torch.device("cuda"), torch.float32)
+    cache = torch.empty(2, 64, 16, 8, device="meta")  # (no GPU needed to build them)
+    graphs = backend.decode_graphs(None, [(cache, cache)], 16, 1024)
+    assert isinstance(graphs, CUDADecodeGraphs) and graphs.logits_in_graph == (tp == 1)
+
+
+def test_the_lm_head_after_the_graph_computes_the_requests_rows_only(tiny_dir, monkeypatch):
+    llm = torch_llm(tiny_dir, **{"kv_cache.block_size": 8})
+    prompts = random_prompts([3, 9, 17, 30, 41], seed=5)  # decode batches of 5 (bucket 8) down to 1
+    max_tokens = [15, 4, 9, 2, 3]
+    use_graphs(llm, monkeypatch, on=False)
+    expected = _generate(llm, prompts, max_tokens)
+
+    use_graphs(llm, monkeypatch, on=True, logits_in_graph=False)
+    model, events = llm.executor.model_engine.model, []
+    head, run = model.compute_logits, CUDADecodeGraphs.run
+
+    def spy_head(hidden):
+        events.append(("head", len(hidden)))
+        return head(hidden)
+
+    def spy_run(self, tokens, positions, tables, query_len=1):
+        events.append(("run", len(tokens)))
+        return run(self, tokens, positions, tables)
+
+    monkeypatch.setattr(model, "compute_logits", spy_head)
+    monkeypatch.setattr(CUDADecodeGraphs, "run", spy_run)
+    assert _generate(llm, prompts, max_tokens) == expected
+    steps = [(n, events[i + 1]) for i, (what, n) in enumerate(events) if what == "run"]
+    assert {n for n, _ in steps} >= {5, 3, 1}
+    assert all(after == ("head", n) for n, after in steps)  # an LM head after each step, on its requests' rows
 
 
 def test_padded_decode_steps_match_the_packed_path(tiny_dir, monkeypatch):

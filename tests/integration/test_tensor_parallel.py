@@ -2,8 +2,9 @@
 (logprobs of every sampled and prompt position within 1e-5 in float32, greedy and seeded sampling
 token for token, mixed batches with chunked prefill and prefix reuse), one KV head replicated on
 both ranks (MQA), a draft model on rank 0 beside a TP=2 target, plugins given to `LLM` reaching
-the other ranks, TP=3 on SmolLM2-135M, a closed LLM's ranks gone, and a rank killed or hung
-mid-run: the caller gets an error, no process is left."""
+the other ranks, every rank's decode steps through the CUDA graphs' padded path (run eagerly),
+TP=3 on SmolLM2-135M, a closed LLM's ranks gone, and a rank killed or hung mid-run: the caller
+gets an error, no process is left."""
 
 from __future__ import annotations
 
@@ -53,9 +54,9 @@ def assert_logprobs_close(a, b):
         assert abs(a[token].logprob - b[token].logprob) <= ATOL
 
 
-def greedy_and_logprobs(path, tp: int):
+def greedy_and_logprobs(path, tp: int, **options):
     """The mixed batch's greedy tokens with their top logprobs, and the prompt logprobs of three prompts."""
-    with make_llm(path, tp) as llm:
+    with make_llm(path, tp, **options) as llm:
         mixed = run_mixed(llm, SamplingParams(max_tokens=12, logprobs=5, **GREEDY))
         prompts = random_prompts([6, 50, 23], seed=6)  # (prompt logprobs bypass the prefix cache)
         scored = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=5, **GREEDY), use_tqdm=False)
@@ -130,6 +131,25 @@ def test_plugins_given_to_llm_reach_the_other_ranks(tmp_path_factory, tokenizer_
 
     with pytest.raises(ValueError, match="must be a module, or an object of a class defined at a module's top level"):
         make_llm(tiny, 2, backend="torch", plugins=create_plugin_manager([Local()]))
+
+
+def test_tp2_decode_steps_through_the_cuda_graphs_padded_path_match_tp1(tmp_path, tokenizer_dir, monkeypatch):
+    """Every rank runs its decode steps as the CUDA graphs record them under tensor parallelism (the
+    padded step, here eagerly, then the LM head on the requests' rows), in the same buckets at the
+    same steps; the output is TP=1's."""
+    from framework.plugins.manager import create_plugin_manager
+    from tests.integration import padded_torch_backend
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", tokenizer_dir, seed=5, random_vectors=True)
+    log = tmp_path / "steps"
+    monkeypatch.setenv(padded_torch_backend.LOG, str(log))  # (the ranks inherit it)
+    one = greedy_and_logprobs(path, 1)
+    two = greedy_and_logprobs(path, 2, backend="padded_torch", plugins=create_plugin_manager([padded_torch_backend]))
+    assert_same_greedy_and_logprobs(one, two)
+    steps = [[tuple(map(int, line.split())) for line in (tmp_path / f"steps.{rank}").read_text().splitlines()] for rank in (0, 1)]
+    assert steps[1] == steps[0]
+    assert {b for b, _, _ in steps[0]} >= {8, 4, 1} and len({w for _, w, _ in steps[0]}) >= 2
+    assert any(n < b for b, _, n in steps[0])  # (padding rows)
 
 
 def test_tp3_smollm2_greedy_matches_tp1(smol_dir):
