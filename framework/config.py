@@ -161,6 +161,7 @@ class ReplayConfig:
     router: str = "round_robin"  # round_robin | least_loaded | prefix_affinity | a plugin's router
     out: str | None = None  # folder for replay.json and replay.png; None: the Hydra run (or sweep job) folder
     progress: bool = True  # a progress bar on stderr
+    decode_runs: bool = True  # engine=sim: fold runs of decode steps between events into one pass (speculative=decode_runs)
 
 
 @dataclass

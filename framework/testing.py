@@ -29,6 +29,7 @@ from typing import Callable
 
 import pytest
 
+from framework.drafter.base import Drafter
 from framework.engine.base import ForwardOutput, ModelEngine
 from framework.request import LlmRequest
 from framework.sampling_params import SamplingParams
@@ -257,7 +258,7 @@ class FakeEngine(ModelEngine):
         return expected  # (what every slot read holds)
 
 
-class OracleDrafter:
+class OracleDrafter(Drafter):
     """Proposes, for each decoding request, `right` tokens of the true continuation (`next_token` of
     the context) followed by `wrong` tokens that are not, so every verify step accepts some drafts
     and rolls the others back."""

@@ -39,6 +39,8 @@ def token_prompt(prompt, index: int | None = None) -> tuple[str | None, list[int
         return prompt, None
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"{name} must be a str or a list of int token ids, got {_got(prompt)}{_tolist_hint(prompt)}")
+    if set(map(type, prompt)) == {int} and INT64_MIN <= min(prompt) and max(prompt) <= INT64_MAX:
+        return None, list(prompt)  # (the common case at C speed; the loop below names what is wrong)
     for j, token in enumerate(prompt):
         if not _is_int(token):
             hint = " (a prompt is one flat list of ids)" if isinstance(token, (list, tuple)) else _tolist_hint(token)

@@ -44,6 +44,12 @@ class Decoder(ABC):
     def decode(self, requests: list[LlmRequest], logits) -> DecoderOutput:
         """`logits` is `[len(requests), vocab]` float32, one row per request, in order."""
 
+    def decodes_rows_alone(self, requests: list[LlmRequest]) -> bool:
+        """Whether each of these requests' tokens depends on its logits row alone (no penalty,
+        mask or draw that reads the tokens before it): then a verify step decodes all its rows
+        in one `decode` call instead of one position at a time. Default: no."""
+        return False
+
     def verify(self, requests: list[LlmRequest], logits, drafts: DraftRows) -> DecoderOutput:
         """One position of a verify step: a token per row that equals the row's draft exactly when
         the draft is accepted, drawn so that the tokens follow the target's distribution p (the

@@ -7,3 +7,6 @@ from framework.decoder.base import Decoder, DecoderOutput
 class GreedyDecoder(Decoder):
     def decode(self, requests, logits):
         return DecoderOutput(self.argmax(logits).tolist() if requests else [])
+
+    def decodes_rows_alone(self, requests):
+        return True

@@ -60,6 +60,14 @@ class SamplingDecoder(Decoder):
     def verify(self, requests, logits, drafts):
         return self._choose(requests, logits, drafts)
 
+    def decodes_rows_alone(self, requests):
+        # greedy rows without penalties or a pending min_tokens mask (a subclass opts in itself:
+        # its own processing may read the tokens before a row)
+        return type(self) is SamplingDecoder and all(
+            r.sampling_params.temperature == 0 and not r.sampling_params.has_penalties and len(r.output_token_ids) >= r.sampling_params.min_tokens
+            for r in requests
+        )
+
     def _choose(self, requests, logits, drafts: DraftRows | None) -> DecoderOutput:
         if not requests:
             return DecoderOutput([])
@@ -155,6 +163,8 @@ class SamplingDecoder(Decoder):
 
     def _record(self, requests, tokens) -> None:
         """Count each penalised request's new token now, so the next step need not."""
+        if not any(r.sampling_params.has_penalties for r in requests):
+            return
         for request, token in zip(requests, tokens.tolist()):
             holder = self.request_states.peek(request)
             if holder is not None and holder.penalties is not None:
@@ -191,11 +201,11 @@ def draw(requests, logits, argmax, shared_generator, own_generator) -> tuple[tor
     filtered distribution (the argmax of p / E, E ~ Exp(1) from `exponential_noise`). probs and
     noise are None when every row is greedy."""
     params = [r.sampling_params for r in requests]
+    tokens = argmax(logits)
+    if all(p.temperature == 0 for p in params):
+        return tokens, None, None
     temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
     greedy = temperatures == 0
-    tokens = argmax(logits)
-    if bool(greedy.all()):
-        return tokens, None, None
     probs = filtered_probs(params, logits, temperatures)
     noise = exponential_noise(requests, probs, shared_generator, own_generator)
     return torch.where(greedy, tokens, argmax(probs / noise)), probs, noise

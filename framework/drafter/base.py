@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from framework.request import LlmRequest
+from framework.scheduler.base import decoding
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class DraftContext:
     kv_cache: Any  # the `kv_cache` config group: a drafter's own cache gets its block size and as many tokens
     load_engine: Callable[[str], Any]  # a ModelEngine on another checkpoint (a folder or .gguf), built as the target's
     seed: int = 0  # `model.seed`, for a drafter's shared sampling generator
+    scheduler: Any = None  # the `scheduler` config group: the step's token and batch budgets
 
 
 class Drafter(ABC):
@@ -45,6 +47,13 @@ class Drafter(ABC):
         the drafts were drawn from a distribution q, also set `draft_probs` (a row of q per draft),
         so that sampled requests are verified by the accept/resample rule; without it each draft
         counts as proposed with certainty."""
+
+    def propose_step(self, live: list[LlmRequest], kv_cache) -> None:
+        """The executor's call each step, before scheduling: `live` is every active request (in
+        arrival order), `kv_cache` the KV cache manager as schedulers see it. By default, drafts
+        for the decoding ones; a drafter that must see the whole step (the simulator's decode
+        runs) overrides this."""
+        self.propose(decoding(live))
 
     def observe(self, request: LlmRequest, proposed: int, accepted: int) -> None:
         """A step verified `proposed` of the request's drafts and accepted `accepted` of them."""

@@ -9,3 +9,4 @@ def register_drafters(register):
     register("none", "framework.drafter.base:NoDrafter")
     register("ngram", "framework.drafter.ngram:NgramDrafter", config=NgramConfig)
     register("draft_model", "framework.drafter.draft_model:DraftModelDrafter", config=DraftModelConfig)
+    register("decode_runs", "framework.sim.decode_runs:DecodeRunDrafter")

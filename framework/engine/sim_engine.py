@@ -92,6 +92,11 @@ class SimModelEngine(ModelEngine):
         self.simulated = cost_model.describe()
         self.token_id, self.eos_after, self.sliding_window = token_id, eos_after, sliding_window
         self.narrow = model.vocab_size if full_vocab_logits else token_id + 1
+        # the requests (ids) whose drafts the next forward runs as decode steps, and the steps' seconds
+        self._run: tuple[set[int], list[float]] = (set(), [])
+        # the clock's time at the end of each decode step that the last forward stood for (a
+        # decode run: one per step, which stamps each request's tokens; else empty)
+        self.run_step_ends: list[float] = []
         self._row = torch.full((model.vocab_size,), LOW)
         self._row[token_id] = 0.0
 
@@ -103,9 +108,26 @@ class SimModelEngine(ModelEngine):
             sliding_window=self.sliding_window,
         )
 
+    def expect_run(self, requests, seconds: list[float]) -> None:
+        """The next forward runs these requests' drafts as decode steps, one after another
+        (`framework/sim/decode_runs.py`), instead of verifying them in one step; `seconds`: the
+        steps' predicted durations, if each request verifies all its drafts."""
+        self._run = ({id(r) for r in requests}, seconds)
+
+    def decode_step_seconds(self, starts: list[int], steps: int) -> list[float]:
+        """The predicted seconds of `steps` decode steps, one after another, of requests whose
+        caches hold `starts` tokens before the first."""
+        batch, total = len(starts), sum(starts)
+        return self.cost_model.decode_steps_seconds(batch, range(total + batch, total + batch * (steps + 1), batch))
+
     def forward(self, scheduled, resource_manager):
         sampled: list[tuple] = []  # (request, drafts it verifies)
-        self.clock.advance(self.cost_model.step_seconds(StepShape.of(scheduled, sampled)))
+        shape = StepShape.of(scheduled, sampled)
+        (run, seconds), self._run, self.run_step_ends = self._run, (set(), []), []
+        if run and len(sampled) == len(scheduled) and all(id(r) in run for r in scheduled):
+            self._advance_run(sampled, seconds)
+        else:
+            self.clock.advance(self.cost_model.step_seconds(shape))
         eos_rows, width, rows = [], self.narrow, 0
         for request, drafts in sampled:
             params = request.sampling_params
@@ -122,6 +144,18 @@ class SimModelEngine(ModelEngine):
         for row, eos in eos_rows:
             logits[row, eos] = -LOW  # above the placeholder token, which still wins where a min_tokens mask hides EOS
         return ForwardOutput(logits=logits, sampled=[r for r, _ in sampled], prompt_logits=self._prompt_logits(scheduled))
+
+    def _advance_run(self, sampled, seconds: list[float]) -> None:
+        """Advance the clock over a decode run: step j decodes the requests with more than j
+        rows (all of them, unless a scheduler cut some drafts)."""
+        rows = sorted(((1 + drafts, request.num_computed_tokens) for request, drafts in sampled), reverse=True)
+        if rows[0][0] == rows[-1][0] == len(seconds):  # as planned: every request runs every step
+            self.run_step_ends = self.clock.advance_each(seconds)
+            return
+        for step in range(rows[0][0]):
+            starts = [start + step for n, start in rows if n > step]
+            self.clock.advance(self.decode_step_seconds(starts, 1)[0])
+            self.run_step_ends.append(self.clock.now())
 
     def _reads_vocabulary(self, request) -> bool:
         """Whether the decoder reads token ids of this request's row beyond the narrow width."""

@@ -57,7 +57,7 @@ def build_executor(cfg, plugins, checkpoint_dir, detokenizer=None) -> PyExecutor
     build = Builder(cfg, plugins)
     engine = build.make("model_engine", cfg.model, checkpoint_dir, plugins)
     decoder = build.make("decoder", seed=cfg.model.seed, backend=engine.backend)
-    drafter = build.make("drafter", DraftContext(engine, cfg.kv_cache, build.draft_engine, cfg.model.seed))
+    drafter = build.make("drafter", DraftContext(engine, cfg.kv_cache, build.draft_engine, cfg.model.seed, cfg.scheduler))
     resources = build.resource_manager(
         engine.kv_cache_spec(),
         decoder=decoder.request_states,

@@ -16,7 +16,7 @@ from framework.executor.verify import decode_runs
 from framework.request import FinishReason, LlmRequest, RequestState
 from framework.resources.base import ResourceManager
 from framework.sampling_params import short_repr
-from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler, decoding
+from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler, is_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,9 @@ class PyExecutor(FaultIsolation):
         if n >= max_len:
             return f"the prompt has {n} tokens; the model's maximum length is {max_len} (prompt and output)"
         vocab = self.model_engine.vocab_size
-        bad = [t for t in request.prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        ids = request.prompt_token_ids
+        plain = set(map(type, ids)) == {int} and 0 <= min(ids) and max(ids) < vocab  # (at C speed)
+        bad = [] if plain else [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             return f"prompt token ids must lie in [0, {vocab}); got {short_repr(bad[:5])}"
         params = request.sampling_params
@@ -244,15 +246,15 @@ class PyExecutor(FaultIsolation):
         (less one: the target adds a token of its own). A drafter that raises only costs the drafts."""
         if self.drafter is None:
             return
-        requests = decoding(live)
         try:
-            self.drafter.propose(requests)
+            self.drafter.propose_step(live, self.kv_cache_manager)
         except Exception:
             logger.exception("%s raised; this step verifies no drafts", self.describe("drafter"))
-            for request in requests:
+            for request in live:
                 request.clear_drafts()
-        for request in requests:
-            del request.draft_token_ids[max(0, request.draft_room(self.model_engine.max_model_len)) :]
+        for request in live:  # (only a decoding request verifies drafts)
+            room = request.draft_room(self.model_engine.max_model_len) if is_decoding(request) else 0
+            del request.draft_token_ids[max(0, room) :]
 
     def _run(self, scheduled: list[LlmRequest]) -> list[LlmRequest]:
         """Forward and decode the batch, then update requests and resources; returns the requests
@@ -310,7 +312,9 @@ class PyExecutor(FaultIsolation):
         back over the drafts it did not accept: their cache slots are written again later, and
         no block holding one is ever keyed for prefix reuse."""
         with self._fails_alone("detokenizer", request):
-            for token, token_logprobs in zip(tokens, logprobs):
+            head = len(tokens) - 1 if len(tokens) > 1 and not self._may_stop(request, tokens[:-1]) else 0
+            self._extend(request, tokens[:head], logprobs[:head])
+            for token, token_logprobs in zip(tokens[head:], logprobs[head:]):
                 self._append_token(request, token, token_logprobs)
                 if request.is_finished:
                     break
@@ -319,6 +323,30 @@ class PyExecutor(FaultIsolation):
         request.clear_drafts()
         if proposed:
             self._observe_drafts(request, proposed, len(tokens) - 1)
+
+    def _may_stop(self, request: LlmRequest, tokens: list[int]) -> bool:
+        """Whether appending `tokens` one by one could finish the request or produce text (else
+        they may be appended at once: a long run of accepted drafts)."""
+        params = request.sampling_params
+        if self.detokenizer is not None and params.detokenize:
+            return True
+        n = len(tokens)
+        if len(request.output_token_ids) + n >= params.max_tokens or request.num_tokens + n >= self.model_engine.max_model_len:
+            return True
+        stops = {*params.stop_token_ids, *(() if params.ignore_eos else request.eos_token_ids)}
+        return bool(stops) and not stops.isdisjoint(tokens)
+
+    def _extend(self, request: LlmRequest, tokens: list[int], logprobs: list) -> None:
+        """`_append_token` for tokens that `_may_stop` cleared."""
+        if not tokens:
+            return
+        request.output_token_ids += tokens
+        kept = [lp for lp in logprobs if lp is not None]
+        if kept:
+            request.logprobs = (request.logprobs or []) + kept
+        if request.first_token_time is None:
+            request.first_token_time = self.model_engine.clock.now()
+        request.state = RequestState.GENERATION
 
     def _observe_drafts(self, request: LlmRequest, proposed: int, accepted: int) -> None:
         counters = self.counters

@@ -25,6 +25,8 @@ def decode_runs(decoder, sampled: list[LlmRequest], logits) -> list[tuple[LlmReq
         decoded = decoder.decode(sampled, logits)
         logprobs = decoded.logprobs or [None] * len(sampled)
         return [(r, [t], [lp]) for r, t, lp in zip(sampled, decoded.token_ids, logprobs)]
+    if decoder.decodes_rows_alone(sampled):
+        return _runs_at_once(decoder, sampled, logits, rows)
     first_row = list(accumulate(rows, initial=0))
     runs: list[tuple[list[int], list]] = [([], []) for _ in sampled]
     live = list(range(len(sampled)))
@@ -46,6 +48,21 @@ def decode_runs(decoder, sampled: list[LlmRequest], logits) -> list[tuple[LlmReq
             if len(tokens) > 1:
                 del request.output_token_ids[-(len(tokens) - 1) :]
     return [(r, tokens, logprobs) for r, (tokens, logprobs) in zip(sampled, runs)]
+
+
+def _runs_at_once(decoder, sampled: list[LlmRequest], logits, rows: list[int]) -> list[tuple[LlmRequest, list[int], list]]:
+    """`decode_runs` where each row's token depends on that row alone: every row decoded in one
+    call, each run cut after the first token that is not the next draft."""
+    decoded = decoder.decode([r for r, n in zip(sampled, rows) for _ in range(n)], logits)
+    logprobs = decoded.logprobs or [None] * len(decoded.token_ids)
+    runs, first = [], 0
+    for request, n in zip(sampled, rows):
+        tokens, length = decoded.token_ids[first : first + n], 1
+        while length < n and tokens[length - 1] == request.draft_token_ids[length - 1]:
+            length += 1
+        runs.append((request, tokens[:length], logprobs[first : first + length]))
+        first += n
+    return runs
 
 
 def _drafts_at(position: int, requests: list[LlmRequest]) -> DraftRows:

@@ -10,11 +10,14 @@ clock after the step that made it. With one wall-clock engine this is the usual 
 submit what has arrived, step while there is work, else sleep until the next arrival.
 
 A step starts only before the next arrival, but may end after it: the router then sees that replica
-as its last step left it, at most one step ahead of the arrival.
+as its last step left it, at most one step ahead of the arrival. A virtual clock is told when that
+arrival is due (its horizon), so a simulated engine may fold the steps before it into one
+(`framework/sim/decode_runs.py`); each token is then stamped with the end of its own step.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -107,6 +110,10 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
     replicas = [Replica(i, llm) for i, llm in enumerate(llms)]
     timings = timings_for(requests)
     pending = deque(enumerate(requests))
+    # a router that reads no load routes every request now (the same choices as at each arrival),
+    # so a simulated replica may run on through arrivals that go elsewhere
+    routes = None if router.reads_loads else [router.route(r.prompt_token_ids, [x.load() for x in replicas]) for r in requests]
+    upcoming = [deque(r.arrival for r, to in zip(requests, routes) if to == i) for i in range(len(replicas))] if routes else None
     idle_steps = 0
     with tqdm(total=len(requests), desc="Replaying", unit="req", disable=not progress) as bar:
         while True:
@@ -114,9 +121,16 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
             due = min(busy, key=lambda r: (r.elapsed(), r.index)) if busy else None
             if pending and (due is None or pending[0][1].arrival <= due.elapsed()):
                 index, request = pending.popleft()
-                if not _submit(replicas, router, index, request, timings[index], ttft_slo_ms):
+                if routes:
+                    chosen = replicas[routes[index]]
+                    upcoming[chosen.index].popleft()
+                else:
+                    chosen = replicas[router.route(request.prompt_token_ids, [r.load() for r in replicas])]
+                if not _submit(chosen, index, request, timings[index], ttft_slo_ms):
                     bar.update(1)
             elif due is not None:
+                if isinstance(due.llm.clock, VirtualClock):
+                    due.llm.clock.horizon = due.origin + _next_arrival(due, pending, upcoming)
                 before = due.elapsed()
                 finished, produced = _step(due, timings)
                 bar.update(finished)
@@ -129,14 +143,21 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
     return ReplayResult(timings, run_duration(timings, requests), [r.timeline for r in replicas], _prefix_hit_rate(replicas))
 
 
+def _next_arrival(replica: Replica, pending, upcoming) -> float:
+    """When the next request that may change what `replica` does arrives: the next one routed to
+    it where routes are known ahead (`upcoming`), else the next one; inf: none."""
+    if upcoming is not None:
+        return upcoming[replica.index][0] if upcoming[replica.index] else math.inf
+    return pending[0][1].arrival if pending else math.inf
+
+
 def run_duration(timings: list[RequestTiming], requests: list[ReplayRequest]) -> float:
     """Seconds from the start to the last finish (or the last arrival, if later)."""
     return max([t.finish for t in timings if t.finish is not None] + [r.arrival for r in requests], default=0.0)
 
 
-def _submit(replicas: list[Replica], router: Router, index: int, request: ReplayRequest, timing: RequestTiming, ttft_slo_ms=None) -> bool:
-    """Hand `request` to the replica the router picks; False when the engine refused it."""
-    chosen = replicas[router.route(request.prompt_token_ids, [r.load() for r in replicas])]
+def _submit(chosen: Replica, index: int, request: ReplayRequest, timing: RequestTiming, ttft_slo_ms=None) -> bool:
+    """Hand `request` to the replica the router chose; False when the engine refused it."""
     chosen.llm.clock.sleep_until(chosen.origin + request.arrival)
     params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0, detokenize=False)
     try:
@@ -154,13 +175,18 @@ def _step(replica: Replica, timings: list[RequestTiming]) -> tuple[int, bool]:
     """One step of `replica`: stamp the tokens it made; returns (requests finished, any output)."""
     outputs = replica.llm.step()
     now = replica.elapsed()
+    run_ends = [end - replica.origin for end in getattr(replica.llm.executor.model_engine, "run_step_ends", ())]
     finished = 0
     for out in outputs:
         timing = timings[int(out.request_id)]
-        timing.add_tokens(len(out.outputs[0].token_ids) - timing.output_tokens, now)
+        new = len(out.outputs[0].token_ids) - timing.output_tokens
+        if run_ends:  # a decode run: its n-th token came at the end of its n-th step
+            timing.add_token_times(run_ends[:new])
+        else:
+            timing.add_tokens(new, now)
         if out.finished:
             finished += 1
-            timing.finish = now
+            timing.finish = timing.token_times[-1] if run_ends and timing.token_times else now
             timing.preemptions = out.metrics.get("num_preemptions", 0)
             timing.error = out.error
     replica.record(now)

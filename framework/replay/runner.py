@@ -4,6 +4,7 @@ run's JSON and figure and print its table."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,21 +34,31 @@ def run_replay(cfg, plugins, out_dir: Path, overrides: list[str]) -> dict:
     else:
         llms = build_replicas(cfg, plugins)
         workload = build_workload(rc, prompt_token_ids(llms[0], rc.vocab_size))
+        started = time.perf_counter()
         result = replay(llms, workload.requests, build_router(cfg, plugins), rc.progress, rc.slo.ttft_ms)
         setup = engine_setup(cfg, llms[0])
+        setup.update(wall_seconds=time.perf_counter() - started, steps=sum(llm.executor.num_steps for llm in llms))
     setup["overrides"] = list(overrides)
     statistics = summarize(result.timings, result.duration, rc.slo.ttft_ms, rc.slo.tpot_ms)
     document = report_document(setup, workload.description, result, statistics)
     path = write_report(document, out_dir)
     figure = run_figure(result, figure_title(document), out_dir / FIGURE_NAME)
     print(format_table(document))
+    if setup.get("clock") == "VirtualClock":
+        wall = setup["wall_seconds"]
+        print(f"[framework] simulated {result.duration:.1f} s in {wall:.1f} s of wall time ({result.duration / wall:.1f}x real time, {setup['steps']} steps)")
     print(f"[framework] replay report {path}, figure {figure}")
     return document
 
 
 def build_replicas(cfg, plugins) -> list:
+    from omegaconf import OmegaConf
+
     from framework.api.llm import LLM
 
+    if cfg.replay.decode_runs and cfg.engine.name == "sim" and cfg.speculative.name == "none":
+        budgets = {"num_tokens": cfg.scheduler.max_num_tokens, "max_batch_size": cfg.scheduler.max_batch_size}
+        cfg = OmegaConf.merge(cfg, {"speculative": {"name": "decode_runs", **budgets}})
     first = LLM(config=cfg, plugins=plugins)
     check_clocks([first], cfg.replay.replicas)
     llms = [first] + [LLM(config=cfg, plugins=plugins) for _ in range(cfg.replay.replicas - 1)]  # (`replay` checks them all)

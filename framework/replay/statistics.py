@@ -42,6 +42,12 @@ class RequestTiming:
             self.token_times.append(now)
             self.token_counts.append(count)
 
+    def add_token_times(self, times: list[float]) -> None:
+        """One token at each of `times`."""
+        self.output_tokens += len(times)
+        self.token_times += times
+        self.token_counts += [1] * len(times)
+
     def tokens_per_arrival(self) -> list[float]:
         """Tokens each arrival brought: as counted, else the output spread evenly over the arrivals."""
         if len(self.token_counts) == len(self.token_times):

@@ -130,11 +130,19 @@ class PagedKVCacheManager(KVCacheManager):
         )
 
     # ---- prefix reuse ------------------------------------------------------------------------
-    def _block_hash(self, request: LlmRequest, index: int, parent: tuple | None) -> tuple:
+    def _block_key(self, parent: tuple | None, tokens: list[int]) -> tuple:
         """The key of a full block: its own tokens plus a hash of its parent's key. Lookups compare
         the tokens exactly, so only a collision of the (64-bit) parent hash could alias two blocks."""
+        return (hash(parent), tuple(tokens))
+
+    def _block_keys(self, request: LlmRequest, first: int, end: int, parent: tuple | None):
+        """The keys of the request's blocks `first` .. `end - 1`, chained from `parent` (the key of
+        block `first - 1`), from one read of their tokens."""
         bs = self.block_size
-        return (hash(parent), tuple(request.tokens(index * bs, (index + 1) * bs)))
+        tokens = request.tokens(first * bs, end * bs) if end > first else []
+        for start in range(0, len(tokens), bs):
+            parent = self._block_key(parent, tokens[start : start + bs])
+            yield parent
 
     def _reusable(self, request: LlmRequest) -> list[tuple[tuple, int]]:
         """(key, block) of the cached blocks that could extend the request's table right now: from
@@ -145,14 +153,12 @@ class PagedKVCacheManager(KVCacheManager):
             return []
         table = self.block_tables.get(request.request_id, ())
         keys = self.block_hashes.get(request.request_id, ())
-        found, parent = [], keys[-1] if keys else None
-        for index in range(len(table), (request.num_tokens - 1) // self.block_size):
-            key = self._block_hash(request, index, parent)
+        found = []
+        for key in self._block_keys(request, len(table), (request.num_tokens - 1) // self.block_size, keys[-1] if keys else None):
             block = self.pool.lookup(key)
             if block is None:
                 break
             found.append((key, block))
-            parent = key
         return found
 
     def _reuse_cost(self, request: LlmRequest) -> tuple[int, int]:
@@ -197,11 +203,7 @@ class PagedKVCacheManager(KVCacheManager):
         """Keys of the request's blocks that are full once its first `end` tokens are computed
         and that it has not keyed yet, chained from its last keyed block."""
         hashes = self.block_hashes.get(request.request_id, [])
-        parent, keys = hashes[-1] if hashes else None, []
-        for index in range(len(hashes), end // self.block_size):
-            parent = self._block_hash(request, index, parent)
-            keys.append(parent)
-        return keys
+        return list(self._block_keys(request, len(hashes), end // self.block_size, hashes[-1] if hashes else None))
 
     def _can_reuse_next(self, request: LlmRequest) -> bool:
         """Whether the request may take cached blocks after the ones it holds: it wants no prompt

@@ -27,6 +27,10 @@ class Router(ABC):
     of it). A router must decide deterministically from what it is given and what it saw before,
     so that a seeded simulation repeats exactly."""
 
+    # False where `route` never reads the loads (only how many replicas there are): the driver
+    # then routes each request before its arrival, and simulated replicas run on independently
+    reads_loads: bool = True
+
     @abstractmethod
     def route(self, prompt_token_ids: Sequence[int], replicas: Sequence[ReplicaLoad]) -> int:
         """The index (into `replicas`) of the replica that serves this request."""

@@ -6,6 +6,8 @@ from framework.router.base import Router
 
 
 class RoundRobinRouter(Router):
+    reads_loads = False
+
     def __init__(self, replay_config=None, own_config=None, block_size: int = 16):
         self._next = 0
 

@@ -16,6 +16,12 @@ class CostModel(ABC):
     def step_seconds(self, shape: StepShape) -> float:
         """The duration of one whole engine step of this shape (scheduling, forward, decoding)."""
 
+    def decode_steps_seconds(self, batch: int, contexts) -> list[float]:
+        """The durations of decode steps of `batch` requests (a token each) whose caches hold
+        `contexts[j]` tokens in all at step j (each token attends its whole context): what
+        `step_seconds` gives each, computed at once (a model with a faster way overrides this)."""
+        return [self.step_seconds(StepShape(batch, batch, int(c), int(c), batch)) for c in contexts]
+
     @abstractmethod
     def describe(self) -> str:
         """One line for logs and reports: where the figures come from."""

@@ -38,6 +38,14 @@ class FittedCostModel(CostModel):
         a, c, s = self.per_term
         return max(0.0, f + a * shape.attended + c * shape.context + s * shape.sampled)
 
+    def decode_steps_seconds(self, batch, contexts):
+        # `step_seconds` term by term in the same order, so the same floats
+        i, w = segment(batch, self.knots)
+        f = self.at_knots[i] if w == 0.0 else (1.0 - w) * self.at_knots[i] + w * self.at_knots[i + 1]
+        a, c, s = self.per_term
+        contexts = np.asarray(contexts, dtype=np.int64)
+        return np.maximum(0.0, f + a * contexts + c * contexts + s * batch).tolist()
+
     def describe(self) -> str:
         return f"step times fitted to {self.source} ({len(self.knots)} knots up to {self.knots[-1]} tokens)"
 

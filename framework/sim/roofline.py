@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from framework.sim.cost_model import CostModel
 from framework.sim.hardware import Hardware
 from framework.sim.model_shape import ModelShape
@@ -29,18 +31,31 @@ class RooflineCostModel(CostModel):
     is_prediction = True
 
     def step_seconds(self, shape: StepShape) -> float:
-        m, b = self.model_shape, self.bytes_per_value
-        flops_rate = self.hardware.peak_flops * self.hardware.flops_efficiency
-        byte_rate = self.hardware.memory_bandwidth * self.hardware.bandwidth_efficiency
-
-        def part(flops: float, bytes_moved: float) -> float:
-            return max(flops / flops_rate, bytes_moved / byte_rate)
-
-        seconds = part(m.layer_flops(shape.tokens), m.layer_weights * b)
-        if shape.sampled:
-            seconds += part(m.lm_head_flops(shape.sampled), m.lm_head_weights * b)
-        seconds += part(m.attention_flops(shape.attended), m.kv_values_per_token * b * shape.context)
+        seconds = self._weights_seconds(shape.tokens, shape.sampled) + self._attention_seconds(shape.attended, shape.context)
         return seconds + self.hardware.step_overhead
+
+    def decode_steps_seconds(self, batch, contexts):
+        contexts = np.asarray(contexts, dtype=np.int64)  # (`step_seconds`'s terms in its order: the same floats)
+        seconds = self._weights_seconds(batch, batch) + self._attention_seconds(contexts, contexts, np.maximum)
+        return (seconds + self.hardware.step_overhead).tolist()
+
+    def _rates(self) -> tuple[float, float]:
+        h = self.hardware
+        return h.peak_flops * h.flops_efficiency, h.memory_bandwidth * h.bandwidth_efficiency
+
+    def _weights_seconds(self, tokens: int, sampled: int) -> float:
+        """The decoder layers' linear layers and the LM head."""
+        m, b = self.model_shape, self.bytes_per_value
+        flops_rate, byte_rate = self._rates()
+        seconds = max(m.layer_flops(tokens) / flops_rate, m.layer_weights * b / byte_rate)
+        if sampled:
+            seconds += max(m.lm_head_flops(sampled) / flops_rate, m.lm_head_weights * b / byte_rate)
+        return seconds
+
+    def _attention_seconds(self, attended, context, maximum=max):
+        m, b = self.model_shape, self.bytes_per_value
+        flops_rate, byte_rate = self._rates()
+        return maximum(m.attention_flops(attended) / flops_rate, m.kv_values_per_token * b * context / byte_rate)
 
     def describe(self) -> str:
         h = self.hardware

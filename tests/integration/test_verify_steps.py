@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 
 from framework import LLM, SamplingParams
+from framework.drafter.base import Drafter
 from tests.conftest import TINY_VOCAB, random_prompts
 
 PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-class Oracle:
+class Oracle(Drafter):
     """Proposes up to `k` tokens of the known greedy continuation, or each of them plus one."""
 
     def __init__(self, truth: dict[tuple, list[int]], k: int, wrong: bool = False):

@@ -138,8 +138,8 @@ def test_a_cache_that_keeps_blocks_fails():
 
 def test_a_cache_that_reuses_the_wrong_prefix_fails():
     class KeysIgnoreTokens(PagedKVCacheManager):
-        def _block_hash(self, request, index, parent):  # every request's first block looks alike
-            return (hash(parent), index)
+        def _block_key(self, parent, tokens):  # every request's first block looks alike
+            return (hash(parent),)
 
     with pytest.raises(AssertionError, match="holds token .* the block table points at a block holding other tokens"):
         conformance.check_kv_cache_manager.cases["tight_budgets"](KeysIgnoreTokens, None)
