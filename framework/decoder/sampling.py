@@ -71,6 +71,9 @@ class SamplingDecoder(Decoder):
     def _choose(self, requests, logits, drafts: DraftRows | None) -> DecoderOutput:
         if not requests:
             return DecoderOutput([])
+        distinct = list({id(r): r for r in requests}.values())  # (all rows at once repeat each request)
+        if drafts is None and self.decodes_rows_alone(distinct) and all(r.sampling_params.logprobs is None for r in distinct):
+            return DecoderOutput(self.argmax(logits).tolist())  # plain greedy rows: nothing to process or draw
         params = [r.sampling_params for r in requests]
         raw = logits  # the unmodified distribution, for logprobs
         logits = self.processed_logits(requests, logits)
