@@ -63,6 +63,7 @@ class LlmRequest:
     logprobs: list | None = None  # per generated token, when asked for
     prompt_logprobs: list | None = None  # per prompt token, when asked for
     follows: "LlmRequest | None" = None  # n > 1: siblings wait until the first one has its prompt cached
+    validated: bool = False  # the executor's `validate` found nothing wrong (a prompt and its settings never change)
 
     @property
     def prompt_len(self) -> int:

@@ -118,7 +118,15 @@ class PyExecutor(FaultIsolation):
         return queued + len(self._waiting) + self._incoming.qsize()
 
     def validate(self, request: LlmRequest) -> str | None:
-        """Why `request` cannot run, or None."""
+        """Why `request` cannot run, or None (remembered: the LLM front end asks before it
+        enqueues, the loop again for whatever else enqueued it)."""
+        if not request.validated:
+            error = self._why_invalid(request)
+            request.validated = error is None
+            return error
+        return None
+
+    def _why_invalid(self, request: LlmRequest) -> str | None:
         n = request.prompt_len
         if n == 0:
             return "the prompt is empty"

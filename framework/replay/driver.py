@@ -112,7 +112,8 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
     pending = deque(enumerate(requests))
     # a router that reads no load routes every request now (the same choices as at each arrival),
     # so a simulated replica may run on through arrivals that go elsewhere
-    routes = None if router.reads_loads else [router.route(r.prompt_token_ids, [x.load() for x in replicas]) for r in requests]
+    loads = [r.load() for r in replicas]
+    routes = None if router.reads_loads else [router.route(r.prompt_token_ids, loads) for r in requests]
     upcoming = [deque(r.arrival for r, to in zip(requests, routes) if to == i) for i in range(len(replicas))] if routes else None
     idle_steps = 0
     with tqdm(total=len(requests), desc="Replaying", unit="req", disable=not progress) as bar:

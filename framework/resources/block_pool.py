@@ -48,6 +48,22 @@ class BlockPool:
         self.ref_counts[block] = 1
         return block
 
+    def allocate_many(self, n: int) -> list[int]:
+        """`n` blocks, as `n` calls of `allocate` give them (free ones first, then evicted ones),
+        or none and NoFreeBlocksError."""
+        if n > self.num_free_blocks:
+            raise NoFreeBlocksError(f"{n} KV blocks asked for, {self.num_free_blocks} free")
+        free = self.free
+        blocks = [free.popleft() for _ in range(min(n, len(free)))]
+        for _ in range(n - len(blocks)):
+            block = self.evictable.pop()
+            del self.cached[self.block_hash[block]]
+            self.block_hash[block] = None
+            blocks.append(block)
+        for block in blocks:
+            self.ref_counts[block] = 1
+        return blocks
+
     def lookup(self, block_hash) -> int | None:
         return self.cached.get(block_hash)
 

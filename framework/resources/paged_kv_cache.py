@@ -49,6 +49,7 @@ class PagedKVCacheManager(KVCacheManager):
         self.kv_caches = [(_zeros(shape, spec), _zeros(shape, spec)) for _ in range(spec.num_layers)]
         self.block_tables: dict[str, list[int]] = {}
         self.block_hashes: dict[str, list[tuple]] = {}  # keys of each request's full blocks, in order
+        self._planned_keys: dict[str, tuple[int, list[tuple]]] = {}  # this step's, from `defer`
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -190,9 +191,11 @@ class PagedKVCacheManager(KVCacheManager):
             return []
         computed_now: set[tuple] = set()
         duplicates = []
+        self._planned_keys = {}
         for chunk in plan:
             request = chunk.request
             keys = self._new_block_keys(request, request.num_computed_tokens + chunk.num_tokens)
+            self._planned_keys[request.request_id] = (request.num_computed_tokens + chunk.num_tokens, keys)
             if keys and keys[0] in computed_now and self._can_reuse_next(request):
                 duplicates.append(request)
             else:
@@ -224,18 +227,20 @@ class PagedKVCacheManager(KVCacheManager):
     def prepare_resources(self, scheduled):
         for request in scheduled:
             table = self.block_tables.setdefault(request.request_id, [])
-            for _ in range(self.blocks_needed(request, request.num_scheduled_tokens)):
-                table.append(self.pool.allocate())
+            table += self.pool.allocate_many(self.blocks_needed(request, request.num_scheduled_tokens))
 
     def update_resources(self, scheduled):
         if not self.enable_prefix_caching:
             return
+        # the keys `defer` computed for this step's plan, still right where the step computed it all
+        planned, self._planned_keys = self._planned_keys, {}
         for request in scheduled:
             table = self.block_tables.get(request.request_id)
             if table is None:
                 continue
             hashes = self.block_hashes.setdefault(request.request_id, [])
-            for key in self._new_block_keys(request, request.num_computed_tokens):
+            end, keys = planned.get(request.request_id, (None, None))
+            for key in keys if end == request.num_computed_tokens else self._new_block_keys(request, request.num_computed_tokens):
                 self.pool.commit(table[len(hashes)], key)
                 hashes.append(key)
 

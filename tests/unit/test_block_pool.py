@@ -172,3 +172,32 @@ def test_forget_cached_turns_evictable_blocks_into_free_ones():
     assert pool.forget_cached() == 1
     assert list(pool.free) == [3, c, a] and not pool.evictable
     assert pool.lookup("ka") is None and pool.lookup("kb") == b  # a held block keeps its content
+
+
+def _pool_with_cached_blocks() -> BlockPool:
+    """6 blocks: 0-1 free, 2-4 cached and unreferenced (released 4, 2, 3), 5 in use."""
+    pool = BlockPool(6)
+    blocks = [pool.allocate() for _ in range(6)]
+    for block in (2, 3, 4):
+        pool.commit(block, ("key", block))
+    for block in (4, 2, 3, 0, 1):
+        pool.release(block)
+    assert blocks == list(range(6)) and pool.num_free_blocks == 5
+    return pool
+
+
+def test_allocate_many_gives_what_as_many_allocate_calls_give():
+    one_by_one, at_once = _pool_with_cached_blocks(), _pool_with_cached_blocks()
+    expected = [one_by_one.allocate() for _ in range(4)]
+    assert at_once.allocate_many(4) == expected == [0, 1, 4, 2]  # free first, then the least recently released
+    assert (at_once.ref_counts, at_once.block_hash, at_once.cached, list(at_once.free), list(at_once.evictable)) == (
+        one_by_one.ref_counts, one_by_one.block_hash, one_by_one.cached, list(one_by_one.free), list(one_by_one.evictable)
+    )
+    assert at_once.allocate_many(0) == []
+
+
+def test_allocate_many_beyond_the_free_blocks_raises_and_takes_none():
+    pool = _pool_with_cached_blocks()
+    with pytest.raises(NoFreeBlocksError, match="6 KV blocks asked for, 5 free"):
+        pool.allocate_many(6)
+    assert pool.num_free_blocks == 5 and pool.ref_counts == [0, 0, 0, 0, 0, 1]
