@@ -1,7 +1,8 @@
 """Runs of decode steps folded into one scheduler pass (`speculative=decode_runs`): a replay on the
 sim engine times every request exactly as stepping one step at a time does (the same floats, not
 close ones), in fewer steps, whatever stops a run: an arrival, a finish, the token budget, a pool
-short of blocks (with preemptions), a scheduler that grants no drafts, EOS."""
+short of blocks (with preemptions), a scheduler that grants no drafts, EOS; under every built-in
+capacity policy."""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ CASES = {
     "a small token budget": {"max_num_tokens": 24},
     "a short pool that preempts": {"kv_cache.max_tokens": 512, "kv_cache.block_size": 4, "scheduler.capacity": "max_utilization"},
     "a scheduler that grants no drafts": {"scheduler.micro_batch": "equal_progress"},
+    "shortest job first": {"scheduler.capacity": "sjf"},
+    "fair shares": {"scheduler.capacity": "fair"},
+    "static batches": {"scheduler.capacity": "static_batch"},
 }
 
 
