@@ -52,7 +52,7 @@ def choose_backend(engine_config, registry, device, dtype, head_dim: int, varian
 def _lacks(cls, device, dtype, head_dim: int, variants) -> str | None:
     """Why `cls` cannot run the model here, or None when it can."""
     if not cls.supports(device, dtype, head_dim):
-        return "does not support it here"
+        return "does not run this device, dtype or head size"
     missing = sorted(set(variants) - cls.attention_variants)
     return f"lacks {', '.join(missing)} attention" if missing else None
 
@@ -78,9 +78,8 @@ def _named(name: str, registry, device, dtype, head_dim: int, variants):
     cls = _load(entry)
     reason = _lacks(cls, device, dtype, head_dim, variants)
     if reason is not None:
-        wanted = _describe(device, dtype, head_dim, variants)
-        reason = f"does not support {wanted} here" if reason.startswith("does not") else f"{reason} ({wanted})"
         raise ValueError(
-            f"backend {name!r} ({entry.provider}) {reason}; use engine.backend=auto or one of: {registry.describe()}"
+            f"backend {name!r} ({entry.provider}) {reason} ({_describe(device, dtype, head_dim, variants)}); "
+            f"use engine.backend=auto or one of: {registry.describe()}"
         )
     return entry, cls
