@@ -51,7 +51,7 @@ def test_auto_passes_it_over_where_it_does_not_apply(plugins):
     assert not CPUKernelsBackend.supports(CPU, torch.float32, 48)  # no attention kernel for this head size
     assert not CPUKernelsBackend.supports(torch.device("cuda"), torch.float32, 64)
     assert isinstance(choose(plugins, "auto", dtype=torch.float16), TorchBackend)
-    with pytest.raises(ValueError, match="does not support cpu / float16"):
+    with pytest.raises(ValueError, match=r"does not run this device, dtype or head size \(cpu / float16"):
         choose(plugins, "cpu_kernels", dtype=torch.float16)
 
 
