@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from framework.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, short_repr
+from framework.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, plain_ints_within, short_repr
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -39,8 +39,8 @@ def token_prompt(prompt, index: int | None = None) -> tuple[str | None, list[int
         return prompt, None
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"{name} must be a str or a list of int token ids, got {_got(prompt)}{_tolist_hint(prompt)}")
-    if set(map(type, prompt)) == {int} and INT64_MIN <= min(prompt) and max(prompt) <= INT64_MAX:
-        return None, list(prompt)  # (the common case at C speed; the loop below names what is wrong)
+    if plain_ints_within(prompt, INT64_MIN, INT64_MAX):
+        return None, list(prompt)
     for j, token in enumerate(prompt):
         if not _is_int(token):
             hint = " (a prompt is one flat list of ids)" if isinstance(token, (list, tuple)) else _tolist_hint(token)

@@ -148,14 +148,11 @@ class SimModelEngine(ModelEngine):
     def _advance_run(self, sampled, seconds: list[float]) -> None:
         """Advance the clock over a decode run: step j decodes the requests with more than j
         rows (all of them, unless a scheduler cut some drafts)."""
-        rows = sorted(((1 + drafts, request.num_computed_tokens) for request, drafts in sampled), reverse=True)
-        if rows[0][0] == rows[-1][0] == len(seconds):  # as planned: every request runs every step
-            self.run_step_ends = self.clock.advance_each(seconds)
-            return
-        for step in range(rows[0][0]):
-            starts = [start + step for n, start in rows if n > step]
-            self.clock.advance(self.decode_step_seconds(starts, 1)[0])
-            self.run_step_ends.append(self.clock.now())
+        rows = [(1 + drafts, request.num_computed_tokens) for request, drafts in sampled]
+        longest = max(n for n, _ in rows)
+        if not all(n == longest == len(seconds) for n, _ in rows):  # not as planned: price each step
+            seconds = [self.decode_step_seconds([start + step for n, start in rows if n > step], 1)[0] for step in range(longest)]
+        self.run_step_ends = self.clock.advance_each(seconds)
 
     def _reads_vocabulary(self, request) -> bool:
         """Whether the decoder reads token ids of this request's row beyond the narrow width."""

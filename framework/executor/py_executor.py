@@ -15,7 +15,7 @@ from framework.executor.faults import ComponentFault, FaultIsolation
 from framework.executor.verify import decode_runs
 from framework.request import FinishReason, LlmRequest, RequestState
 from framework.resources.base import ResourceManager
-from framework.sampling_params import short_repr
+from framework.sampling_params import plain_ints_within, short_repr
 from framework.scheduler.base import CapacityScheduler, MicroBatchScheduler, is_decoding
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,7 @@ class PyExecutor(FaultIsolation):
             return f"the prompt has {n} tokens; the model's maximum length is {max_len} (prompt and output)"
         vocab = self.model_engine.vocab_size
         ids = request.prompt_token_ids
-        plain = set(map(type, ids)) == {int} and 0 <= min(ids) and max(ids) < vocab  # (at C speed)
-        bad = [] if plain else [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [] if plain_ints_within(ids, 0, vocab - 1) else [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             return f"prompt token ids must lie in [0, {vocab}); got {short_repr(bad[:5])}"
         params = request.sampling_params

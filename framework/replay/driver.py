@@ -112,8 +112,7 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
     pending = deque(enumerate(requests))
     # a router that reads no load routes every request now (the same choices as at each arrival),
     # so a simulated replica may run on through arrivals that go elsewhere
-    loads = [r.load() for r in replicas]
-    routes = None if router.reads_loads else [router.route(r.prompt_token_ids, loads) for r in requests]
+    routes = None if router.reads_loads else _routes_ahead(router, requests, replicas)
     upcoming = [deque(r.arrival for r, to in zip(requests, routes) if to == i) for i in range(len(replicas))] if routes else None
     idle_steps = 0
     with tqdm(total=len(requests), desc="Replaying", unit="req", disable=not progress) as bar:
@@ -142,6 +141,12 @@ def replay(llms, requests: list[ReplayRequest], router: Router, progress: bool =
             else:
                 break
     return ReplayResult(timings, run_duration(timings, requests), [r.timeline for r in replicas], _prefix_hit_rate(replicas))
+
+
+def _routes_ahead(router: Router, requests: list[ReplayRequest], replicas: list[Replica]) -> list[int]:
+    """The replica of every request, from a router that reads no load (given the loads at the start)."""
+    loads = [r.load() for r in replicas]
+    return [router.route(r.prompt_token_ids, loads) for r in requests]
 
 
 def _next_arrival(replica: Replica, pending, upcoming) -> float:

@@ -40,12 +40,17 @@ class BlockPool:
         if self.free:
             block = self.free.popleft()
         elif self.evictable:
-            block = self.evictable.pop()
-            del self.cached[self.block_hash[block]]
-            self.block_hash[block] = None
+            block = self._evict()
         else:
             raise NoFreeBlocksError("no free KV blocks")
         self.ref_counts[block] = 1
+        return block
+
+    def _evict(self) -> int:
+        """The next evictable block, its cached content forgotten."""
+        block = self.evictable.pop()
+        del self.cached[self.block_hash[block]]
+        self.block_hash[block] = None
         return block
 
     def allocate_many(self, n: int) -> list[int]:
@@ -55,11 +60,7 @@ class BlockPool:
             raise NoFreeBlocksError(f"{n} KV blocks asked for, {self.num_free_blocks} free")
         free = self.free
         blocks = [free.popleft() for _ in range(min(n, len(free)))]
-        for _ in range(n - len(blocks)):
-            block = self.evictable.pop()
-            del self.cached[self.block_hash[block]]
-            self.block_hash[block] = None
-            blocks.append(block)
+        blocks += [self._evict() for _ in range(n - len(blocks))]
         for block in blocks:
             self.ref_counts[block] = 1
         return blocks
