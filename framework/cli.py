@@ -204,7 +204,10 @@ def _replay(cfg, plugins) -> None:
 def _profile(cfg, llm, started: float) -> None:
     from framework.sim.profiler import profile_steps
 
-    profile = profile_steps(llm, cfg.profile, progress=lambda line: print(f"[profile] {line}", flush=True))
+    from framework.sim.validation import format_validation, validate
+
+    progress = lambda line: print(f"[profile] {line}", flush=True)  # noqa: E731
+    profile = profile_steps(llm, cfg.profile, progress)
     profile.save(cfg.profile.out)
     fit, held_out = profile.errors["fit"], profile.errors["held_out"]
     print(
@@ -212,6 +215,12 @@ def _profile(cfg, llm, started: float) -> None:
         f"off by {fit['mean']:.1%} on average (at most {fit['max']:.1%}), by {held_out.get('mean', 0):.1%} "
         f"(at most {held_out.get('max', 0):.1%}) on each step left out of the fit; wrote {cfg.profile.out}"
     )
+    capacity = profile.setup.get("serving", {}).get("capacity", 0.0)
+    validation = validate(llm, cfg.profile, capacity, cfg.profile.out, progress)
+    if validation:
+        profile.setup["validation"] = validation
+        profile.save(cfg.profile.out)
+        print(format_validation(validation))
 
 
 def main() -> None:

@@ -180,6 +180,7 @@ class ProfileConfig:
     repeats: int = 3  # timed steps per shape
     serving_requests: int = 100  # then the engine serves this many of `replay`'s requests, every step timed (0: the grid only)
     serving_loads: list[float] = field(default_factory=lambda: [0.5, 0.9])  # arrival rates, as fractions of the capacity a burst measured
+    validate_loads: list[float] = field(default_factory=list)  # then real against simulated at these fractions of the capacity (another seed)
     seed: int = 0  # the grid's prompt tokens and the serving runs' workload
 
 
