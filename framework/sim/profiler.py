@@ -74,7 +74,7 @@ class StepProfiler:
         self.checkpoint = checkpoint.name
         hf_config = load_hf_config(checkpoint)
         self.model_shape = ModelShape.of(hf_config)
-        self.real, self.timed = real, _Recording(real)
+        self.real, self.recording = real, _Recording(real)
         self.first_token = first_plain_token(checkpoint, hf_config)
         self.setup = SimModelEngine.of(
             model=self.model_shape, max_model_len=real.max_model_len, dtype=real.dtype, memory_bytes=0,
@@ -103,7 +103,7 @@ class StepProfiler:
                 decode_steps = self._mixed_tokens()
                 needs = Needs(batch + 1, batch + n, context + decode_steps, batch * (context + decode_steps) + n + 1)
                 self._point(f"decode batch {batch} at {context} tokens + a {n}-token chunk", needs, self._mixed, batch, context, n)
-        served, serving = serving_samples(self.llm, s, self._timed, self.executor.reset_prefix_cache, self.progress)
+        served, serving = serving_samples(self.llm, s, self.timed, self.executor.reset_prefix_cache, self.progress)
         self.samples += served
         if not self.samples:
             raise ValueError("no profile shape fits this engine's budgets and KV cache (see the skipped shapes above)")
@@ -203,20 +203,20 @@ class StepProfiler:
 
     def _timed_step(self) -> tuple[StepShape | None, float]:
         """One step of the real engine: the shape it computed (None: it computed nothing) and its seconds."""
-        shape, seconds, _ = self._timed(self.executor.step)
+        shape, seconds, _ = self.timed(self.executor.step)
         return shape, seconds
 
-    def _timed(self, step: Callable) -> tuple[StepShape | None, float, object]:
+    def timed(self, step: Callable) -> tuple[StepShape | None, float, object]:
         """Run `step` (one step of the executor, or of the LLM around it) on the real engine:
         the shape it computed, its seconds and what it returned."""
-        self.executor.model_engine, self.timed.shape = self.timed, None
+        self.executor.model_engine, self.recording.shape = self.recording, None
         try:
             started = time.perf_counter()
             result = step()
             seconds = time.perf_counter() - started
         finally:
             self.executor.model_engine = self.real
-        return self.timed.shape, seconds, result
+        return self.recording.shape, seconds, result
 
     def _untimed_until(self, done: Callable[[], bool], max_steps: int = 1_000_000) -> None:
         self.executor.model_engine = self.setup

@@ -26,7 +26,7 @@ from framework.sim.step_shape import StepShape
 Sample = tuple[StepShape, float]
 
 
-class _TimedSteps:
+class TimedSteps:
     """The LLM as the replay driver sees it, with each step that computed something timed."""
 
     def __init__(self, llm, timed_step: Callable):
@@ -58,7 +58,7 @@ def serving_samples(llm, settings, timed_step: Callable, reset: Callable[[], Non
 
     def run(arrivals: np.ndarray) -> tuple[int, float, int]:
         reset()
-        timed = _TimedSteps(llm, timed_step)
+        timed = TimedSteps(llm, timed_step)
         timed_requests = [replace(r, arrival=t) for r, t in zip(requests, arrivals.tolist())]
         result = replay([timed], timed_requests, RoundRobinRouter(), progress=False)
         samples.extend(timed.samples)
