@@ -1,8 +1,9 @@
 """`profile.validate_loads`: the profile checks itself against the real engine.
 
 Once the cost model is fitted, the real engine serves a workload the fit never saw (the `replay`
-config's requests drawn with seed `profile.seed + 1`, Poisson arrivals at each load, a fraction of
-the capacity the serving runs measured), and then a simulated engine on the fitted model serves
+config's requests after the serving runs' first `profile.serving_requests`, drawn with seed
+`profile.seed + 1`: a trace's next requests; Poisson arrivals at each load, a fraction of the
+capacity the serving runs measured), and then a simulated engine on the fitted model serves
 the same requests at the same arrivals, with the same schedulers and KV cache settings. Both run
 in one process minutes apart, so the comparison sees the machine at one speed: on a VM whose speed
 wanders between processes this is the only comparison that measures the cost model rather than
@@ -72,9 +73,12 @@ def validate(llm, settings, capacity: float, profile_path: str, progress=lambda 
         return []
     if capacity <= 0:
         raise ValueError("profile.validate_loads are fractions of the capacity the serving runs measure; set profile.serving_requests > 0")
-    seed = settings.seed + 1
-    workload_config = OmegaConf.merge(llm.config.replay, {"num_requests": settings.serving_requests, "seed": seed})
-    requests = build_workload(workload_config, prompt_token_ids(llm, workload_config.vocab_size)).requests
+    seed, n = settings.seed + 1, settings.serving_requests
+    # the workload's requests after the first n, which a trace gives the serving runs too
+    workload_config = OmegaConf.merge(llm.config.replay, {"num_requests": 2 * n, "seed": seed})
+    requests = build_workload(workload_config, prompt_token_ids(llm, workload_config.vocab_size)).requests[n:]
+    if not requests:
+        raise ValueError(f"profile.validate_loads replays the workload's requests after the serving runs' first {n}; it has no more")
     timed_step = StepProfiler(llm, settings).timed
     twin = simulated_twin(llm, profile_path)
     sim_engine = twin.executor.model_engine
@@ -102,7 +106,7 @@ def validate(llm, settings, capacity: float, profile_path: str, progress=lambda 
 def _served(llm, requests) -> dict:
     llm.executor.reset_prefix_cache()
     result = replay([llm], requests, RoundRobinRouter(), progress=False)
-    return summarize(result.timings, result.duration)
+    return {**summarize(result.timings, result.duration), "prefix_hit_rate": result.prefix_hit_rate}
 
 
 def step_error(model: CostModel, samples) -> dict:
@@ -124,7 +128,8 @@ def comparison(load: float, rate: float, real: dict, simulated: dict, rescaled: 
                 "simulated": simulated[metric][stat], "error": _error(value, simulated[metric][stat]),
                 "rescaled": rescaled[metric][stat], "rescaled_error": _error(value, rescaled[metric][stat]),
             }
-    row["preemptions"] = {"real": real["preemptions"], "simulated": simulated["preemptions"], "rescaled": rescaled["preemptions"]}
+    for counted in ("preemptions", "prefix_hit_rate"):
+        row[counted] = {"real": real.get(counted), "simulated": simulated.get(counted), "rescaled": rescaled.get(counted)}
     return row
 
 
@@ -148,14 +153,14 @@ def format_validation(rows: list[dict]) -> str:
     """Two tables, real / simulated (error) per cell: as simulated, and at the real steps' speed."""
     return "\n".join([
         "real / simulated (error of the simulation):",
-        _table(rows, "simulated", "error", "simulated", with_steps=True),
+        _table(rows, "simulated", "error", with_steps=True),
         "the same, each real run's steps priced at the speed they ran (the model's times scaled by real over priced):",
-        _table(rows, "rescaled", "rescaled_error", "rescaled", with_steps=False),
+        _table(rows, "rescaled", "rescaled_error", with_steps=False),
     ])
 
 
-def _table(rows: list[dict], value: str, error: str, preempted: str, with_steps: bool) -> str:
-    header = ["load", *(f"{metric.removesuffix('_ms').upper()} {stat} ms" for metric in COMPARED for stat in STATS), "preemptions"]
+def _table(rows: list[dict], value: str, error: str, with_steps: bool) -> str:
+    header = ["load", *(f"{metric.removesuffix('_ms').upper()} {stat} ms" for metric in COMPARED for stat in STATS), "preemptions", "prefix hits"]
     header += ["steps priced"] if with_steps else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -164,12 +169,18 @@ def _table(rows: list[dict], value: str, error: str, preempted: str, with_steps:
             pair = row[key]
             off = f" ({pair[error]:+.0%})" if pair[error] is not None else ""
             cells.append(f"{_number(pair['real'])} / {_number(pair[value])}{off}")
-        cells.append(f"{row['preemptions']['real']} / {row['preemptions'][preempted]}")
+        cells.append(f"{row['preemptions']['real']} / {row['preemptions'][value]}")
+        hits = row["prefix_hit_rate"]
+        cells.append(f"{_percent(hits['real'])} / {_percent(hits[value])}")
         if with_steps:
             steps = row["steps"]
             cells.append(f"{steps['error']:+.0%} of {steps['count']}" if steps["error"] is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _number(value: float | None) -> str:

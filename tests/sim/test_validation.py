@@ -59,6 +59,8 @@ def test_each_load_compares_real_and_simulated_on_the_same_requests(profiled):
             assert pair["error"] == pytest.approx(pair["simulated"] / pair["real"] - 1)
             assert pair["rescaled_error"] == pytest.approx(pair["rescaled"] / pair["real"] - 1)
         assert row["preemptions"] == {"real": 0, "simulated": 0, "rescaled": 0}
+        hits = row["prefix_hit_rate"]  # random prompts share no block
+        assert hits == {"real": 0.0, "simulated": 0.0, "rescaled": 0.0}
         steps = row["steps"]  # every step of the real run that computed something: 6 x 5 tokens sampled at least once each
         assert steps["count"] >= 5 and steps["real_s"] > 0 and steps["error"] == pytest.approx(steps["priced_s"] / steps["real_s"] - 1)
         # the rescaled twin's steps take real/priced times as long: its requests finish later exactly when that is above 1
@@ -88,9 +90,9 @@ def test_validation_needs_the_capacity_of_serving_runs(profiled):
 
 
 def test_errors_and_the_tables_by_hand():
-    real = {"ttft_ms": {"mean": 100.0, "p90": 200.0}, "tpot_ms": {"mean": 20.0, "p90": 25.0}, "e2e_ms": {"mean": 1000.0, "p90": None}, "preemptions": 2, "requests": 10}
-    simulated = {"ttft_ms": {"mean": 110.0, "p90": 150.0}, "tpot_ms": {"mean": 19.0, "p90": 25.0}, "e2e_ms": {"mean": 1200.0, "p90": 900.0}, "preemptions": 3}
-    rescaled = {"ttft_ms": {"mean": 99.0, "p90": 210.0}, "tpot_ms": {"mean": 20.0, "p90": 26.0}, "e2e_ms": {"mean": 1000.0, "p90": 950.0}, "preemptions": 2}
+    real = {"ttft_ms": {"mean": 100.0, "p90": 200.0}, "tpot_ms": {"mean": 20.0, "p90": 25.0}, "e2e_ms": {"mean": 1000.0, "p90": None}, "preemptions": 2, "requests": 10, "prefix_hit_rate": 0.25}
+    simulated = {"ttft_ms": {"mean": 110.0, "p90": 150.0}, "tpot_ms": {"mean": 19.0, "p90": 25.0}, "e2e_ms": {"mean": 1200.0, "p90": 900.0}, "preemptions": 3, "prefix_hit_rate": 0.25}
+    rescaled = {"ttft_ms": {"mean": 99.0, "p90": 210.0}, "tpot_ms": {"mean": 20.0, "p90": 26.0}, "e2e_ms": {"mean": 1000.0, "p90": 950.0}, "preemptions": 2, "prefix_hit_rate": None}
     steps = {"count": 40, "real_s": 2.0, "priced_s": 1.6, "error": -0.2}
     row = comparison(0.6, 3.0, real, simulated, rescaled, steps)
     assert row["ttft_ms.mean"]["error"] == pytest.approx(0.1) and row["ttft_ms.p90"]["error"] == pytest.approx(-0.25)
@@ -100,9 +102,9 @@ def test_errors_and_the_tables_by_hand():
     assert row["steps"] is steps and row["preemptions"] == {"real": 2, "simulated": 3, "rescaled": 2}
     as_simulated, at_real_speed = format_validation([row]).split("the same, each real run's steps priced at the speed they ran")
     assert "| 60% (3.00 req/s) | 100.0 / 110.0 (+10%) | 200.0 / 150.0 (-25%) | 20.0 / 19.0 (-5%) | 25.0 / 25.0 (+0%) |" in as_simulated
-    assert "| 1000.0 / 1200.0 (+20%) | - / 900.0 | 2 / 3 | -20% of 40 |" in as_simulated
+    assert "| 1000.0 / 1200.0 (+20%) | - / 900.0 | 2 / 3 | 25.0% / 25.0% | -20% of 40 |" in as_simulated
     assert "| 60% (3.00 req/s) | 100.0 / 99.0 (-1%) | 200.0 / 210.0 (+5%) | 20.0 / 20.0 (+0%) | 25.0 / 26.0 (+4%) |" in at_real_speed
-    assert at_real_speed.endswith("| 1000.0 / 1000.0 (+0%) | - / 950.0 | 2 / 2 |")
+    assert at_real_speed.endswith("| 1000.0 / 1000.0 (+0%) | - / 950.0 | 2 / 2 | 25.0% / - |")
 
 
 def test_python_m_framework_mode_profile_validates(tiny_dir, tmp_path):
