@@ -63,7 +63,7 @@ def test_layer_ops_match_the_torch_backend(kernels, dtype):
     g = torch.Generator().manual_seed(0)
     x, residual = (torch.randn(5, 192, generator=g).to(dtype) for _ in range(2))
     weight = (torch.rand(192, generator=g) + 0.5).to(dtype)
-    for rows in (3, 200):  # a decode step (the kernels' linear) and a prompt chunk (oneDNN's)
+    for rows in (0, 3, 200):  # no row (an LM head where no prompt is done), a decode step (the kernels' linear), a prompt chunk (oneDNN's)
         w = torch.randn(96, 192, generator=g).to(dtype)
         x_rows = torch.randn(rows, 192, generator=g).to(dtype)
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -102,3 +102,12 @@ def test_the_engine_on_it_generates_what_it_does_on_torch(kernels, plugins, tiny
         assert outputs["cpu_kernels"] == outputs["torch"]
     else:  # bfloat16 rounds after sums taken in another order: the first steps agree at least
         assert [o[:2] for o in outputs["cpu_kernels"]] == [o[:2] for o in outputs["torch"]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_step_that_samples_no_row_runs(kernels, plugins, tiny_dir, dtype):
+    """A long prompt's first chunks alone in a step sample nothing: the LM head gets no rows."""
+    require_kernels(getattr(torch, dtype))
+    llm = LLM(str(tiny_dir), plugins=plugins, dtype=dtype, backend="cpu_kernels", **{"kv_cache.max_tokens": 2048, "scheduler.max_num_tokens": 16})
+    (out,) = llm.generate(random_prompts([70], seed=4), SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 3 and llm.executor.num_steps >= 5  # 70 prompt tokens in chunks of 16

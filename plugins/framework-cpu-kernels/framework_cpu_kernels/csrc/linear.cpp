@@ -231,6 +231,7 @@ extern "C" {
 #if defined(__AVX512F__)
 int covered_f32() { return 1; }
 int packed_linear_f32(const float* x, const float* packed, const float* bias, float* y, int rows, int in, int out) {
+    if (rows <= 0) return 0;
     return linear(x, packed, bias, y, rows, in, out);
 }
 #else
@@ -249,6 +250,7 @@ int linear_tiles_bf16(int) { return 0; }
 #if defined(__AVX512BF16__)
 int covered_bf16() { return 1; }
 int packed_linear_bf16(const bf16* x, const bf16* packed, const bf16* bias, bf16* y, int rows, int in, int out) {
+    if (rows <= 0) return 0;  // (a step whose prompt chunks sample no row: the tiles would divide by 0)
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (linear_tiles_bf16(in)) return amx_linear(x, packed, bias, y, rows, in, out);
 #endif
