@@ -23,6 +23,7 @@ from framework.layers.tensor_parallel import TensorParallel
 logger = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = timedelta(days=7)  # how long a worker waits for the next step
+LOAD_TIMEOUT = timedelta(minutes=10)  # how long rank 0 waits for every rank to load its shard (gloo)
 
 
 def torchrun_rank() -> int | None:
@@ -80,8 +81,12 @@ class RankGroup:
             raise RuntimeError(self.broken)
 
     def ready(self) -> None:
-        """Wait until every rank has its shard loaded (a rank that failed to load fails this one)."""
-        self.guard(lambda: dist.barrier(group=self.tp.group))
+        """Wait until every rank has its shard loaded (a rank that failed to load fails this one).
+        Loading is not a step: on gloo it may take longer than `engine.distributed_timeout`."""
+        if dist.get_backend(self.tp.group) == "gloo":
+            self.guard(lambda: dist.monitored_barrier(group=self.tp.group, timeout=LOAD_TIMEOUT))
+        else:
+            self.guard(lambda: dist.barrier(group=self.tp.group))
 
     def send(self, step) -> None:
         step_message.send_step(step, self.control, self.device)
