@@ -82,18 +82,23 @@ def test_the_sim_engine_runs_on_the_profile(profiled, tiny_dir):
         LLM(str(tiny_dir), engine="sim", dtype="bfloat16", **{"engine.profile": str(path)})
 
 
-def test_python_m_framework_mode_profile(tiny_dir, tmp_path):
-    out = tmp_path / "cli.json"
+def run_tiny_profile(tiny_dir, out, *extra: str, serving_requests: int = 0) -> subprocess.CompletedProcess:
+    """`python -m framework mode=profile` on the tiny model, a grid of two shapes, and `extra` overrides."""
     args = [
         "mode=profile", f"model.path={tiny_dir}", "model.dtype=float32", f"profile.out={out}", "kv_cache.max_tokens=1024",
         "profile.prefill_tokens=[8]", "profile.prefill_context=[0]", "profile.decode_batch=[2]", "profile.decode_context=[16]",
-        "profile.mixed_batch=[]", "profile.warmup_steps=0", "profile.repeats=1", "profile.serving_requests=0",
+        "profile.mixed_batch=[]", "profile.warmup_steps=0", "profile.repeats=1", f"profile.serving_requests={serving_requests}", *extra,
     ]
-    done = subprocess.run([sys.executable, "-m", "framework", *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    return subprocess.run([sys.executable, "-m", "framework", *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def test_python_m_framework_mode_profile(tiny_dir, tmp_path):
+    out = tmp_path / "cli.json"
+    done = run_tiny_profile(tiny_dir, out)
     assert done.returncode == 0, done.stderr
     assert "[profile] decode batch 2 at 16 tokens:" in done.stdout and f"wrote {out}" in done.stdout
     assert [shape.tokens for shape, _ in StepProfile.load(out).samples] == [8, 2]
-    refused = subprocess.run([sys.executable, "-m", "framework", *args, "engine=sim"], capture_output=True, text=True, timeout=300)
+    refused = run_tiny_profile(tiny_dir, out, "engine=sim")
     assert refused.returncode == 2 and "engine=sim computes nothing to time" in refused.stderr
 
 

@@ -4,9 +4,6 @@ profile serve the same unseen workload, and the profile reports how far apart th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -17,6 +14,7 @@ from framework.engine.sim_engine import SimModelEngine
 from framework.sim.profiler import profile_steps
 from framework.sim.step_shape import StepShape
 from framework.sim.validation import ScaledCost, comparison, format_validation, simulated_twin, step_error, validate
+from tests.sim.test_profiler import run_tiny_profile
 
 LENGTHS = {"replay.input.dist": "uniform", "replay.input.min": 4, "replay.input.max": 40, "replay.output.value": 5}
 SETTINGS = {"kv_cache.max_tokens": 2048, "scheduler.max_num_tokens": 32, "scheduler.max_batch_size": 8, **LENGTHS}
@@ -109,13 +107,7 @@ def test_errors_and_the_tables_by_hand():
 
 def test_python_m_framework_mode_profile_validates(tiny_dir, tmp_path):
     out = tmp_path / "cli.json"
-    args = [
-        "mode=profile", f"model.path={tiny_dir}", "model.dtype=float32", f"profile.out={out}", "kv_cache.max_tokens=1024",
-        "profile.prefill_tokens=[8]", "profile.prefill_context=[0]", "profile.decode_batch=[2]", "profile.decode_context=[16]",
-        "profile.mixed_batch=[]", "profile.warmup_steps=0", "profile.repeats=1", "profile.serving_requests=4",
-        "profile.validate_loads=[0.5]", "replay.input.value=12", "replay.output.value=4",
-    ]
-    done = subprocess.run([sys.executable, "-m", "framework", *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    done = run_tiny_profile(tiny_dir, out, "profile.validate_loads=[0.5]", "replay.input.value=12", "replay.output.value=4", serving_requests=4)
     assert done.returncode == 0, done.stderr
     assert "[profile] validation at 50% of capacity" in done.stdout and "real / simulated (error of the simulation):" in done.stdout
     (row,) = json.loads(out.read_text())["setup"]["validation"]
